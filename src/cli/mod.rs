@@ -1,0 +1,166 @@
+//! The command line: argument parsing and dispatch to one handler per subcommand.
+//!
+//! Owns what operators type and read. It holds no business rules: handlers call `db`
+//! and the proxy, and every failure comes back as one [`CliError`] printed on one line.
+
+mod admin;
+mod migrate;
+mod output;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::config::{Config, ConfigError};
+use crate::db::DbError;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "keygate",
+    version,
+    about = "API-key gateway: auth, rate limits, quotas and usage metering"
+)]
+pub struct Cli {
+    /// The TOML config file. Admin commands can run on DATABASE_URL alone.
+    #[arg(long, short, global = true, env = "KEYGATE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Log output format (overrides [log] format).
+    #[arg(long, global = true, value_enum)]
+    pub log_format: Option<LogFormatArg>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormatArg {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, Default)]
+pub enum Format {
+    #[default]
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Validate the config file and exit.
+    CheckConfig,
+    /// Apply, roll back or list schema migrations.
+    Migrate {
+        #[command(subcommand)]
+        action: MigrateAction,
+    },
+    /// Create the default organization and test key, once (as the seed scripts did).
+    Seed {
+        /// Scopes for the seeded key.
+        #[arg(long, value_delimiter = ',', default_value = "chat")]
+        scopes: Vec<String>,
+    },
+    /// Manage organizations.
+    Orgs {
+        #[command(subcommand)]
+        action: admin::OrgsAction,
+    },
+    /// Manage API keys.
+    Keys {
+        #[command(subcommand)]
+        action: admin::KeysAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MigrateAction {
+    /// Apply every pending migration.
+    Up,
+    /// Roll back the newest migrations.
+    Down {
+        /// How many to roll back.
+        #[arg(long, default_value_t = 1, conflicts_with = "all")]
+        steps: usize,
+        /// Roll back every migration, dropping keygate's tables.
+        #[arg(long)]
+        all: bool,
+    },
+    /// List applied and pending migrations.
+    Status,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("{0}")]
+    Usage(String),
+    #[error("cannot write output: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl Cli {
+    /// The config from `--config`, or defaults plus DATABASE_URL when no file is given.
+    pub fn load_config(&self) -> Result<Config, ConfigError> {
+        match &self.config {
+            Some(path) => Config::load(path),
+            None => Config::from_env(&|name| std::env::var(name).ok()),
+        }
+    }
+}
+
+/// Runs a parsed command line and maps the outcome to an exit code.
+pub fn main(cli: Cli) -> ExitCode {
+    init_logging(&cli);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> Result<(), CliError> {
+    match &cli.command {
+        Command::CheckConfig => {
+            let path = cli
+                .config
+                .as_ref()
+                .ok_or_else(|| CliError::Usage("check-config needs --config FILE".into()))?;
+            let cfg = Config::load(path)?;
+            cfg.upstream()?;
+            eprintln!("{}: ok", path.display());
+            Ok(())
+        }
+        Command::Migrate { action } => migrate::run(&cli.load_config()?, action).await,
+        Command::Seed { scopes } => migrate::seed(&cli.load_config()?, scopes).await,
+        Command::Orgs { action } => admin::orgs(&cli.load_config()?, action).await,
+        Command::Keys { action } => admin::keys(&cli.load_config()?, action).await,
+    }
+}
+
+fn init_logging(cli: &Cli) {
+    use tracing_subscriber::EnvFilter;
+    // Admin commands log to stderr at warn so their stdout stays machine-readable.
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match cli.log_format {
+        Some(LogFormatArg::Json) => builder.json().try_init(),
+        _ => builder.try_init(),
+    };
+}

@@ -1,0 +1,111 @@
+//! The config file as written: every field optional, unknown fields refused.
+//!
+//! Nothing here is validated; `super::validate` turns these into typed values and owns
+//! every default. Keeping the two apart lets the error for a bad value name its key.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub server: RawServer,
+    pub upstream: Option<RawUpstream>,
+    #[serde(default)]
+    pub database: RawDatabase,
+    #[serde(default)]
+    pub auth: RawAuth,
+    #[serde(default)]
+    pub limits: RawLimits,
+    #[serde(default)]
+    pub identity_headers: RawIdentityHeaders,
+    #[serde(default)]
+    pub routes: Vec<RawRoute>,
+    #[serde(default)]
+    pub log: RawLog,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    pub listen: Option<String>,
+    pub admin_listen: Option<String>,
+    pub http2: Option<bool>,
+    pub keepalive: Option<bool>,
+    pub header_read_timeout: Option<String>,
+    pub body_idle_timeout: Option<String>,
+    pub max_header_bytes: Option<String>,
+    pub max_body_bytes: Option<String>,
+    pub max_connections: Option<i64>,
+    pub shutdown_grace: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    pub url: Option<String>,
+    pub connect_timeout: Option<String>,
+    pub response_timeout: Option<String>,
+    pub pool_idle_timeout: Option<String>,
+    pub pool_max_idle_per_host: Option<i64>,
+    pub forward_api_key: Option<bool>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDatabase {
+    pub url: Option<String>,
+    pub pool_size: Option<i64>,
+    pub connect_timeout: Option<String>,
+    pub pool_wait_timeout: Option<String>,
+    pub statement_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAuth {
+    pub key_headers: Option<Vec<String>>,
+    pub cache_ttl: Option<String>,
+    pub negative_cache_ttl: Option<String>,
+    pub max_concurrent_lookups: Option<i64>,
+    pub preload: Option<bool>,
+    pub listen_notify: Option<bool>,
+    pub fail_open: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    pub enabled: Option<bool>,
+    pub flush_interval: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawIdentityHeaders {
+    pub organization_id: Option<String>,
+    pub key_id: Option<String>,
+    pub plan: Option<String>,
+    pub scopes: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    pub prefix: Option<String>,
+    #[serde(default)]
+    pub methods: Vec<String>,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    pub format: Option<String>,
+    pub level: Option<String>,
+}

@@ -1,0 +1,271 @@
+//! Every validation rule, and the shipped example file.
+
+use super::*;
+
+fn env_with_db(name: &str) -> Option<String> {
+    (name == "DATABASE_URL").then(|| "postgres://u:p@localhost/db".to_string())
+}
+
+fn no_env(_: &str) -> Option<String> {
+    None
+}
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse_with_env(text, Path::new("test.toml"), &env_with_db)
+}
+
+fn err(text: &str) -> String {
+    parse(text)
+        .expect_err("config should be refused")
+        .to_string()
+}
+
+#[test]
+fn example_file_parses_with_every_section() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/keygate.example.toml");
+    let cfg = Config::load_with_env(&path, &no_env).expect("example config is valid");
+    assert_eq!(cfg.server.listen.to_string(), "0.0.0.0:8080");
+    assert_eq!(
+        cfg.upstream().expect("upstream").url.to_string(),
+        "http://127.0.0.1:8000/"
+    );
+    assert_eq!(
+        cfg.database.url,
+        "postgres://keygate@127.0.0.1:5432/keygate"
+    );
+    assert_eq!(cfg.routes.len(), 2);
+    assert_eq!(
+        cfg.auth.key_sources,
+        vec![
+            KeySource::Bearer,
+            KeySource::Header(HeaderName::from_static("x-api-key"))
+        ]
+    );
+}
+
+#[test]
+fn example_file_sets_every_key_the_parser_knows() {
+    // Each raw field must appear in the example, so the example never goes stale.
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("config/keygate.example.toml"),
+    )
+    .expect("read example");
+    let defaults = format!("{:?}", RawConfig::default());
+    let mut fields: Vec<&str> = defaults
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.chars().next().is_some_and(|c| c.is_ascii_lowercase()))
+        .filter(|w| {
+            ![
+                "none",
+                "server",
+                "database",
+                "auth",
+                "limits",
+                "identity_headers",
+                "routes",
+                "log",
+                "upstream",
+            ]
+            .contains(w)
+        })
+        .collect();
+    fields.extend([
+        "url",
+        "connect_timeout",
+        "headers",
+        "prefix",
+        "methods",
+        "scopes",
+    ]);
+    for f in fields {
+        assert!(
+            text.contains(&format!("{f} ="))
+                || text.contains(&format!("[{f}"))
+                || text.contains(&format!(".{f}]")),
+            "example config lacks `{f}`"
+        );
+    }
+}
+
+#[test]
+fn defaults_cover_everything_but_upstream_and_database() {
+    let cfg = parse("").expect("empty file is valid with DATABASE_URL");
+    assert!(cfg.upstream.is_none());
+    assert!(cfg.upstream().is_err());
+    assert_eq!(
+        cfg.server.admin_listen.map(|a| a.to_string()).as_deref(),
+        Some("127.0.0.1:9090")
+    );
+    assert_eq!(cfg.server.max_header_bytes, 16 * 1024);
+    assert_eq!(cfg.limits.flush_interval, Duration::from_secs(1));
+    assert_eq!(cfg.identity_headers.key_id.as_str(), "x-keygate-key-id");
+    assert!(!cfg.auth.fail_open);
+    assert!(matches!(
+        Config::parse_with_env("", Path::new("x"), &no_env),
+        Err(ConfigError::NoDatabase)
+    ));
+}
+
+#[test]
+fn database_url_env_overrides_the_file() {
+    let cfg = parse("[database]\nurl = \"postgres://file/db\"\n").expect("valid");
+    assert_eq!(cfg.database.url, "postgres://u:p@localhost/db");
+    let cfg = Config::parse_with_env(
+        "[database]\nurl = \"postgres://file/db\"\n",
+        Path::new("x"),
+        &no_env,
+    )
+    .expect("valid");
+    assert_eq!(cfg.database.url, "postgres://file/db");
+}
+
+#[test]
+fn interpolates_environment_variables() {
+    let env = |n: &str| match n {
+        "DB" => Some("postgres://h/db".to_string()),
+        "TOKEN" => Some("abc".to_string()),
+        _ => None,
+    };
+    let text = "[database]\nurl = \"${DB}\"\n[upstream]\nurl = \"http://u:1\"\n[upstream.headers]\nauthorization = \"Bearer ${TOKEN}\"\n";
+    let cfg = Config::parse_with_env(text, Path::new("x"), &env).expect("valid");
+    assert_eq!(cfg.database.url, "postgres://h/db");
+    let up = cfg.upstream().expect("upstream");
+    assert_eq!(up.headers[0].1.to_str().expect("ascii"), "Bearer abc");
+    assert!(up.headers[0].1.is_sensitive());
+}
+
+#[test]
+fn unknown_keys_are_refused_with_their_path() {
+    assert!(err("[server]\nlisen = \"0.0.0.0:1\"\n")
+        .starts_with("config key `server.lisen`: unknown field `lisen`"));
+    assert!(err("[serverz]\n").contains("unknown field `serverz`"));
+    assert!(err("[[routes]]\nprefix = \"/a\"\nscope = [\"x\"]\n").contains("routes[0].scope"));
+}
+
+#[test]
+fn syntax_errors_name_the_file() {
+    let e = err("[server\n");
+    assert!(
+        e.starts_with("config file test.toml is not valid TOML"),
+        "{e}"
+    );
+}
+
+#[test]
+fn wrong_types_name_the_key() {
+    assert!(err("[server]\nhttp2 = \"yes\"\n").starts_with("config key `server.http2`"));
+}
+
+#[test]
+fn each_rule_names_its_key() {
+    let cases: &[(&str, &str)] = &[
+        ("[server]\nlisten = \"nowhere\"", "server.listen"),
+        (
+            "[server]\nadmin_listen = \"1.2.3.4\"",
+            "server.admin_listen",
+        ),
+        (
+            "[server]\nheader_read_timeout = \"0s\"",
+            "server.header_read_timeout",
+        ),
+        (
+            "[server]\nbody_idle_timeout = \"fast\"",
+            "server.body_idle_timeout",
+        ),
+        (
+            "[server]\nmax_header_bytes = \"10\"",
+            "server.max_header_bytes",
+        ),
+        (
+            "[server]\nmax_body_bytes = \"lots\"",
+            "server.max_body_bytes",
+        ),
+        ("[server]\nmax_connections = 0", "server.max_connections"),
+        ("[server]\nshutdown_grace = \"x\"", "server.shutdown_grace"),
+        ("[upstream]\nconnect_timeout = \"1s\"", "upstream.url"),
+        ("[upstream]\nurl = \"ftp://x\"", "upstream.url"),
+        ("[upstream]\nurl = \"/just/a/path\"", "upstream.url"),
+        ("[upstream]\nurl = \"http://x/?a=b\"", "upstream.url"),
+        (
+            "[upstream]\nurl = \"http://x\"\nresponse_timeout = \"0ms\"",
+            "upstream.response_timeout",
+        ),
+        (
+            "[upstream]\nurl = \"http://x\"\npool_max_idle_per_host = -1",
+            "upstream.pool_max_idle_per_host",
+        ),
+        (
+            "[upstream]\nurl = \"http://x\"\n[upstream.headers]\n\"bad header\" = \"v\"",
+            "upstream.headers.bad header",
+        ),
+        (
+            "[upstream]\nurl = \"http://x\"\n[upstream.headers]\nx-a = \"line\\nbreak\"",
+            "upstream.headers.x-a",
+        ),
+        ("[database]\npool_size = 0", "database.pool_size"),
+        (
+            "[database]\nstatement_timeout = \"0s\"",
+            "database.statement_timeout",
+        ),
+        ("[auth]\nkey_headers = []", "auth.key_headers"),
+        ("[auth]\nkey_headers = [\"bad header\"]", "auth.key_headers"),
+        ("[auth]\ncache_ttl = \"0s\"", "auth.cache_ttl"),
+        (
+            "[auth]\nmax_concurrent_lookups = 0",
+            "auth.max_concurrent_lookups",
+        ),
+        (
+            "[limits]\nflush_interval = \"10ms\"",
+            "limits.flush_interval",
+        ),
+        (
+            "[identity_headers]\nplan = \"x-api-key\"",
+            "identity_headers.plan",
+        ),
+        (
+            "[identity_headers]\nplan = \"x-a\"\nscopes = \"x-a\"",
+            "identity_headers",
+        ),
+        ("[[routes]]\nscopes = [\"a\"]", "routes[0].prefix"),
+        ("[[routes]]\nprefix = \"v1\"", "routes[0].prefix"),
+        (
+            "[[routes]]\nprefix = \"/v1\"\nmethods = [\"G T\"]",
+            "routes[0].methods",
+        ),
+        (
+            "[[routes]]\nprefix = \"/v1\"\nscopes = [\"a,b\"]",
+            "routes[0].scopes",
+        ),
+        ("[log]\nformat = \"xml\"", "log.format"),
+        ("[log]\nlevel = \"=[\"", "log.level"),
+    ];
+    for (text, key) in cases {
+        let e = err(text);
+        assert!(
+            e.starts_with(&format!("config key `{key}`")),
+            "{text:?} gave {e:?}"
+        );
+    }
+}
+
+#[test]
+fn database_url_must_parse_and_error_masks_password() {
+    let env =
+        |n: &str| (n == "DATABASE_URL").then(|| "postgres://u:hunter2@h:notaport/db".to_string());
+    let e = Config::parse_with_env("", Path::new("x"), &env)
+        .expect_err("bad url")
+        .to_string();
+    assert!(e.starts_with("config key `database.url`"), "{e}");
+    assert!(!e.contains("hunter2"), "{e}");
+}
+
+#[test]
+fn upstream_base_path_is_normalised() {
+    let cfg = parse("[upstream]\nurl = \"https://api.example.com/base/\"").expect("valid");
+    assert_eq!(
+        cfg.upstream().expect("up").url.to_string(),
+        "https://api.example.com/base"
+    );
+    let cfg = parse("[server]\nadmin_listen = \"\"").expect("valid");
+    assert!(cfg.server.admin_listen.is_none());
+}

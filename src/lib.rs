@@ -1,0 +1,8 @@
+//! keygate: API-key authentication, rate limits, quotas and usage metering in front
+//! of an upstream chat service. See ARCHITECTURE.md for the map.
+
+pub mod cli;
+pub mod config;
+pub mod db;
+pub mod keys;
+pub mod model;
