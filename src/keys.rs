@@ -61,9 +61,7 @@ impl std::str::FromStr for Environment {
         match s {
             "test" => Ok(Environment::Test),
             "live" => Ok(Environment::Live),
-            other => Err(format!(
-                "unknown environment `{other}` (expected test or live)"
-            )),
+            other => Err(format!("unknown environment `{other}` (expected test or live)")),
         }
     }
 }
@@ -254,10 +252,7 @@ mod tests {
             assert!(parsed.digest().ct_eq(&key.digest));
             assert_eq!(parsed.hint(), key.hint());
             let body = &key.reveal()[KEY_PREFIX_LEN..];
-            assert_eq!(
-                URL_SAFE_NO_PAD.decode(body).expect("b64").len(),
-                KEY_ENTROPY_BYTES
-            );
+            assert_eq!(URL_SAFE_NO_PAD.decode(body).expect("b64").len(), KEY_ENTROPY_BYTES);
         }
     }
 
@@ -282,19 +277,10 @@ mod tests {
                 "PK_TEST_Y4weymaKsDhxAsAbxyYBUsstBfVX5DETxxqpi7nzh3g",
                 FormatError::Prefix,
             ),
-            (
-                "pk_test_Y4weymaKsDhxAsAbxyYBUsstBfVX5DETxxqpi7nzh+g",
-                FormatError::Body,
-            ),
-            (
-                "pk_test_Y4weymaKsDhxAsAbxyYBUsstBfVX5DETxxqpi7nzh3=",
-                FormatError::Body,
-            ),
+            ("pk_test_Y4weymaKsDhxAsAbxyYBUsstBfVX5DETxxqpi7nzh+g", FormatError::Body),
+            ("pk_test_Y4weymaKsDhxAsAbxyYBUsstBfVX5DETxxqpi7nzh3=", FormatError::Body),
             // Non-canonical final character: low bits set.
-            (
-                "pk_test_Y4weymaKsDhxAsAbxyYBUsstBfVX5DETxxqpi7nzh3h",
-                FormatError::Body,
-            ),
+            ("pk_test_Y4weymaKsDhxAsAbxyYBUsstBfVX5DETxxqpi7nzh3h", FormatError::Body),
         ];
         for (raw, want) in cases {
             assert_eq!(PresentedKey::parse(raw).err(), Some(*want), "{raw:?}");

@@ -35,9 +35,7 @@ impl FromStr for Plan {
             "free" => Ok(Plan::Free),
             "pro" => Ok(Plan::Pro),
             "enterprise" => Ok(Plan::Enterprise),
-            other => Err(format!(
-                "unknown plan `{other}` (expected free, pro or enterprise)"
-            )),
+            other => Err(format!("unknown plan `{other}` (expected free, pro or enterprise)")),
         }
     }
 }
@@ -160,8 +158,7 @@ impl AuthRecord {
 
     /// Requests per minute for this key: its own limit, else its organisation's.
     pub fn rate_limit_per_minute(&self) -> i64 {
-        self.custom_rate_limit
-            .unwrap_or(self.org_rate_limit_per_minute)
+        self.custom_rate_limit.unwrap_or(self.org_rate_limit_per_minute)
     }
 }
 

@@ -26,8 +26,16 @@ async fn seed_is_idempotent_and_prints_the_key_once() {
     assert!(stderr(&second).contains("nothing created"), "{}", stderr(&second));
 
     let c = db.client().await;
-    let orgs: i64 = c.query_one("SELECT count(*) FROM organizations", &[]).await.expect("q").get(0);
-    let keys: i64 = c.query_one("SELECT count(*) FROM api_keys", &[]).await.expect("q").get(0);
+    let orgs: i64 = c
+        .query_one("SELECT count(*) FROM organizations", &[])
+        .await
+        .expect("q")
+        .get(0);
+    let keys: i64 = c
+        .query_one("SELECT count(*) FROM api_keys", &[])
+        .await
+        .expect("q")
+        .get(0);
     assert_eq!((orgs, keys), (1, 1));
     let row = c
         .query_one("SELECT o.name, o.slug, o.plan, o.monthly_request_limit, o.rate_limit_per_minute, o.max_api_keys, k.name, k.environment, k.key_hash, k.key_hint FROM organizations o JOIN api_keys k ON k.organization_id = o.id", &[])
@@ -36,7 +44,10 @@ async fn seed_is_idempotent_and_prints_the_key_once() {
     assert_eq!(row.get::<_, String>(0), "Default Organization");
     assert_eq!(row.get::<_, String>(1), "default");
     assert_eq!(row.get::<_, String>(2), "free");
-    assert_eq!((row.get::<_, i32>(3), row.get::<_, i32>(4), row.get::<_, i32>(5)), (10_000, 60, 10));
+    assert_eq!(
+        (row.get::<_, i32>(3), row.get::<_, i32>(4), row.get::<_, i32>(5)),
+        (10_000, 60, 10)
+    );
     assert_eq!(row.get::<_, String>(6), "Default Test Key");
     assert_eq!(row.get::<_, String>(7), "test");
     assert_eq!(row.get::<_, String>(8), KeyDigest::of(&key).to_hex());
@@ -48,7 +59,13 @@ async fn concurrent_seeds_create_one_of_each() {
     let db = fresh_db().await;
     db.migrate();
     let children: Vec<_> = (0..4)
-        .map(|_| db.command(&["seed"]).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().expect("spawn"))
+        .map(|_| {
+            db.command(&["seed"])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("spawn")
+        })
         .collect();
     let mut printed = 0;
     for child in children {
@@ -58,7 +75,11 @@ async fn concurrent_seeds_create_one_of_each() {
     }
     assert_eq!(printed, 1, "exactly one seed run should print a key");
     let c = db.client().await;
-    let keys: i64 = c.query_one("SELECT count(*) FROM api_keys", &[]).await.expect("q").get(0);
+    let keys: i64 = c
+        .query_one("SELECT count(*) FROM api_keys", &[])
+        .await
+        .expect("q")
+        .get(0);
     assert_eq!(keys, 1);
 }
 
@@ -71,9 +92,12 @@ async fn key_inserted_like_the_python_scripts_is_found_by_the_proxy_lookup() {
     let key = "pk_live_0Sb1bSXz5nV-3bEXK1tR4yB2nQm0rT7uV9wXy_Zq1A4";
     assert!(PresentedKey::parse(key).is_ok());
     let org = uuid::Uuid::new_v4();
-    c.execute("INSERT INTO organizations (id, name, slug, plan, rate_limit_per_minute) VALUES ($1, 'Py', 'py', 'pro', 120)", &[&org])
-        .await
-        .expect("org");
+    c.execute(
+        "INSERT INTO organizations (id, name, slug, plan, rate_limit_per_minute) VALUES ($1, 'Py', 'py', 'pro', 120)",
+        &[&org],
+    )
+    .await
+    .expect("org");
     c.execute(
         "INSERT INTO api_keys (id, organization_id, key_prefix, key_hash, key_hint, name, environment, scopes, custom_rate_limit)
          VALUES ($1, $2, 'pk_live_', encode(sha256(convert_to($3::text, 'UTF8')), 'hex'), right($3::text, 4), 'py key', 'live', '[\"chat\"]', 30)",
@@ -82,7 +106,10 @@ async fn key_inserted_like_the_python_scripts_is_found_by_the_proxy_lookup() {
     .await
     .expect("key");
     let digest = PresentedKey::parse(key).expect("parse").digest();
-    let rec = keygate::db::keys::lookup(&c, &digest).await.expect("lookup").expect("found");
+    let rec = keygate::db::keys::lookup(&c, &digest)
+        .await
+        .expect("lookup")
+        .expect("found");
     assert_eq!(rec.organization_id, org);
     assert_eq!(rec.scopes, vec!["chat"]);
     assert_eq!(rec.rate_limit_per_minute(), 30);
@@ -97,10 +124,31 @@ async fn key_inserted_like_the_python_scripts_is_found_by_the_proxy_lookup() {
 async fn orgs_create_list_update_disable() {
     let db = fresh_db().await;
     db.migrate();
-    db.ok(&["orgs", "create", "--name", "Acme Inc", "--slug", "acme", "--email", "ops@acme.test", "--plan", "pro", "--monthly-limit", "500000", "--rate-limit", "600", "--max-keys", "3"]);
+    db.ok(&[
+        "orgs",
+        "create",
+        "--name",
+        "Acme Inc",
+        "--slug",
+        "acme",
+        "--email",
+        "ops@acme.test",
+        "--plan",
+        "pro",
+        "--monthly-limit",
+        "500000",
+        "--rate-limit",
+        "600",
+        "--max-keys",
+        "3",
+    ]);
     let dup = db.keygate(&["orgs", "create", "--name", "Again", "--slug", "acme"]);
     assert!(!dup.status.success());
-    assert!(stderr(&dup).contains("organization `acme` already exists"), "{}", stderr(&dup));
+    assert!(
+        stderr(&dup).contains("organization `acme` already exists"),
+        "{}",
+        stderr(&dup)
+    );
     let bad = db.keygate(&["orgs", "create", "--name", "Bad", "--slug", "Not A Slug"]);
     assert!(!bad.status.success());
 
@@ -114,7 +162,10 @@ async fn orgs_create_list_update_disable() {
 
     db.ok(&["orgs", "update", "acme", "--plan", "enterprise", "--rate-limit", "1200"]);
     let table = db.ok(&["orgs", "list"]);
-    assert!(table.contains("enterprise") && table.contains("1200") && table.contains("500000"), "{table}");
+    assert!(
+        table.contains("enterprise") && table.contains("1200") && table.contains("500000"),
+        "{table}"
+    );
 
     db.ok(&["orgs", "disable", "acme"]);
     assert!(db.ok(&["orgs", "list"]).contains("disabled"));
@@ -130,8 +181,30 @@ async fn orgs_create_list_update_disable() {
 async fn keys_create_respects_max_api_keys_and_prints_only_the_key() {
     let db = fresh_db().await;
     db.migrate();
-    db.ok(&["orgs", "create", "--name", "Small", "--slug", "small", "--max-keys", "2"]);
-    let a = db.keygate(&["keys", "create", "--org", "small", "--name", "a", "--env", "live", "--scopes", "chat,admin", "--rate-limit", "5"]);
+    db.ok(&[
+        "orgs",
+        "create",
+        "--name",
+        "Small",
+        "--slug",
+        "small",
+        "--max-keys",
+        "2",
+    ]);
+    let a = db.keygate(&[
+        "keys",
+        "create",
+        "--org",
+        "small",
+        "--name",
+        "a",
+        "--env",
+        "live",
+        "--scopes",
+        "chat,admin",
+        "--rate-limit",
+        "5",
+    ]);
     assert!(a.status.success(), "{}", stderr(&a));
     let key_a = stdout(&a);
     assert_eq!(lines(&key_a).len(), 1, "stdout must hold only the key");
@@ -142,25 +215,40 @@ async fn keys_create_respects_max_api_keys_and_prints_only_the_key() {
 
     let third = db.keygate(&["keys", "create", "--org", "small", "--name", "c"]);
     assert!(!third.status.success());
-    assert!(stderr(&third).contains("already has 2 active keys"), "{}", stderr(&third));
+    assert!(
+        stderr(&third).contains("already has 2 active keys"),
+        "{}",
+        stderr(&third)
+    );
     assert!(stdout(&third).is_empty());
 
     // The listing shows hints, never keys or hashes.
     let list = db.ok(&["keys", "list", "--org", "small"]);
     let hash = KeyDigest::of(&key_a).to_hex();
     assert!(!list.contains(&key_a[8..]) && !list.contains(&hash), "{list}");
-    assert!(list.contains(&format!("pk_live_…{}", &key_a[key_a.len() - 4..])), "{list}");
+    assert!(
+        list.contains(&format!("pk_live_…{}", &key_a[key_a.len() - 4..])),
+        "{list}"
+    );
     assert!(list.contains("chat,admin"), "{list}");
     let json = db.ok(&["keys", "list", "--org", "small", "--format", "json"]);
     assert!(!json.contains(&hash) && !json.contains("key_hash"), "{json}");
 
     // Revoking frees a slot.
-    let id = list.lines().nth(1).and_then(|l| l.split_whitespace().next()).expect("id").to_string();
+    let id = list
+        .lines()
+        .nth(1)
+        .and_then(|l| l.split_whitespace().next())
+        .expect("id")
+        .to_string();
     db.ok(&["keys", "revoke", &id]);
     db.ok(&["keys", "create", "--org", "small", "--name", "c"]);
 
     let unknown_org = db.keygate(&["keys", "create", "--org", "ghost", "--name", "x"]);
-    assert_eq!(lines(&stderr(&unknown_org)), vec!["error: organization `ghost` not found"]);
+    assert_eq!(
+        lines(&stderr(&unknown_org)),
+        vec!["error: organization `ghost` not found"]
+    );
 }
 
 #[tokio::test]
@@ -177,17 +265,29 @@ async fn concurrent_key_creation_cannot_exceed_the_cap() {
                 .expect("spawn")
         })
         .collect();
-    let ok = children.into_iter().filter(|_| true).map(|c| c.wait_with_output().expect("wait")).filter(|o| o.status.success()).count();
+    let ok = children
+        .into_iter()
+        .filter(|_| true)
+        .map(|c| c.wait_with_output().expect("wait"))
+        .filter(|o| o.status.success())
+        .count();
     assert_eq!(ok, 3);
     let c = db.client().await;
-    let n: i64 = c.query_one("SELECT count(*) FROM api_keys", &[]).await.expect("q").get(0);
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM api_keys", &[])
+        .await
+        .expect("q")
+        .get(0);
     assert_eq!(n, 3);
 }
 
 async fn lookup(db: &TestDb, key: &str) -> keygate::model::AuthRecord {
     let c = db.client().await;
     let d = PresentedKey::parse(key).expect("format").digest();
-    keygate::db::keys::lookup(&c, &d).await.expect("lookup").expect("key exists")
+    keygate::db::keys::lookup(&c, &d)
+        .await
+        .expect("lookup")
+        .expect("key exists")
 }
 
 #[tokio::test]
@@ -208,8 +308,14 @@ async fn revoke_and_rotate() {
     assert_eq!(old.status(chrono::Utc::now()), keygate::model::KeyStatus::Active);
     let expires = old.expires_at.expect("old key now expires");
     let grace = expires - chrono::Utc::now();
-    assert!(grace > chrono::Duration::minutes(59) && grace <= chrono::Duration::hours(1), "{grace:?}");
-    assert_eq!(old.status(expires + chrono::Duration::seconds(1)), keygate::model::KeyStatus::Expired);
+    assert!(
+        grace > chrono::Duration::minutes(59) && grace <= chrono::Duration::hours(1),
+        "{grace:?}"
+    );
+    assert_eq!(
+        old.status(expires + chrono::Duration::seconds(1)),
+        keygate::model::KeyStatus::Expired
+    );
     assert_eq!(new.status(chrono::Utc::now()), keygate::model::KeyStatus::Active);
     assert_eq!((new.organization_id, &new.scopes), (old.organization_id, &old.scopes));
     assert!(new.expires_at.is_none());
@@ -218,12 +324,18 @@ async fn revoke_and_rotate() {
     let out = db.keygate(&["keys", "rotate", &new.key_id.to_string(), "--grace", "0s"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let newest = stdout(&out).trim().to_string();
-    assert_eq!(lookup(&db, &new_key).await.status(chrono::Utc::now()), keygate::model::KeyStatus::Expired);
+    assert_eq!(
+        lookup(&db, &new_key).await.status(chrono::Utc::now()),
+        keygate::model::KeyStatus::Expired
+    );
 
     // Revocation is immediate and idempotent.
     let newest_id = lookup(&db, &newest).await.key_id.to_string();
     db.ok(&["keys", "revoke", &newest_id]);
-    assert_eq!(lookup(&db, &newest).await.status(chrono::Utc::now()), keygate::model::KeyStatus::Revoked);
+    assert_eq!(
+        lookup(&db, &newest).await.status(chrono::Utc::now()),
+        keygate::model::KeyStatus::Revoked
+    );
     let again = db.keygate(&["keys", "revoke", &newest_id]);
     assert!(again.status.success());
     assert!(stderr(&again).contains("already revoked"));
@@ -232,7 +344,10 @@ async fn revoke_and_rotate() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("is revoked"), "{}", stderr(&out));
     let list = db.ok(&["keys", "list", "--org", "default"]);
-    assert!(list.contains("revoked") && list.contains("expired") && list.contains("active"), "{list}");
+    assert!(
+        list.contains("revoked") && list.contains("expired") && list.contains("active"),
+        "{list}"
+    );
 
     let ghost = uuid::Uuid::now_v7().to_string();
     let out = db.keygate(&["keys", "revoke", &ghost]);
@@ -242,10 +357,25 @@ async fn revoke_and_rotate() {
 #[tokio::test]
 async fn expiring_keys_expire() {
     let (db, _) = seeded_db().await;
-    let key = db.ok(&["keys", "create", "--org", "default", "--name", "short", "--expires-in", "1s"]);
-    assert_eq!(lookup(&db, &key).await.status(chrono::Utc::now()), keygate::model::KeyStatus::Active);
+    let key = db.ok(&[
+        "keys",
+        "create",
+        "--org",
+        "default",
+        "--name",
+        "short",
+        "--expires-in",
+        "1s",
+    ]);
+    assert_eq!(
+        lookup(&db, &key).await.status(chrono::Utc::now()),
+        keygate::model::KeyStatus::Active
+    );
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
-    assert_eq!(lookup(&db, &key).await.status(chrono::Utc::now()), keygate::model::KeyStatus::Expired);
+    assert_eq!(
+        lookup(&db, &key).await.status(chrono::Utc::now()),
+        keygate::model::KeyStatus::Expired
+    );
 }
 
 #[tokio::test]
@@ -260,7 +390,12 @@ async fn clear_errors_for_operators() {
     assert!(!out.status.success());
     let err = stderr(&out);
     assert_eq!(lines(&err).len(), 1, "{err}");
-    assert!(err.contains(&format!("cannot connect to database postgres://admin:***@127.0.0.1:{port}/kg")), "{err}");
+    assert!(
+        err.contains(&format!(
+            "cannot connect to database postgres://admin:***@127.0.0.1:{port}/kg"
+        )),
+        "{err}"
+    );
     assert!(!err.contains("hunter2"));
 
     // Schema not migrated.
@@ -274,7 +409,16 @@ async fn clear_errors_for_operators() {
     for args in [
         vec!["keys", "create", "--org", "default"],
         vec!["keys", "create", "--org", "default", "--name", "x", "--env", "prod"],
-        vec!["keys", "create", "--org", "default", "--name", "x", "--expires-in", "soon"],
+        vec![
+            "keys",
+            "create",
+            "--org",
+            "default",
+            "--name",
+            "x",
+            "--expires-in",
+            "soon",
+        ],
         vec!["keys", "revoke", "not-a-uuid"],
         vec!["orgs", "create", "--name", "x", "--slug", "x", "--plan", "gold"],
     ] {
@@ -282,7 +426,12 @@ async fn clear_errors_for_operators() {
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
     }
     // No database configured at all.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keygate")).args(["orgs", "list"]).env_remove("DATABASE_URL").env_remove("KEYGATE_CONFIG").output().expect("run");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .args(["orgs", "list"])
+        .env_remove("DATABASE_URL")
+        .env_remove("KEYGATE_CONFIG")
+        .output()
+        .expect("run");
     assert!(stderr(&out).contains("no database configured"), "{}", stderr(&out));
 }
 
@@ -306,5 +455,9 @@ async fn check_config_validates_files() {
         .output()
         .expect("run");
     assert!(!out.status.success());
-    assert!(stderr(&out).starts_with("error: config key `server.header_read_timeout`"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).starts_with("error: config key `server.header_read_timeout`"),
+        "{}",
+        stderr(&out)
+    );
 }

@@ -21,7 +21,12 @@ async fn columns(db: &TestDb, table: &str) -> Vec<String> {
 }
 
 async fn table_exists(db: &TestDb, table: &str) -> bool {
-    db.client().await.query_one("SELECT to_regclass($1) IS NOT NULL", &[&table]).await.expect("regclass").get(0)
+    db.client()
+        .await
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
+        .await
+        .expect("regclass")
+        .get(0)
 }
 
 #[tokio::test]
@@ -29,10 +34,74 @@ async fn up_down_up_like_the_seed_rollback_test() {
     let db = fresh_db().await;
     db.migrate();
     let expected: [(&str, &[&str]); 4] = [
-        ("organizations", &["id", "name", "slug", "email", "plan", "is_active", "monthly_request_limit", "rate_limit_per_minute", "max_api_keys", "created_at", "updated_at"]),
-        ("api_keys", &["id", "organization_id", "key_prefix", "key_hash", "key_hint", "name", "description", "environment", "is_active", "expires_at", "revoked_at", "scopes", "custom_rate_limit", "total_requests", "last_used_at", "created_at"]),
-        ("api_key_usage", &["id", "api_key_id", "organization_id", "timestamp", "endpoint", "method", "status_code", "response_time_ms", "tokens_used", "cost_usd", "ip_address", "user_agent", "error_message", "error_code"]),
-        ("rate_limit_tracking", &["id", "api_key_id", "window_start", "window_end", "request_count", "created_at", "updated_at"]),
+        (
+            "organizations",
+            &[
+                "id",
+                "name",
+                "slug",
+                "email",
+                "plan",
+                "is_active",
+                "monthly_request_limit",
+                "rate_limit_per_minute",
+                "max_api_keys",
+                "created_at",
+                "updated_at",
+            ],
+        ),
+        (
+            "api_keys",
+            &[
+                "id",
+                "organization_id",
+                "key_prefix",
+                "key_hash",
+                "key_hint",
+                "name",
+                "description",
+                "environment",
+                "is_active",
+                "expires_at",
+                "revoked_at",
+                "scopes",
+                "custom_rate_limit",
+                "total_requests",
+                "last_used_at",
+                "created_at",
+            ],
+        ),
+        (
+            "api_key_usage",
+            &[
+                "id",
+                "api_key_id",
+                "organization_id",
+                "timestamp",
+                "endpoint",
+                "method",
+                "status_code",
+                "response_time_ms",
+                "tokens_used",
+                "cost_usd",
+                "ip_address",
+                "user_agent",
+                "error_message",
+                "error_code",
+            ],
+        ),
+        (
+            "rate_limit_tracking",
+            &[
+                "id",
+                "api_key_id",
+                "window_start",
+                "window_end",
+                "request_count",
+                "created_at",
+                "updated_at",
+            ],
+        ),
     ];
     for (table, cols) in expected {
         let have = columns(&db, table).await;
@@ -41,7 +110,11 @@ async fn up_down_up_like_the_seed_rollback_test() {
         }
     }
     let status = db.ok(&["migrate", "status"]);
-    let states: Vec<&str> = status.lines().skip(1).filter_map(|l| l.split_whitespace().nth(2)).collect();
+    let states: Vec<&str> = status
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().nth(2))
+        .collect();
     assert_eq!(states.len(), keygate::db::migrate::MIGRATIONS.len(), "{status}");
     assert!(states.iter().all(|s| *s == "applied"), "{status}");
 
@@ -67,10 +140,18 @@ async fn down_by_steps_removes_only_the_newest() {
     let db = fresh_db().await;
     db.migrate();
     let c = db.client().await;
-    let before: i64 = c.query_one("SELECT count(*) FROM keygate_schema_migrations", &[]).await.expect("q").get(0);
+    let before: i64 = c
+        .query_one("SELECT count(*) FROM keygate_schema_migrations", &[])
+        .await
+        .expect("q")
+        .get(0);
     let out = db.keygate(&["migrate", "down", "--steps", "1"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let after: i64 = c.query_one("SELECT count(*) FROM keygate_schema_migrations", &[]).await.expect("q").get(0);
+    let after: i64 = c
+        .query_one("SELECT count(*) FROM keygate_schema_migrations", &[])
+        .await
+        .expect("q")
+        .get(0);
     assert_eq!(after, before - 1);
     assert!(table_exists(&db, "organizations").await);
     // Admin commands refuse to run on a schema that is behind.
@@ -83,29 +164,61 @@ async fn down_by_steps_removes_only_the_newest() {
 async fn schema_enforces_what_the_product_relies_on() {
     let (db, _key) = seeded_db().await;
     let c = db.client().await;
-    let org: uuid::Uuid = c.query_one("SELECT id FROM organizations WHERE slug = 'default'", &[]).await.expect("org").get(0);
+    let org: uuid::Uuid = c
+        .query_one("SELECT id FROM organizations WHERE slug = 'default'", &[])
+        .await
+        .expect("org")
+        .get(0);
     // Unique slug.
-    let dup = c.execute("INSERT INTO organizations (name, slug) VALUES ('x', 'default')", &[]).await;
+    let dup = c
+        .execute("INSERT INTO organizations (name, slug) VALUES ('x', 'default')", &[])
+        .await;
     assert!(dup.is_err(), "duplicate slug accepted");
     // Plan check.
-    let bad = c.execute("INSERT INTO organizations (name, slug, plan) VALUES ('x', 'x', 'gold')", &[]).await;
+    let bad = c
+        .execute(
+            "INSERT INTO organizations (name, slug, plan) VALUES ('x', 'x', 'gold')",
+            &[],
+        )
+        .await;
     assert!(bad.is_err(), "unknown plan accepted");
     // Unique key hash.
-    let hash: String = c.query_one("SELECT key_hash FROM api_keys LIMIT 1", &[]).await.expect("key").get(0);
+    let hash: String = c
+        .query_one("SELECT key_hash FROM api_keys LIMIT 1", &[])
+        .await
+        .expect("key")
+        .get(0);
     let dup = c
         .execute("INSERT INTO api_keys (organization_id, key_prefix, key_hash, key_hint, name) VALUES ($1, 'pk_test_', $2, 'abcd', 'dup')", &[&org, &hash])
         .await;
     assert!(dup.is_err(), "duplicate key hash accepted");
     // One counter row per key and window.
-    let key: uuid::Uuid = c.query_one("SELECT id FROM api_keys LIMIT 1", &[]).await.expect("key").get(0);
+    let key: uuid::Uuid = c
+        .query_one("SELECT id FROM api_keys LIMIT 1", &[])
+        .await
+        .expect("key")
+        .get(0);
     let ins = "INSERT INTO rate_limit_tracking (api_key_id, window_start, window_end, request_count) VALUES ($1, '2026-01-01T00:00:00Z', '2026-01-01T00:01:00Z', 1)";
     c.execute(ins, &[&key]).await.expect("first window row");
     assert!(c.execute(ins, &[&key]).await.is_err(), "duplicate window accepted");
     // updated_at is kept by the database.
-    let before: chrono::DateTime<chrono::Utc> = c.query_one("SELECT updated_at FROM organizations WHERE id = $1", &[&org]).await.expect("q").get(0);
+    let before: chrono::DateTime<chrono::Utc> = c
+        .query_one("SELECT updated_at FROM organizations WHERE id = $1", &[&org])
+        .await
+        .expect("q")
+        .get(0);
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    c.execute("UPDATE organizations SET email = 'ops@example.com' WHERE id = $1", &[&org]).await.expect("update");
-    let after: chrono::DateTime<chrono::Utc> = c.query_one("SELECT updated_at FROM organizations WHERE id = $1", &[&org]).await.expect("q").get(0);
+    c.execute(
+        "UPDATE organizations SET email = 'ops@example.com' WHERE id = $1",
+        &[&org],
+    )
+    .await
+    .expect("update");
+    let after: chrono::DateTime<chrono::Utc> = c
+        .query_one("SELECT updated_at FROM organizations WHERE id = $1", &[&org])
+        .await
+        .expect("q")
+        .get(0);
     assert!(after > before, "updated_at not maintained");
     // Usage rows are billing records: deleting their organisation is refused.
     c.execute(
@@ -114,7 +227,12 @@ async fn schema_enforces_what_the_product_relies_on() {
     )
     .await
     .expect("usage row");
-    assert!(c.execute("DELETE FROM organizations WHERE id = $1", &[&org]).await.is_err(), "billing rows cascaded away");
+    assert!(
+        c.execute("DELETE FROM organizations WHERE id = $1", &[&org])
+            .await
+            .is_err(),
+        "billing rows cascaded away"
+    );
     // Indexes for usage by organisation and by key over time.
     let idx: Vec<String> = c
         .query("SELECT indexdef FROM pg_indexes WHERE tablename = 'api_key_usage'", &[])
@@ -123,7 +241,10 @@ async fn schema_enforces_what_the_product_relies_on() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert!(idx.iter().any(|d| d.contains("(organization_id, \"timestamp\")")), "{idx:?}");
+    assert!(
+        idx.iter().any(|d| d.contains("(organization_id, \"timestamp\")")),
+        "{idx:?}"
+    );
     assert!(idx.iter().any(|d| d.contains("(api_key_id, \"timestamp\")")), "{idx:?}");
 }
 
@@ -132,14 +253,26 @@ async fn concurrent_migrate_up_is_safe() {
     for _ in 0..3 {
         let db = fresh_db().await;
         let children: Vec<_> = (0..3)
-            .map(|_| db.command(&["migrate", "up"]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().expect("spawn"))
+            .map(|_| {
+                db.command(&["migrate", "up"])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .expect("spawn")
+            })
             .collect();
         for child in children {
             let out = child.wait_with_output().expect("wait");
             assert!(out.status.success(), "concurrent migrate failed: {}", stderr(&out));
         }
         let c = db.client().await;
-        let rows = c.query("SELECT version, count(*) FROM keygate_schema_migrations GROUP BY version", &[]).await.expect("q");
+        let rows = c
+            .query(
+                "SELECT version, count(*) FROM keygate_schema_migrations GROUP BY version",
+                &[],
+            )
+            .await
+            .expect("q");
         assert_eq!(rows.len(), keygate::db::migrate::MIGRATIONS.len());
     }
 }
@@ -187,28 +320,53 @@ const SEED_KEY: &str = "pk_test_Y4weymaKsDhxAsAbxyYBUsstBfVX5DETxxqpi7nzh3g";
 #[tokio::test]
 async fn alembic_database_is_adopted_not_clobbered() {
     let db = fresh_db().await;
-    db.client().await.batch_execute(ALEMBIC_SCHEMA).await.expect("alembic schema");
+    db.client()
+        .await
+        .batch_execute(ALEMBIC_SCHEMA)
+        .await
+        .expect("alembic schema");
     let out = db.keygate(&["migrate", "up"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stderr(&out).contains("adopted existing 0001_baseline"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("adopted existing 0001_baseline"),
+        "{}",
+        stderr(&out)
+    );
     let status = db.ok(&["migrate", "status"]);
     assert!(status.contains("adopted"), "{status}");
 
     // Data kept, types normalised, duplicate counter windows folded.
     let c = db.client().await;
-    let n: i64 = c.query_one("SELECT count(*) FROM organizations", &[]).await.expect("q").get(0);
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM organizations", &[])
+        .await
+        .expect("q")
+        .get(0);
     assert_eq!(n, 1);
     let (rows, total): (i64, i64) = {
-        let r = c.query_one("SELECT count(*), sum(request_count)::bigint FROM rate_limit_tracking", &[]).await.expect("q");
+        let r = c
+            .query_one(
+                "SELECT count(*), sum(request_count)::bigint FROM rate_limit_tracking",
+                &[],
+            )
+            .await
+            .expect("q");
         (r.get(0), r.get(1))
     };
     assert_eq!((rows, total), (1, 7));
-    let created: chrono::DateTime<chrono::Utc> = c.query_one("SELECT created_at FROM organizations", &[]).await.expect("q").get(0);
+    let created: chrono::DateTime<chrono::Utc> = c
+        .query_one("SELECT created_at FROM organizations", &[])
+        .await
+        .expect("q")
+        .get(0);
     assert_eq!(created.to_rfc3339(), "2026-01-27T10:00:00+00:00");
 
     // The seed's key authenticates through the lookup the proxy uses.
     let digest = keygate::keys::PresentedKey::parse(SEED_KEY).expect("format").digest();
-    let rec = keygate::db::keys::lookup(&c, &digest).await.expect("lookup").expect("found");
+    let rec = keygate::db::keys::lookup(&c, &digest)
+        .await
+        .expect("lookup")
+        .expect("found");
     assert_eq!(rec.scopes, vec!["read", "write"]);
     assert_eq!(rec.rate_limit_per_minute(), 60);
     assert_eq!(rec.key_hint, "zh3g");
@@ -237,5 +395,8 @@ async fn partial_seed_schema_is_refused_with_what_is_missing() {
     let out = db.keygate(&["migrate", "up"]);
     assert!(!out.status.success());
     let err = stderr(&out);
-    assert!(err.contains("organizations lacks slug") && err.contains("table api_keys is missing"), "{err}");
+    assert!(
+        err.contains("organizations lacks slug") && err.contains("table api_keys is missing"),
+        "{err}"
+    );
 }

@@ -139,8 +139,10 @@ pub async fn orgs(cfg: &Config, action: &OrgsAction) -> Result<(), CliError> {
                 max_api_keys: *max_keys,
             };
             let o = orgs::create(&client, &new).await?;
-            eprintln!("created organization `{}` ({}): plan {}, {} requests/month, {}/minute, up to {} keys",
-                o.slug, o.id, o.plan, o.monthly_request_limit, o.rate_limit_per_minute, o.max_api_keys);
+            eprintln!(
+                "created organization `{}` ({}): plan {}, {} requests/month, {}/minute, up to {} keys",
+                o.slug, o.id, o.plan, o.monthly_request_limit, o.rate_limit_per_minute, o.max_api_keys
+            );
         }
         OrgsAction::List { format } => {
             let all = orgs::list(&client).await?;
@@ -163,8 +165,7 @@ pub async fn orgs(cfg: &Config, action: &OrgsAction) -> Result<(), CliError> {
             output::print(
                 *format,
                 &[
-                    "SLUG", "NAME", "PLAN", "STATUS", "MONTHLY", "PER-MIN", "MAX-KEYS", "EMAIL",
-                    "ID",
+                    "SLUG", "NAME", "PLAN", "STATUS", "MONTHLY", "PER-MIN", "MAX-KEYS", "EMAIL", "ID",
                 ],
                 rows,
                 &all,
@@ -190,9 +191,15 @@ pub async fn orgs(cfg: &Config, action: &OrgsAction) -> Result<(), CliError> {
                 is_active: enable.then_some(true),
             };
             let o = orgs::update(&client, slug, &u).await?;
-            eprintln!("updated organization `{}`: plan {}, {} requests/month, {}/minute, up to {} keys, {}",
-                o.slug, o.plan, o.monthly_request_limit, o.rate_limit_per_minute, o.max_api_keys,
-                if o.is_active { "active" } else { "disabled" });
+            eprintln!(
+                "updated organization `{}`: plan {}, {} requests/month, {}/minute, up to {} keys, {}",
+                o.slug,
+                o.plan,
+                o.monthly_request_limit,
+                o.rate_limit_per_minute,
+                o.max_api_keys,
+                if o.is_active { "active" } else { "disabled" }
+            );
         }
         OrgsAction::Disable { slug } => {
             let u = orgs::OrgUpdate {
@@ -225,9 +232,7 @@ pub async fn keys(cfg: &Config, action: &KeysAction) -> Result<(), CliError> {
                         .ok()
                         .and_then(|d| now.checked_add_signed(d))
                 })
-                .map(|t| {
-                    t.ok_or_else(|| CliError::Usage("--expires-in is too far in the future".into()))
-                })
+                .map(|t| t.ok_or_else(|| CliError::Usage("--expires-in is too far in the future".into())))
                 .transpose()?;
             let spec = KeySpec {
                 name: name.clone(),
@@ -265,8 +270,7 @@ pub async fn keys(cfg: &Config, action: &KeysAction) -> Result<(), CliError> {
                         } else {
                             k.scopes.join(",")
                         },
-                        k.custom_rate_limit
-                            .map_or_else(|| "-".into(), |n| n.to_string()),
+                        k.custom_rate_limit.map_or_else(|| "-".into(), |n| n.to_string()),
                     ]
                 })
                 .collect();
@@ -297,8 +301,14 @@ pub async fn keys(cfg: &Config, action: &KeysAction) -> Result<(), CliError> {
         }
         KeysAction::Rotate { id, grace } => {
             let (old, new, secret) = db::keys::rotate(&mut client, *id, *grace).await?;
-            eprintln!("rotated key {} ({}): it stops working at {}; the new key {} ({}) is shown once, below:",
-                old.id, old.display_hint(), output::time(old.expires_at), new.id, new.display_hint());
+            eprintln!(
+                "rotated key {} ({}): it stops working at {}; the new key {} ({}) is shown once, below:",
+                old.id,
+                old.display_hint(),
+                output::time(old.expires_at),
+                new.id,
+                new.display_hint()
+            );
             println!("{}", secret.reveal());
         }
     }

@@ -14,10 +14,7 @@ pub async fn run(cfg: &Config, action: &MigrateAction) -> Result<(), CliError> {
         MigrateAction::Up => {
             let steps = db::migrate::up(&mut client).await?;
             if steps.is_empty() {
-                eprintln!(
-                    "schema is up to date (version {})",
-                    db::migrate::latest_version()
-                );
+                eprintln!("schema is up to date (version {})", db::migrate::latest_version());
             }
             for s in steps {
                 let verb = if s.outcome == Outcome::Adopted {
@@ -41,11 +38,7 @@ pub async fn run(cfg: &Config, action: &MigrateAction) -> Result<(), CliError> {
         MigrateAction::Status => {
             let rows = db::migrate::status(&client).await?;
             let mut out = std::io::stdout().lock();
-            writeln!(
-                out,
-                "{:<8}  {:<12}  {:<8}  applied at",
-                "version", "name", "state"
-            )?;
+            writeln!(out, "{:<8}  {:<12}  {:<8}  applied at", "version", "name", "state")?;
             for r in rows {
                 let state = match (r.applied_at.is_some(), r.unknown, r.modified, r.adopted) {
                     (_, true, _, _) => "unknown",
@@ -78,12 +71,9 @@ pub async fn seed(cfg: &Config, scopes: &[String]) -> Result<(), CliError> {
     let mut client = db::connect(&cfg.database).await?;
     db::migrate::ensure_current(&client).await?;
     let tx = client.transaction().await.map_err(db::DbError::from)?;
-    tx.execute(
-        "SELECT pg_advisory_xact_lock(hashtext('keygate-seed'))",
-        &[],
-    )
-    .await
-    .map_err(db::DbError::from)?;
+    tx.execute("SELECT pg_advisory_xact_lock(hashtext('keygate-seed'))", &[])
+        .await
+        .map_err(db::DbError::from)?;
     let (org, org_created) = match orgs::find_by_slug(&tx, SEED_ORG_SLUG).await? {
         Some(o) => (o, false),
         None => {
@@ -125,10 +115,17 @@ pub async fn seed(cfg: &Config, scopes: &[String]) -> Result<(), CliError> {
     }
     match created_key {
         Some((key, secret)) => {
-            eprintln!("created key {} ({}) \"{}\"; it is shown once, below:", key.id, key.display_hint(), key.name);
+            eprintln!(
+                "created key {} ({}) \"{}\"; it is shown once, below:",
+                key.id,
+                key.display_hint(),
+                key.name
+            );
             println!("{}", secret.reveal());
         }
-        None => eprintln!("already seeded: organization `{SEED_ORG_SLUG}` and key \"{SEED_KEY_NAME}\" exist; nothing created"),
+        None => eprintln!(
+            "already seeded: organization `{SEED_ORG_SLUG}` and key \"{SEED_KEY_NAME}\" exist; nothing created"
+        ),
     }
     Ok(())
 }

@@ -47,6 +47,10 @@ pub enum Format {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the proxy.
+    Serve,
+    /// Run the OpenAI-compatible demo chat upstream (for the quick start and tests).
+    DemoUpstream(crate::demo::DemoArgs),
     /// Validate the config file and exit.
     CheckConfig,
     /// Apply, roll back or list schema migrations.
@@ -99,6 +103,8 @@ pub enum CliError {
     Usage(String),
     #[error("cannot write output: {0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Serve(crate::proxy::ServeError),
 }
 
 impl Cli {
@@ -113,11 +119,7 @@ impl Cli {
 
 /// Runs a parsed command line and maps the outcome to an exit code.
 pub fn main(cli: Cli) -> ExitCode {
-    init_logging(&cli);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -135,7 +137,26 @@ pub fn main(cli: Cli) -> ExitCode {
 
 async fn dispatch(cli: Cli) -> Result<(), CliError> {
     match &cli.command {
+        Command::Serve => {
+            let cfg = cli.load_config()?;
+            let format = match cli.log_format {
+                Some(LogFormatArg::Json) => crate::config::LogFormat::Json,
+                Some(LogFormatArg::Text) => crate::config::LogFormat::Text,
+                None => cfg.log.format,
+            };
+            init_logging(format, &cfg.log.level);
+            crate::proxy::serve(cfg, crate::proxy::shutdown_signal())
+                .await
+                .map_err(CliError::Serve)
+        }
+        Command::DemoUpstream(args) => {
+            init_logging(crate::config::LogFormat::Text, "info");
+            crate::demo::run(args.clone(), crate::proxy::shutdown_signal())
+                .await
+                .map_err(CliError::Io)
+        }
         Command::CheckConfig => {
+            init_logging(crate::config::LogFormat::Text, "warn");
             let path = cli
                 .config
                 .as_ref()
@@ -145,22 +166,35 @@ async fn dispatch(cli: Cli) -> Result<(), CliError> {
             eprintln!("{}: ok", path.display());
             Ok(())
         }
-        Command::Migrate { action } => migrate::run(&cli.load_config()?, action).await,
-        Command::Seed { scopes } => migrate::seed(&cli.load_config()?, scopes).await,
-        Command::Orgs { action } => admin::orgs(&cli.load_config()?, action).await,
-        Command::Keys { action } => admin::keys(&cli.load_config()?, action).await,
+        Command::Migrate { action } => {
+            init_logging(crate::config::LogFormat::Text, "warn");
+            migrate::run(&cli.load_config()?, action).await
+        }
+        Command::Seed { scopes } => {
+            init_logging(crate::config::LogFormat::Text, "warn");
+            migrate::seed(&cli.load_config()?, scopes).await
+        }
+        Command::Orgs { action } => {
+            init_logging(crate::config::LogFormat::Text, "warn");
+            admin::orgs(&cli.load_config()?, action).await
+        }
+        Command::Keys { action } => {
+            init_logging(crate::config::LogFormat::Text, "warn");
+            admin::keys(&cli.load_config()?, action).await
+        }
     }
 }
 
-fn init_logging(cli: &Cli) {
+/// Logs go to stderr; RUST_LOG overrides the level. Admin commands log at warn so
+/// their stdout stays machine-readable.
+fn init_logging(format: crate::config::LogFormat, level: &str) {
     use tracing_subscriber::EnvFilter;
-    // Admin commands log to stderr at warn so their stdout stays machine-readable.
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    let _ = match cli.log_format {
-        Some(LogFormatArg::Json) => builder.json().try_init(),
-        _ => builder.try_init(),
+    let _ = match format {
+        crate::config::LogFormat::Json => builder.json().try_init(),
+        crate::config::LogFormat::Text => builder.try_init(),
     };
 }

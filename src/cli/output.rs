@@ -27,10 +27,7 @@ pub fn print<T: Serialize>(
                 }
             }
             let line = |cells: &mut dyn Iterator<Item = &str>| {
-                let parts: Vec<String> = cells
-                    .zip(&widths)
-                    .map(|(c, w)| format!("{c:<w$}"))
-                    .collect();
+                let parts: Vec<String> = cells.zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
                 parts.join("  ").trim_end().to_string()
             };
             writeln!(out, "{}", line(&mut header.iter().copied()))?;
@@ -43,8 +40,5 @@ pub fn print<T: Serialize>(
 }
 
 pub fn time(t: Option<chrono::DateTime<chrono::Utc>>) -> String {
-    t.map_or_else(
-        || "-".to_string(),
-        |t| t.format("%Y-%m-%d %H:%M:%SZ").to_string(),
-    )
+    t.map_or_else(|| "-".to_string(), |t| t.format("%Y-%m-%d %H:%M:%SZ").to_string())
 }

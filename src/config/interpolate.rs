@@ -16,8 +16,7 @@ pub fn interpolate(
 ) -> Result<(), ConfigError> {
     match value {
         Value::String(s) if s.contains('$') => {
-            *s = expand(s, lookup)
-                .map_err(|message| ConfigError::invalid(key_of(path), message))?;
+            *s = expand(s, lookup).map_err(|message| ConfigError::invalid(key_of(path), message))?;
         }
         Value::Array(items) => {
             for (i, item) in items.iter_mut().enumerate() {
@@ -60,9 +59,7 @@ fn expand(input: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<String
             out.push('$');
             rest = tail;
         } else if let Some(tail) = after.strip_prefix('{') {
-            let end = tail
-                .find('}')
-                .ok_or_else(|| "unclosed `${` in value".to_string())?;
+            let end = tail.find('}').ok_or_else(|| "unclosed `${` in value".to_string())?;
             let expr = &tail[..end];
             let (name, default) = match expr.split_once(":-") {
                 Some((n, d)) => (n, Some(d)),
@@ -100,19 +97,10 @@ mod tests {
 
     #[test]
     fn expands_variables_defaults_and_escapes() {
-        assert_eq!(
-            expand("Bearer ${TOKEN}", &env).as_deref(),
-            Ok("Bearer s3cr\"et")
-        );
-        assert_eq!(
-            expand("${MISSING:-fallback}", &env).as_deref(),
-            Ok("fallback")
-        );
+        assert_eq!(expand("Bearer ${TOKEN}", &env).as_deref(), Ok("Bearer s3cr\"et"));
+        assert_eq!(expand("${MISSING:-fallback}", &env).as_deref(), Ok("fallback"));
         assert_eq!(expand("${EMPTY:-x}", &env).as_deref(), Ok("x"));
-        assert_eq!(
-            expand("cost $$5 and $", &env).as_deref(),
-            Ok("cost $5 and $")
-        );
+        assert_eq!(expand("cost $$5 and $", &env).as_deref(), Ok("cost $5 and $"));
         assert_eq!(expand("no vars", &env).as_deref(), Ok("no vars"));
     }
 
@@ -128,8 +116,7 @@ mod tests {
 
     #[test]
     fn errors_name_the_key() {
-        let mut v: Value =
-            toml::from_str("[upstream]\nheaders = { auth = \"${NOPE}\" }\n").expect("toml");
+        let mut v: Value = toml::from_str("[upstream]\nheaders = { auth = \"${NOPE}\" }\n").expect("toml");
         let err = interpolate(&mut v, &mut Vec::new(), &env).expect_err("missing var");
         assert_eq!(
             err.to_string(),

@@ -22,10 +22,7 @@ pub const DATABASE_URL_ENV: &str = "DATABASE_URL";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("config file {path} is not valid TOML: {message}")]
     Syntax { path: PathBuf, message: String },
     #[error("config key `{key}`: {message}")]
@@ -54,6 +51,8 @@ pub struct Config {
     pub identity_headers: IdentityHeaders,
     pub routes: Vec<RouteRule>,
     pub log: LogConfig,
+    pub usage: UsageConfig,
+    pub pricing: Pricing,
 }
 
 #[derive(Debug, Clone)]
@@ -69,6 +68,8 @@ pub struct ServerConfig {
     pub max_body_bytes: u64,
     pub max_connections: usize,
     pub shutdown_grace: Duration,
+    /// Peers whose `X-Forwarded-For` is believed when recording the client's address.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 #[derive(Debug, Clone)]
@@ -128,6 +129,44 @@ pub struct AuthConfig {
 pub struct LimitsConfig {
     pub enabled: bool,
     pub flush_interval: Duration,
+    /// Minute windows in `rate_limit_tracking` older than this are pruned.
+    pub tracking_retention: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct UsageConfig {
+    pub enabled: bool,
+    /// Rows waiting for the writer; past this they go to the spool.
+    pub queue_capacity: usize,
+    /// Rows per COPY batch; a batch is also written when `flush_interval` passes.
+    pub batch_size: usize,
+    pub flush_interval: Duration,
+    /// Connections of the writer's own pool, apart from the lookup pool.
+    pub pool_size: usize,
+    pub spool_dir: PathBuf,
+    pub max_spool_bytes: u64,
+    /// A response header carrying total tokens, read when the body has no `usage`.
+    pub tokens_header: Option<HeaderName>,
+}
+
+/// US dollars per 1,000 tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Price {
+    pub prompt_per_1k: f64,
+    pub completion_per_1k: f64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Pricing {
+    pub default: Price,
+    pub models: std::collections::HashMap<String, Price>,
+}
+
+impl Pricing {
+    /// The price for `model`, else the default.
+    pub fn price(&self, model: Option<&str>) -> Price {
+        model.and_then(|m| self.models.get(m)).copied().unwrap_or(self.default)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -165,10 +204,7 @@ impl Config {
         Self::load_with_env(path, &|name| std::env::var(name).ok())
     }
 
-    pub fn load_with_env(
-        path: &Path,
-        env: &dyn Fn(&str) -> Option<String>,
-    ) -> Result<Config, ConfigError> {
+    pub fn load_with_env(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
@@ -188,10 +224,7 @@ impl Config {
         interpolate::interpolate(&mut value, &mut Vec::new(), env)?;
         let raw: RawConfig = serde_path_to_error::deserialize(value).map_err(|e| {
             let key = e.path().to_string();
-            ConfigError::invalid(
-                if key == "." { String::new() } else { key },
-                e.into_inner().to_string(),
-            )
+            ConfigError::invalid(if key == "." { String::new() } else { key }, e.into_inner().to_string())
         })?;
         validate::validate(raw, env)
     }

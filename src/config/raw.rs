@@ -25,6 +25,10 @@ pub struct RawConfig {
     pub routes: Vec<RawRoute>,
     #[serde(default)]
     pub log: RawLog,
+    #[serde(default)]
+    pub usage: RawUsage,
+    #[serde(default)]
+    pub pricing: RawPricing,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -40,6 +44,7 @@ pub struct RawServer {
     pub max_body_bytes: Option<String>,
     pub max_connections: Option<i64>,
     pub shutdown_grace: Option<String>,
+    pub trusted_proxies: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -82,6 +87,7 @@ pub struct RawAuth {
 pub struct RawLimits {
     pub enabled: Option<bool>,
     pub flush_interval: Option<String>,
+    pub tracking_retention: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -108,4 +114,32 @@ pub struct RawRoute {
 pub struct RawLog {
     pub format: Option<String>,
     pub level: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUsage {
+    pub enabled: Option<bool>,
+    pub queue_capacity: Option<i64>,
+    pub batch_size: Option<i64>,
+    pub flush_interval: Option<String>,
+    pub pool_size: Option<i64>,
+    pub spool_dir: Option<String>,
+    pub max_spool_bytes: Option<String>,
+    pub tokens_header: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPricing {
+    pub default: Option<RawPrice>,
+    #[serde(default)]
+    pub models: BTreeMap<String, RawPrice>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPrice {
+    pub prompt_per_1k: Option<f64>,
+    pub completion_per_1k: Option<f64>,
 }

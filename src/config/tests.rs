@@ -15,9 +15,7 @@ fn parse(text: &str) -> Result<Config, ConfigError> {
 }
 
 fn err(text: &str) -> String {
-    parse(text)
-        .expect_err("config should be refused")
-        .to_string()
+    parse(text).expect_err("config should be refused").to_string()
 }
 
 #[test]
@@ -29,10 +27,7 @@ fn example_file_parses_with_every_section() {
         cfg.upstream().expect("upstream").url.to_string(),
         "http://127.0.0.1:8000/"
     );
-    assert_eq!(
-        cfg.database.url,
-        "postgres://keygate@127.0.0.1:5432/keygate"
-    );
+    assert_eq!(cfg.database.url, "postgres://keygate@127.0.0.1:5432/keygate");
     assert_eq!(cfg.routes.len(), 2);
     assert_eq!(
         cfg.auth.key_sources,
@@ -46,10 +41,8 @@ fn example_file_parses_with_every_section() {
 #[test]
 fn example_file_sets_every_key_the_parser_knows() {
     // Each raw field must appear in the example, so the example never goes stale.
-    let text = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("config/keygate.example.toml"),
-    )
-    .expect("read example");
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("config/keygate.example.toml"))
+        .expect("read example");
     let defaults = format!("{:?}", RawConfig::default());
     let mut fields: Vec<&str> = defaults
         .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
@@ -69,19 +62,13 @@ fn example_file_sets_every_key_the_parser_knows() {
             .contains(w)
         })
         .collect();
-    fields.extend([
-        "url",
-        "connect_timeout",
-        "headers",
-        "prefix",
-        "methods",
-        "scopes",
-    ]);
+    fields.extend(["url", "connect_timeout", "headers", "prefix", "methods", "scopes"]);
     for f in fields {
         assert!(
             text.contains(&format!("{f} ="))
                 || text.contains(&format!("[{f}"))
-                || text.contains(&format!(".{f}]")),
+                || text.contains(&format!(".{f}]"))
+                || text.contains(&format!(".{f}.")),
             "example config lacks `{f}`"
         );
     }
@@ -110,12 +97,8 @@ fn defaults_cover_everything_but_upstream_and_database() {
 fn database_url_env_overrides_the_file() {
     let cfg = parse("[database]\nurl = \"postgres://file/db\"\n").expect("valid");
     assert_eq!(cfg.database.url, "postgres://u:p@localhost/db");
-    let cfg = Config::parse_with_env(
-        "[database]\nurl = \"postgres://file/db\"\n",
-        Path::new("x"),
-        &no_env,
-    )
-    .expect("valid");
+    let cfg =
+        Config::parse_with_env("[database]\nurl = \"postgres://file/db\"\n", Path::new("x"), &no_env).expect("valid");
     assert_eq!(cfg.database.url, "postgres://file/db");
 }
 
@@ -136,8 +119,7 @@ fn interpolates_environment_variables() {
 
 #[test]
 fn unknown_keys_are_refused_with_their_path() {
-    assert!(err("[server]\nlisen = \"0.0.0.0:1\"\n")
-        .starts_with("config key `server.lisen`: unknown field `lisen`"));
+    assert!(err("[server]\nlisen = \"0.0.0.0:1\"\n").starts_with("config key `server.lisen`: unknown field `lisen`"));
     assert!(err("[serverz]\n").contains("unknown field `serverz`"));
     assert!(err("[[routes]]\nprefix = \"/a\"\nscope = [\"x\"]\n").contains("routes[0].scope"));
 }
@@ -145,10 +127,7 @@ fn unknown_keys_are_refused_with_their_path() {
 #[test]
 fn syntax_errors_name_the_file() {
     let e = err("[server\n");
-    assert!(
-        e.starts_with("config file test.toml is not valid TOML"),
-        "{e}"
-    );
+    assert!(e.starts_with("config file test.toml is not valid TOML"), "{e}");
 }
 
 #[test]
@@ -160,26 +139,11 @@ fn wrong_types_name_the_key() {
 fn each_rule_names_its_key() {
     let cases: &[(&str, &str)] = &[
         ("[server]\nlisten = \"nowhere\"", "server.listen"),
-        (
-            "[server]\nadmin_listen = \"1.2.3.4\"",
-            "server.admin_listen",
-        ),
-        (
-            "[server]\nheader_read_timeout = \"0s\"",
-            "server.header_read_timeout",
-        ),
-        (
-            "[server]\nbody_idle_timeout = \"fast\"",
-            "server.body_idle_timeout",
-        ),
-        (
-            "[server]\nmax_header_bytes = \"10\"",
-            "server.max_header_bytes",
-        ),
-        (
-            "[server]\nmax_body_bytes = \"lots\"",
-            "server.max_body_bytes",
-        ),
+        ("[server]\nadmin_listen = \"1.2.3.4\"", "server.admin_listen"),
+        ("[server]\nheader_read_timeout = \"0s\"", "server.header_read_timeout"),
+        ("[server]\nbody_idle_timeout = \"fast\"", "server.body_idle_timeout"),
+        ("[server]\nmax_header_bytes = \"10\"", "server.max_header_bytes"),
+        ("[server]\nmax_body_bytes = \"lots\"", "server.max_body_bytes"),
         ("[server]\nmax_connections = 0", "server.max_connections"),
         ("[server]\nshutdown_grace = \"x\"", "server.shutdown_grace"),
         ("[upstream]\nconnect_timeout = \"1s\"", "upstream.url"),
@@ -203,55 +167,53 @@ fn each_rule_names_its_key() {
             "upstream.headers.x-a",
         ),
         ("[database]\npool_size = 0", "database.pool_size"),
-        (
-            "[database]\nstatement_timeout = \"0s\"",
-            "database.statement_timeout",
-        ),
+        ("[database]\nstatement_timeout = \"0s\"", "database.statement_timeout"),
         ("[auth]\nkey_headers = []", "auth.key_headers"),
         ("[auth]\nkey_headers = [\"bad header\"]", "auth.key_headers"),
         ("[auth]\ncache_ttl = \"0s\"", "auth.cache_ttl"),
-        (
-            "[auth]\nmax_concurrent_lookups = 0",
-            "auth.max_concurrent_lookups",
-        ),
-        (
-            "[limits]\nflush_interval = \"10ms\"",
-            "limits.flush_interval",
-        ),
-        (
-            "[identity_headers]\nplan = \"x-api-key\"",
-            "identity_headers.plan",
-        ),
+        ("[auth]\nmax_concurrent_lookups = 0", "auth.max_concurrent_lookups"),
+        ("[limits]\nflush_interval = \"10ms\"", "limits.flush_interval"),
+        ("[identity_headers]\nplan = \"x-api-key\"", "identity_headers.plan"),
         (
             "[identity_headers]\nplan = \"x-a\"\nscopes = \"x-a\"",
             "identity_headers",
         ),
         ("[[routes]]\nscopes = [\"a\"]", "routes[0].prefix"),
         ("[[routes]]\nprefix = \"v1\"", "routes[0].prefix"),
-        (
-            "[[routes]]\nprefix = \"/v1\"\nmethods = [\"G T\"]",
-            "routes[0].methods",
-        ),
-        (
-            "[[routes]]\nprefix = \"/v1\"\nscopes = [\"a,b\"]",
-            "routes[0].scopes",
-        ),
+        ("[[routes]]\nprefix = \"/v1\"\nmethods = [\"G T\"]", "routes[0].methods"),
+        ("[[routes]]\nprefix = \"/v1\"\nscopes = [\"a,b\"]", "routes[0].scopes"),
         ("[log]\nformat = \"xml\"", "log.format"),
+        (
+            "[server]\ntrusted_proxies = [\"10.0.0.0/33\"]",
+            "server.trusted_proxies",
+        ),
+        ("[limits]\ntracking_retention = \"0s\"", "limits.tracking_retention"),
+        ("[usage]\nqueue_capacity = 0", "usage.queue_capacity"),
+        ("[usage]\nbatch_size = -5", "usage.batch_size"),
+        ("[usage]\nflush_interval = \"0s\"", "usage.flush_interval"),
+        ("[usage]\npool_size = 0", "usage.pool_size"),
+        ("[usage]\nspool_dir = \"\"", "usage.spool_dir"),
+        ("[usage]\nmax_spool_bytes = \"1KiB\"", "usage.max_spool_bytes"),
+        ("[usage]\ntokens_header = \"bad header\"", "usage.tokens_header"),
+        (
+            "[pricing.default]\nprompt_per_1k = -1.0",
+            "pricing.default.prompt_per_1k",
+        ),
+        (
+            "[pricing.models.m]\ncompletion_per_1k = nan",
+            "pricing.models.m.completion_per_1k",
+        ),
         ("[log]\nlevel = \"=[\"", "log.level"),
     ];
     for (text, key) in cases {
         let e = err(text);
-        assert!(
-            e.starts_with(&format!("config key `{key}`")),
-            "{text:?} gave {e:?}"
-        );
+        assert!(e.starts_with(&format!("config key `{key}`")), "{text:?} gave {e:?}");
     }
 }
 
 #[test]
 fn database_url_must_parse_and_error_masks_password() {
-    let env =
-        |n: &str| (n == "DATABASE_URL").then(|| "postgres://u:hunter2@h:notaport/db".to_string());
+    let env = |n: &str| (n == "DATABASE_URL").then(|| "postgres://u:hunter2@h:notaport/db".to_string());
     let e = Config::parse_with_env("", Path::new("x"), &env)
         .expect_err("bad url")
         .to_string();
@@ -268,4 +230,25 @@ fn upstream_base_path_is_normalised() {
     );
     let cfg = parse("[server]\nadmin_listen = \"\"").expect("valid");
     assert!(cfg.server.admin_listen.is_none());
+}
+
+#[test]
+fn usage_pricing_and_trusted_proxies() {
+    let cfg = parse(
+        "[server]\ntrusted_proxies = [\"10.0.0.0/8\", \"127.0.0.1\"]\n[usage]\ntokens_header = \"\"\n\
+         [pricing.default]\nprompt_per_1k = 0.001\n[pricing.models.big]\nprompt_per_1k = 0.01\ncompletion_per_1k = 0.03\n",
+    )
+    .expect("valid");
+    assert_eq!(cfg.server.trusted_proxies.len(), 2);
+    assert!(cfg.server.trusted_proxies[1].contains(&"127.0.0.1".parse::<std::net::IpAddr>().expect("ip")));
+    assert!(cfg.usage.tokens_header.is_none());
+    assert_eq!(cfg.pricing.price(Some("big")).completion_per_1k, 0.03);
+    assert_eq!(cfg.pricing.price(Some("other")).prompt_per_1k, 0.001);
+    assert_eq!(cfg.pricing.price(None).completion_per_1k, 0.0);
+    let d = parse("").expect("defaults");
+    assert_eq!(
+        d.usage.tokens_header.as_ref().map(|h| h.as_str()),
+        Some("x-usage-tokens")
+    );
+    assert_eq!(d.usage.queue_capacity, 65_536);
 }

@@ -24,14 +24,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "mib" => 1 << 20,
         "g" | "gb" => 1_000_000_000,
         "gib" => 1 << 30,
-        other => {
-            return Err(format!(
-                "`{s}` has an unknown unit `{other}`; use B, KiB, MiB or GiB"
-            ))
-        }
+        other => return Err(format!("`{s}` has an unknown unit `{other}`; use B, KiB, MiB or GiB")),
     };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("`{s}` is too large"))
+    n.checked_mul(mult).ok_or_else(|| format!("`{s}` is too large"))
 }
 
 #[cfg(test)]

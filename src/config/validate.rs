@@ -29,43 +29,40 @@ pub fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> R<Confi
             .map(|(i, r)| route(i, r))
             .collect::<R<_>>()?,
         log: log(raw.log)?,
+        usage: usage(raw.usage)?,
+        pricing: pricing(raw.pricing)?,
     })
 }
 
 fn server(s: RawServer) -> R<ServerConfig> {
     let admin_listen = match s.admin_listen.as_deref() {
         Some("") => None,
-        other => Some(addr(
-            "server.admin_listen",
-            other.unwrap_or("127.0.0.1:9090"),
-        )?),
+        other => Some(addr("server.admin_listen", other.unwrap_or("127.0.0.1:9090"))?),
     };
     Ok(ServerConfig {
-        listen: addr(
-            "server.listen",
-            s.listen.as_deref().unwrap_or("0.0.0.0:8080"),
-        )?,
+        listen: addr("server.listen", s.listen.as_deref().unwrap_or("0.0.0.0:8080"))?,
         admin_listen,
         http2: s.http2.unwrap_or(false),
         keepalive: s.keepalive.unwrap_or(true),
         header_read_timeout: positive("server.header_read_timeout", s.header_read_timeout, "10s")?,
         body_idle_timeout: positive("server.body_idle_timeout", s.body_idle_timeout, "30s")?,
-        max_header_bytes: size_in(
-            "server.max_header_bytes",
-            s.max_header_bytes,
-            "16KiB",
-            1024,
-            1 << 20,
-        )? as usize,
-        max_body_bytes: size_in(
-            "server.max_body_bytes",
-            s.max_body_bytes,
-            "10MiB",
-            1,
-            u64::MAX,
-        )?,
+        max_header_bytes: size_in("server.max_header_bytes", s.max_header_bytes, "16KiB", 1024, 1 << 20)? as usize,
+        max_body_bytes: size_in("server.max_body_bytes", s.max_body_bytes, "10MiB", 1, u64::MAX)?,
         max_connections: count("server.max_connections", s.max_connections, 10_000)?,
         shutdown_grace: duration("server.shutdown_grace", s.shutdown_grace, "30s")?,
+        trusted_proxies: s
+            .trusted_proxies
+            .unwrap_or_default()
+            .iter()
+            .map(|c| {
+                cidr(c).ok_or_else(|| {
+                    ConfigError::invalid(
+                        "server.trusted_proxies",
+                        format!("`{c}` is not an address or CIDR range"),
+                    )
+                })
+            })
+            .collect::<R<_>>()?,
     })
 }
 
@@ -73,8 +70,8 @@ fn upstream(u: RawUpstream) -> R<UpstreamConfig> {
     let url = u
         .url
         .ok_or_else(|| ConfigError::invalid("upstream.url", "is required"))?;
-    let uri = Uri::from_str(&url)
-        .map_err(|e| ConfigError::invalid("upstream.url", format!("`{url}` is not a URL: {e}")))?;
+    let uri =
+        Uri::from_str(&url).map_err(|e| ConfigError::invalid("upstream.url", format!("`{url}` is not a URL: {e}")))?;
     match uri.scheme_str() {
         Some("http" | "https") => {}
         _ => {
@@ -85,16 +82,10 @@ fn upstream(u: RawUpstream) -> R<UpstreamConfig> {
         }
     }
     if uri.authority().is_none() {
-        return Err(ConfigError::invalid(
-            "upstream.url",
-            format!("`{url}` has no host"),
-        ));
+        return Err(ConfigError::invalid("upstream.url", format!("`{url}` has no host")));
     }
     if uri.query().is_some() {
-        return Err(ConfigError::invalid(
-            "upstream.url",
-            "must not have a query string",
-        ));
+        return Err(ConfigError::invalid("upstream.url", "must not have a query string"));
     }
     // Keep the base path without a trailing slash so joining with a request path is
     // plain concatenation.
@@ -108,10 +99,9 @@ fn upstream(u: RawUpstream) -> R<UpstreamConfig> {
     let mut headers = Vec::with_capacity(u.headers.len());
     for (name, value) in u.headers {
         let key = format!("upstream.headers.{name}");
-        let n = HeaderName::from_str(&name)
-            .map_err(|_| ConfigError::invalid(&key, "is not a valid header name"))?;
-        let mut v = HeaderValue::from_str(&value)
-            .map_err(|_| ConfigError::invalid(&key, "is not a valid header value"))?;
+        let n = HeaderName::from_str(&name).map_err(|_| ConfigError::invalid(&key, "is not a valid header name"))?;
+        let mut v =
+            HeaderValue::from_str(&value).map_err(|_| ConfigError::invalid(&key, "is not a valid header value"))?;
         v.set_sensitive(true);
         headers.push((n, v));
     }
@@ -120,11 +110,7 @@ fn upstream(u: RawUpstream) -> R<UpstreamConfig> {
         connect_timeout: positive("upstream.connect_timeout", u.connect_timeout, "5s")?,
         response_timeout: positive("upstream.response_timeout", u.response_timeout, "60s")?,
         pool_idle_timeout: positive("upstream.pool_idle_timeout", u.pool_idle_timeout, "90s")?,
-        pool_max_idle_per_host: count(
-            "upstream.pool_max_idle_per_host",
-            u.pool_max_idle_per_host,
-            256,
-        )?,
+        pool_max_idle_per_host: count("upstream.pool_max_idle_per_host", u.pool_max_idle_per_host, 256)?,
         forward_api_key: u.forward_api_key.unwrap_or(false),
         headers,
     })
@@ -139,10 +125,7 @@ fn database(d: RawDatabase, env: &dyn Fn(&str) -> Option<String>) -> R<DatabaseC
     tokio_postgres::Config::from_str(&url).map_err(|e| {
         ConfigError::invalid(
             "database.url",
-            format!(
-                "`{}` is not a PostgreSQL URL: {e}",
-                crate::db::mask_url(&url)
-            ),
+            format!("`{}` is not a PostgreSQL URL: {e}", crate::db::mask_url(&url)),
         )
     })?;
     Ok(DatabaseConfig {
@@ -197,6 +180,7 @@ fn limits(l: RawLimits) -> R<LimitsConfig> {
     Ok(LimitsConfig {
         enabled: l.enabled.unwrap_or(true),
         flush_interval,
+        tracking_retention: positive("limits.tracking_retention", l.tracking_retention, "1d")?,
     })
 }
 
@@ -205,12 +189,8 @@ fn identity(h: RawIdentityHeaders, sources: &[KeySource]) -> R<IdentityHeaders> 
         let s = v.unwrap_or_else(|| default.to_string());
         let name = HeaderName::from_str(&s)
             .map_err(|_| ConfigError::invalid(key, format!("`{s}` is not a valid header name")))?;
-        if name == http::header::AUTHORIZATION || sources.contains(&KeySource::Header(name.clone()))
-        {
-            return Err(ConfigError::invalid(
-                key,
-                "must not be a header that carries API keys",
-            ));
+        if name == http::header::AUTHORIZATION || sources.contains(&KeySource::Header(name.clone())) {
+            return Err(ConfigError::invalid(key, "must not be a header that carries API keys"));
         }
         Ok(name)
     };
@@ -227,10 +207,7 @@ fn identity(h: RawIdentityHeaders, sources: &[KeySource]) -> R<IdentityHeaders> 
     let all = [&out.organization_id, &out.key_id, &out.plan, &out.scopes];
     for (i, a) in all.iter().enumerate() {
         if all[..i].contains(a) {
-            return Err(ConfigError::invalid(
-                "identity_headers",
-                format!("`{a}` is used twice"),
-            ));
+            return Err(ConfigError::invalid("identity_headers", format!("`{a}` is used twice")));
         }
     }
     Ok(out)
@@ -251,15 +228,11 @@ fn route(i: usize, r: RawRoute) -> R<RouteRule> {
         .methods
         .iter()
         .map(|m| {
-            Method::from_str(&m.to_ascii_uppercase()).map_err(|_| {
-                ConfigError::invalid(key("methods"), format!("`{m}` is not an HTTP method"))
-            })
+            Method::from_str(&m.to_ascii_uppercase())
+                .map_err(|_| ConfigError::invalid(key("methods"), format!("`{m}` is not an HTTP method")))
         })
         .collect::<R<Vec<_>>>()?;
-    if r.scopes
-        .iter()
-        .any(|s| s.trim().is_empty() || s.contains(','))
-    {
+    if r.scopes.iter().any(|s| s.trim().is_empty() || s.contains(',')) {
         return Err(ConfigError::invalid(
             key("scopes"),
             "scopes must be non-empty and contain no commas",
@@ -284,16 +257,13 @@ fn log(l: RawLog) -> R<LogConfig> {
         }
     };
     let level = l.level.unwrap_or_else(|| "info".into());
-    tracing_subscriber::EnvFilter::try_new(&level).map_err(|e| {
-        ConfigError::invalid("log.level", format!("`{level}` is not a log filter: {e}"))
-    })?;
+    tracing_subscriber::EnvFilter::try_new(&level)
+        .map_err(|e| ConfigError::invalid("log.level", format!("`{level}` is not a log filter: {e}")))?;
     Ok(LogConfig { format, level })
 }
 
 fn addr(key: &str, s: &str) -> R<SocketAddr> {
-    SocketAddr::from_str(s).map_err(|_| {
-        ConfigError::invalid(key, format!("`{s}` is not an address like 0.0.0.0:8080"))
-    })
+    SocketAddr::from_str(s).map_err(|_| ConfigError::invalid(key, format!("`{s}` is not an address like 0.0.0.0:8080")))
 }
 
 fn duration(key: &str, v: Option<String>, default: &str) -> R<Duration> {
@@ -309,8 +279,7 @@ fn positive(key: &str, v: Option<String>, default: &str) -> R<Duration> {
 }
 
 fn size_in(key: &str, v: Option<String>, default: &str, min: u64, max: u64) -> R<u64> {
-    let n =
-        parse_size(v.as_deref().unwrap_or(default)).map_err(|m| ConfigError::invalid(key, m))?;
+    let n = parse_size(v.as_deref().unwrap_or(default)).map_err(|m| ConfigError::invalid(key, m))?;
     if n < min || n > max {
         return Err(ConfigError::invalid(
             key,
@@ -323,9 +292,67 @@ fn size_in(key: &str, v: Option<String>, default: &str, min: u64, max: u64) -> R
 fn count(key: &str, v: Option<i64>, default: usize) -> R<usize> {
     match v {
         None => Ok(default),
-        Some(n) if n >= 1 => {
-            usize::try_from(n).map_err(|_| ConfigError::invalid(key, "is too large"))
-        }
+        Some(n) if n >= 1 => usize::try_from(n).map_err(|_| ConfigError::invalid(key, "is too large")),
         Some(_) => Err(ConfigError::invalid(key, "must be at least 1")),
     }
+}
+
+fn cidr(s: &str) -> Option<ipnet::IpNet> {
+    s.parse::<ipnet::IpNet>()
+        .ok()
+        .or_else(|| s.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from))
+}
+
+fn usage(u: RawUsage) -> R<UsageConfig> {
+    let tokens_header = match u.tokens_header.as_deref() {
+        Some("") => None,
+        other => Some(
+            HeaderName::from_str(other.unwrap_or("x-usage-tokens"))
+                .map_err(|_| ConfigError::invalid("usage.tokens_header", "is not a valid header name"))?,
+        ),
+    };
+    let spool_dir = u.spool_dir.unwrap_or_else(|| "/var/lib/keygate/spool".into());
+    if spool_dir.is_empty() {
+        return Err(ConfigError::invalid("usage.spool_dir", "must name a directory"));
+    }
+    Ok(UsageConfig {
+        enabled: u.enabled.unwrap_or(true),
+        queue_capacity: count("usage.queue_capacity", u.queue_capacity, 65_536)?,
+        batch_size: count("usage.batch_size", u.batch_size, 2_000)?,
+        flush_interval: positive("usage.flush_interval", u.flush_interval, "1s")?,
+        pool_size: count("usage.pool_size", u.pool_size, 4)?,
+        spool_dir: spool_dir.into(),
+        max_spool_bytes: size_in("usage.max_spool_bytes", u.max_spool_bytes, "1GiB", 1 << 20, u64::MAX)?,
+        tokens_header,
+    })
+}
+
+fn price(key: &str, p: Option<RawPrice>) -> R<Price> {
+    let p = p.unwrap_or_default();
+    let check = |field: &str, v: Option<f64>| -> R<f64> {
+        let v = v.unwrap_or(0.0);
+        if !v.is_finite() || v < 0.0 {
+            return Err(ConfigError::invalid(
+                format!("{key}.{field}"),
+                "must be a non-negative number",
+            ));
+        }
+        Ok(v)
+    };
+    Ok(Price {
+        prompt_per_1k: check("prompt_per_1k", p.prompt_per_1k)?,
+        completion_per_1k: check("completion_per_1k", p.completion_per_1k)?,
+    })
+}
+
+fn pricing(p: RawPricing) -> R<Pricing> {
+    let mut models = std::collections::HashMap::new();
+    for (name, raw) in p.models {
+        let key = format!("pricing.models.{name}");
+        models.insert(name, price(&key, Some(raw))?);
+    }
+    Ok(Pricing {
+        default: price("pricing.default", p.default)?,
+        models,
+    })
 }

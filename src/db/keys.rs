@@ -58,20 +58,17 @@ fn validate(spec: &KeySpec) -> Result<Option<i32>, DbError> {
     if spec.name.trim().is_empty() {
         return Err(DbError::Invalid("key name must not be empty".into()));
     }
-    if let Some(s) = spec
-        .scopes
-        .iter()
-        .find(|s| s.trim().is_empty() || s.contains(','))
-    {
+    if let Some(s) = spec.scopes.iter().find(|s| s.trim().is_empty() || s.contains(',')) {
         return Err(DbError::Invalid(format!(
             "scope `{s}` must be non-empty and contain no commas"
         )));
     }
     spec.custom_rate_limit
         .map(|n| {
-            i32::try_from(n).ok().filter(|n| *n >= 0).ok_or_else(|| {
-                DbError::Invalid("rate limit must be between 0 and 2147483647".into())
-            })
+            i32::try_from(n)
+                .ok()
+                .filter(|n| *n >= 0)
+                .ok_or_else(|| DbError::Invalid("rate limit must be between 0 and 2147483647".into()))
         })
         .transpose()
 }
@@ -113,8 +110,7 @@ pub async fn insert_unchecked(
 }
 
 /// Keys that count against `max_api_keys`: usable now or later.
-const COUNTED: &str =
-    "revoked_at IS NULL AND is_active AND (expires_at IS NULL OR expires_at > now())";
+const COUNTED: &str = "revoked_at IS NULL AND is_active AND (expires_at IS NULL OR expires_at > now())";
 
 /// Creates a key, holding the organisation's row lock so concurrent creations cannot
 /// both slip under `max_api_keys`.
@@ -153,9 +149,7 @@ pub async fn create(
 pub async fn list(c: &impl GenericClient, org_id: Uuid) -> Result<Vec<ApiKey>, DbError> {
     let rows = c
         .query(
-            &format!(
-                "SELECT {COLUMNS} FROM api_keys WHERE organization_id = $1 ORDER BY created_at, id"
-            ),
+            &format!("SELECT {COLUMNS} FROM api_keys WHERE organization_id = $1 ORDER BY created_at, id"),
             &[&org_id],
         )
         .await?;
@@ -164,10 +158,7 @@ pub async fn list(c: &impl GenericClient, org_id: Uuid) -> Result<Vec<ApiKey>, D
 
 pub async fn get(c: &impl GenericClient, id: Uuid) -> Result<ApiKey, DbError> {
     let row = c
-        .query_opt(
-            &format!("SELECT {COLUMNS} FROM api_keys WHERE id = $1"),
-            &[&id],
-        )
+        .query_opt(&format!("SELECT {COLUMNS} FROM api_keys WHERE id = $1"), &[&id])
         .await?;
     row.as_ref()
         .map(from_row)
@@ -218,8 +209,7 @@ pub async fn rotate(
         expires_at: None,
     };
     let (new, key) = insert_unchecked(&tx, old.organization_id, &spec).await?;
-    let grace_ms = i64::try_from(grace.as_millis())
-        .map_err(|_| DbError::Invalid("grace period is too long".into()))?;
+    let grace_ms = i64::try_from(grace.as_millis()).map_err(|_| DbError::Invalid("grace period is too long".into()))?;
     let row = tx
         .query_one(
             &format!(
@@ -238,10 +228,7 @@ pub async fn rotate(
 /// The authentication lookup: one indexed query by hash, joined with the organisation.
 /// The stored hash is compared with the computed one in constant time before the row is
 /// trusted.
-pub async fn lookup(
-    c: &impl GenericClient,
-    digest: &KeyDigest,
-) -> Result<Option<AuthRecord>, DbError> {
+pub async fn lookup(c: &impl GenericClient, digest: &KeyDigest) -> Result<Option<AuthRecord>, DbError> {
     let row = c
         .query_opt(
             "SELECT k.key_hash, k.id, k.organization_id, k.key_prefix, k.key_hint, k.is_active, k.expires_at,

@@ -32,6 +32,9 @@ macro_rules! migration {
 pub static MIGRATIONS: &[Migration] = &[
     migration!(1, "baseline", "0001_baseline"),
     migration!(2, "integrity", "0002_integrity"),
+    migration!(3, "quotas", "0003_quotas"),
+    migration!(4, "notify", "0004_notify"),
+    migration!(5, "usage_partitions", "0005_usage_partitions"),
 ];
 
 pub fn latest_version() -> i32 {
@@ -149,14 +152,10 @@ async fn with_lock<T>(
     client: &mut Client,
     f: impl AsyncFnOnce(&mut Client) -> Result<T, DbError>,
 ) -> Result<T, DbError> {
-    client
-        .execute("SELECT pg_advisory_lock($1)", &[&LOCK_KEY])
-        .await?;
+    client.execute("SELECT pg_advisory_lock($1)", &[&LOCK_KEY]).await?;
     let out = f(client).await;
     // The lock is also released when the session ends, so a failed unlock is harmless.
-    let _ = client
-        .execute("SELECT pg_advisory_unlock($1)", &[&LOCK_KEY])
-        .await;
+    let _ = client.execute("SELECT pg_advisory_unlock($1)", &[&LOCK_KEY]).await;
     out
 }
 
@@ -176,10 +175,7 @@ async fn ensure_table(client: &Client) -> Result<(), DbError> {
 
 async fn applied_versions(client: &Client) -> Result<Vec<i32>, DbError> {
     let rows = client
-        .query(
-            &format!("SELECT version FROM {TABLE} ORDER BY version"),
-            &[],
-        )
+        .query(&format!("SELECT version FROM {TABLE} ORDER BY version"), &[])
         .await?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
@@ -208,9 +204,7 @@ pub async fn up(client: &mut Client) -> Result<Vec<Step>, DbError> {
         }
         for m in MIGRATIONS.iter().filter(|m| !applied.contains(&m.version)) {
             let tx = client.transaction().await?;
-            tx.batch_execute(m.up)
-                .await
-                .map_err(|e| migration_failed(m, "up", e))?;
+            tx.batch_execute(m.up).await.map_err(|e| migration_failed(m, "up", e))?;
             tx.execute(
                 &format!("INSERT INTO {TABLE} (version, name, checksum) VALUES ($1, $2, $3)"),
                 &[&m.version, &m.name, &checksum(m.up)],
@@ -267,7 +261,12 @@ pub async fn status(client: &Client) -> Result<Vec<StatusRow>, DbError> {
         .await?
         .get(0);
     let applied = if exists {
-        client.query(&format!("SELECT version, name, checksum, adopted, applied_at FROM {TABLE} ORDER BY version"), &[]).await?
+        client
+            .query(
+                &format!("SELECT version, name, checksum, adopted, applied_at FROM {TABLE} ORDER BY version"),
+                &[],
+            )
+            .await?
     } else {
         Vec::new()
     };
@@ -280,9 +279,7 @@ pub async fn status(client: &Client) -> Result<Vec<StatusRow>, DbError> {
                 name: m.name.to_string(),
                 applied_at: row.map(|r| r.get(4)),
                 adopted: row.is_some_and(|r| r.get(3)),
-                modified: row.is_some_and(|r| {
-                    !r.get::<_, bool>(3) && r.get::<_, String>(2) != checksum(m.up)
-                }),
+                modified: row.is_some_and(|r| !r.get::<_, bool>(3) && r.get::<_, String>(2) != checksum(m.up)),
                 unknown: false,
             }
         })
@@ -380,9 +377,7 @@ async fn adopt_seed_schema(client: &Client) -> Result<bool, DbError> {
     tracing::info!(alembic, "adopting existing seed schema as migration 1");
     client
         .execute(
-            &format!(
-                "INSERT INTO {TABLE} (version, name, checksum, adopted) VALUES (1, $1, $2, true)"
-            ),
+            &format!("INSERT INTO {TABLE} (version, name, checksum, adopted) VALUES (1, $1, $2, true)"),
             &[&MIGRATIONS[0].name, &checksum(MIGRATIONS[0].up)],
         )
         .await?;

@@ -4,8 +4,11 @@
 //! behind organisations and keys. It does not decide policy: callers say what to do,
 //! this module says how it is stored.
 
+pub mod auth_queries;
+pub mod counters;
 pub mod keys;
 pub mod migrate;
+pub mod notify;
 pub mod orgs;
 
 use std::str::FromStr;
@@ -71,12 +74,7 @@ pub fn mask_url(url: &str) -> String {
         let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
         if let Some(at) = rest[..authority_end].rfind('@') {
             if let Some(colon) = rest[..at].find(':') {
-                return format!(
-                    "{}{}:***{}",
-                    &url[..scheme_end + 3],
-                    &rest[..colon],
-                    &rest[at..]
-                );
+                return format!("{}{}:***{}", &url[..scheme_end + 3], &rest[..colon], &rest[at..]);
             }
         }
         // Passwords can also ride in the query string.
@@ -88,9 +86,7 @@ pub fn mask_url(url: &str) -> String {
 fn mask_kv(s: &str, sep: char) -> String {
     s.split(sep)
         .map(|part| match part.split_once('=') {
-            Some((k, _))
-                if k.trim_start_matches('?').ends_with("password") || k.contains("?password") =>
-            {
+            Some((k, _)) if k.trim_start_matches('?').ends_with("password") || k.contains("?password") => {
                 format!("{k}=***")
             }
             _ => part.to_string(),
@@ -145,16 +141,13 @@ pub async fn connect(cfg: &DatabaseConfig) -> Result<Client, DbError> {
         url: mask_url(&cfg.url),
         reason: root_cause(&e),
     };
-    let (client, conn) = tokio::time::timeout(
-        cfg.connect_timeout + Duration::from_millis(500),
-        pg.connect(NoTls),
-    )
-    .await
-    .map_err(|_| DbError::Unreachable {
-        url: mask_url(&cfg.url),
-        reason: "timed out".into(),
-    })?
-    .map_err(unreachable)?;
+    let (client, conn) = tokio::time::timeout(cfg.connect_timeout + Duration::from_millis(500), pg.connect(NoTls))
+        .await
+        .map_err(|_| DbError::Unreachable {
+            url: mask_url(&cfg.url),
+            reason: "timed out".into(),
+        })?
+        .map_err(unreachable)?;
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             tracing::debug!(error = %e, "database session ended");
@@ -164,10 +157,7 @@ pub async fn connect(cfg: &DatabaseConfig) -> Result<Client, DbError> {
 }
 
 /// Checks out a pooled client, reporting an unreachable database by its masked URL.
-pub async fn checkout(
-    pool: &Pool,
-    cfg: &DatabaseConfig,
-) -> Result<deadpool_postgres::Object, DbError> {
+pub async fn checkout(pool: &Pool, cfg: &DatabaseConfig) -> Result<deadpool_postgres::Object, DbError> {
     pool.get().await.map_err(|e| DbError::Unreachable {
         url: mask_url(&cfg.url),
         reason: pool_reason(&e),
@@ -194,16 +184,20 @@ fn root_cause(e: &tokio_postgres::Error) -> String {
     msg
 }
 
+/// A cheap round trip through the pool, for readiness.
+pub async fn ping(pool: &Pool) -> Result<(), DbError> {
+    let client = pool.get().await?;
+    client.simple_query("SELECT 1").await?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::mask_url;
 
     #[test]
     fn masks_passwords_in_every_url_form() {
-        assert_eq!(
-            mask_url("postgres://u:secret@h:5432/db"),
-            "postgres://u:***@h:5432/db"
-        );
+        assert_eq!(mask_url("postgres://u:secret@h:5432/db"), "postgres://u:***@h:5432/db");
         assert_eq!(mask_url("postgresql://u@h/db"), "postgresql://u@h/db");
         assert_eq!(
             mask_url("postgres://h/db?user=u&password=secret"),
@@ -213,9 +207,6 @@ mod tests {
             mask_url("host=h user=u password=secret dbname=d"),
             "host=h user=u password=*** dbname=d"
         );
-        assert_eq!(
-            mask_url("postgres://u:p%40ss@h/db"),
-            "postgres://u:***@h/db"
-        );
+        assert_eq!(mask_url("postgres://u:p%40ss@h/db"), "postgres://u:***@h/db");
     }
 }

@@ -53,21 +53,14 @@ fn check_limits(values: &[(&str, Option<i64>)]) -> Result<(), DbError> {
     for (name, v) in values {
         if let Some(n) = v {
             if *n < 0 || *n > i64::from(i32::MAX) {
-                return Err(DbError::Invalid(format!(
-                    "{name} must be between 0 and {}",
-                    i32::MAX
-                )));
+                return Err(DbError::Invalid(format!("{name} must be between 0 and {}", i32::MAX)));
             }
         }
     }
     Ok(())
 }
 
-fn limit_args(
-    monthly: Option<i64>,
-    rpm: Option<i64>,
-    max_keys: Option<i64>,
-) -> Result<[Option<i32>; 3], DbError> {
+fn limit_args(monthly: Option<i64>, rpm: Option<i64>, max_keys: Option<i64>) -> Result<[Option<i32>; 3], DbError> {
     check_limits(&[
         ("monthly request limit", monthly),
         ("rate limit", rpm),
@@ -98,15 +91,9 @@ pub fn validate_slug(slug: &str) -> Result<(), DbError> {
 pub async fn create(c: &impl GenericClient, o: &NewOrganization) -> Result<Organization, DbError> {
     validate_slug(&o.slug)?;
     if o.name.trim().is_empty() {
-        return Err(DbError::Invalid(
-            "organization name must not be empty".into(),
-        ));
+        return Err(DbError::Invalid("organization name must not be empty".into()));
     }
-    let [monthly, rpm, max_keys] = limit_args(
-        o.monthly_request_limit,
-        o.rate_limit_per_minute,
-        o.max_api_keys,
-    )?;
+    let [monthly, rpm, max_keys] = limit_args(o.monthly_request_limit, o.rate_limit_per_minute, o.max_api_keys)?;
     let sql = format!(
         "INSERT INTO organizations (id, name, slug, email, plan, monthly_request_limit, rate_limit_per_minute, max_api_keys)
          VALUES ($1, $2, $3, $4, $5, COALESCE($6, 10000), COALESCE($7, 60), COALESCE($8, 10))
@@ -144,10 +131,7 @@ pub async fn list(c: &impl GenericClient) -> Result<Vec<Organization>, DbError> 
     rows.iter().map(from_row).collect()
 }
 
-pub async fn find_by_slug(
-    c: &impl GenericClient,
-    slug: &str,
-) -> Result<Option<Organization>, DbError> {
+pub async fn find_by_slug(c: &impl GenericClient, slug: &str) -> Result<Option<Organization>, DbError> {
     let row = c
         .query_opt(
             &format!("SELECT {COLUMNS} FROM organizations WHERE slug = $1"),
@@ -163,20 +147,10 @@ pub async fn get_by_slug(c: &impl GenericClient, slug: &str) -> Result<Organizat
         .ok_or_else(|| DbError::OrgNotFound(slug.to_string()))
 }
 
-pub async fn update(
-    c: &impl GenericClient,
-    slug: &str,
-    u: &OrgUpdate,
-) -> Result<Organization, DbError> {
-    let [monthly, rpm, max_keys] = limit_args(
-        u.monthly_request_limit,
-        u.rate_limit_per_minute,
-        u.max_api_keys,
-    )?;
+pub async fn update(c: &impl GenericClient, slug: &str, u: &OrgUpdate) -> Result<Organization, DbError> {
+    let [monthly, rpm, max_keys] = limit_args(u.monthly_request_limit, u.rate_limit_per_minute, u.max_api_keys)?;
     if u.name.as_deref().is_some_and(|n| n.trim().is_empty()) {
-        return Err(DbError::Invalid(
-            "organization name must not be empty".into(),
-        ));
+        return Err(DbError::Invalid("organization name must not be empty".into()));
     }
     let sql = format!(
         "UPDATE organizations SET
@@ -194,16 +168,7 @@ pub async fn update(
     let row = c
         .query_opt(
             &sql,
-            &[
-                &slug,
-                &u.name,
-                &u.email,
-                &plan,
-                &monthly,
-                &rpm,
-                &max_keys,
-                &u.is_active,
-            ],
+            &[&slug, &u.name, &u.email, &plan, &monthly, &rpm, &max_keys, &u.is_active],
         )
         .await?;
     row.as_ref()

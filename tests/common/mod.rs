@@ -5,6 +5,8 @@
 //! test still gets its own database). Nothing here mocks Postgres or the network.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod net;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -44,12 +46,21 @@ fn external(url: String) -> Server {
         Some(p) => format!("{user}:{}", String::from_utf8_lossy(p)),
         None => user.to_string(),
     };
-    Server { admin_url: url, base_url: format!("postgres://{auth}@{host}:{port}"), data_dir: None, port }
+    Server {
+        admin_url: url,
+        base_url: format!("postgres://{auth}@{host}:{port}"),
+        data_dir: None,
+        port,
+    }
 }
 
 fn is_root() -> bool {
     // SAFETY-free check: `id -u` avoids a libc dependency.
-    Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false)
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0\n"))
+        .unwrap_or(false)
 }
 
 /// Finds a PostgreSQL server binary: on PATH, else Debian's versioned directories.
@@ -63,10 +74,16 @@ pub fn pg_bin(name: &str) -> PathBuf {
         }
     }
     let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path().join("bin").join(name))).filter(|p| p.is_file()).collect())
+        .map(|rd| {
+            rd.filter_map(|e| e.ok().map(|e| e.path().join("bin").join(name)))
+                .filter(|p| p.is_file())
+                .collect()
+        })
         .unwrap_or_default();
     versions.sort();
-    versions.pop().unwrap_or_else(|| panic!("{name} not found: install the postgresql package or set DATABASE_URL"))
+    versions
+        .pop()
+        .unwrap_or_else(|| panic!("{name} not found: install the postgresql package or set DATABASE_URL"))
 }
 
 /// Runs a PostgreSQL binary as the `postgres` user when we are root (it refuses root).
@@ -82,13 +99,24 @@ fn pg_command(name: &str) -> Command {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
 }
 
 fn start_cluster() -> Server {
-    let dir = tempfile::Builder::new().prefix("keygate-pg-").tempdir().expect("temp dir").keep();
+    let dir = tempfile::Builder::new()
+        .prefix("keygate-pg-")
+        .tempdir()
+        .expect("temp dir")
+        .keep();
     if is_root() {
-        let ok = Command::new("chown").args(["-R", "postgres:postgres"]).arg(&dir).status().expect("chown");
+        let ok = Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(&dir)
+            .status()
+            .expect("chown");
         assert!(ok.success(), "chown of {} failed", dir.display());
     }
     let data = dir.join("data");
@@ -97,7 +125,11 @@ fn start_cluster() -> Server {
         .arg(&data)
         .output()
         .expect("run initdb");
-    assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "initdb failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let mut last_err = String::new();
     for _ in 0..5 {
         let port = free_port();
@@ -118,7 +150,12 @@ fn start_cluster() -> Server {
         if out.status.success() {
             spawn_reaper(&dir, &data);
             let base_url = format!("postgres://postgres@127.0.0.1:{port}");
-            return Server { admin_url: format!("{base_url}/postgres"), base_url, data_dir: Some(data), port };
+            return Server {
+                admin_url: format!("{base_url}/postgres"),
+                base_url,
+                data_dir: Some(data),
+                port,
+            };
         }
         last_err = std::fs::read_to_string(dir.join("log")).unwrap_or_default();
     }
@@ -127,10 +164,15 @@ fn start_cluster() -> Server {
 
 /// Stops the cluster and removes its directory once this test process exits: statics
 /// are never dropped, so a watcher process does the teardown.
+#[allow(clippy::zombie_processes)] // The reaper must outlive us; init adopts it.
 fn spawn_reaper(dir: &Path, data: &Path) {
     let pg_ctl = pg_bin("pg_ctl");
     let stop = if is_root() {
-        format!("runuser -u postgres -- {} -D {} -m immediate stop", pg_ctl.display(), data.display())
+        format!(
+            "runuser -u postgres -- {} -D {} -m immediate stop",
+            pg_ctl.display(),
+            data.display()
+        )
     } else {
         format!("{} -D {} -m immediate stop", pg_ctl.display(), data.display())
     };
@@ -169,7 +211,10 @@ impl TestDb {
     /// A `keygate` command with DATABASE_URL pointing here.
     pub fn command(&self, args: &[&str]) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_keygate"));
-        c.args(args).env("DATABASE_URL", &self.url).env_remove("KEYGATE_CONFIG").env_remove("RUST_LOG");
+        c.args(args)
+            .env("DATABASE_URL", &self.url)
+            .env_remove("KEYGATE_CONFIG")
+            .env_remove("RUST_LOG");
         c
     }
 
@@ -192,7 +237,9 @@ impl TestDb {
 }
 
 pub async fn connect(url: &str) -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::connect(url, NoTls).await.unwrap_or_else(|e| panic!("connect {url}: {e}"));
+    let (client, conn) = tokio_postgres::connect(url, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connect {url}: {e}"));
     tokio::spawn(conn);
     client
 }
@@ -202,8 +249,14 @@ pub async fn fresh_db() -> TestDb {
     let srv = server();
     let name = format!("kg_test_{}", uuid::Uuid::new_v4().simple());
     let admin = connect(&srv.admin_url).await;
-    admin.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create database");
-    TestDb { url: format!("{}/{name}", srv.base_url), name }
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .expect("create database");
+    TestDb {
+        url: format!("{}/{name}", srv.base_url),
+        name,
+    }
 }
 
 /// A migrated database, with the seed run; returns the database and the seeded key.

@@ -1,0 +1,322 @@
+//! Authentication: from a key digest to the cached [`AuthRecord`], the request lifecycle's
+//! steps 3 and 4 (DESIGN.md).
+//!
+//! Owns the cache in front of `db::keys::lookup` (TTL, negative answers, serve-stale),
+//! single-flight loading with a cap on concurrent lookups, preloading the key table and
+//! keeping it in sync with change notifications (`sync`). It does not judge a record
+//! (status, scopes and limits are the caller's, via `AuthRecord::status(now)`, so expiry
+//! is evaluated at use time), parse keys from requests, or talk SQL itself: queries live
+//! in `db`.
+
+mod cache;
+mod sync;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use dashmap::mapref::entry::Entry;
+use dashmap::DashMap;
+use deadpool_postgres::Pool;
+use tokio::sync::{watch, Semaphore};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::config::{AuthConfig, DatabaseConfig};
+use crate::db::auth_queries::{self, Selector};
+use crate::db::DbError;
+use crate::keys::KeyDigest;
+use crate::model::AuthRecord;
+use cache::{Cache, Probe, Scope};
+
+/// Why a digest did not authenticate. Cheap to copy: it is returned on every rejection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("unknown API key")]
+    Unknown,
+    #[error("the key store is unavailable")]
+    StoreUnavailable,
+}
+
+/// A snapshot of the cache's state and counters, for `/readyz` and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AuthStats {
+    /// Cached key records (including expired ones kept for serve-stale).
+    pub cached: usize,
+    /// Cached "no such key" answers.
+    pub negative: usize,
+    /// Answered from the cache without waiting on the database.
+    pub hits: u64,
+    /// Had to join or start a load.
+    pub misses: u64,
+    /// Lookups by digest sent to the database (one per single flight).
+    pub db_lookups: u64,
+    /// Bulk or by-id reloads completed (preload, sync).
+    pub db_reloads: u64,
+    /// Expired records served because the database could not be asked.
+    pub stale_served: u64,
+    /// Invalidations applied (notifications, resyncs and direct calls).
+    pub invalidations: u64,
+    /// Full resyncs after the listener (re)connected.
+    pub resyncs: u64,
+    pub listener_connected: bool,
+}
+
+/// A hook run on every record read from the database, before it is cached.
+pub type OnLoad = Box<dyn Fn(&AuthRecord) + Send + Sync>;
+
+type Outcome = Result<Arc<AuthRecord>, AuthError>;
+
+/// Negative answers stored between two sweeps run from the load path, so the cache stays
+/// bounded under a flood of random keys even without the sync task.
+const SWEEP_EVERY: u64 = 16_384;
+
+struct Flight {
+    start: u64,
+    done: watch::Receiver<Option<Outcome>>,
+}
+
+#[derive(Default)]
+struct Counters {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    db_lookups: AtomicU64,
+    db_reloads: AtomicU64,
+    stale_served: AtomicU64,
+    invalidations: AtomicU64,
+    resyncs: AtomicU64,
+}
+
+struct Inner {
+    cache: Cache,
+    inflight: DashMap<KeyDigest, Flight>,
+    lookups: Semaphore,
+    pool: Pool,
+    ttl: Duration,
+    negative_ttl: Duration,
+    listen_notify: bool,
+    on_load: OnceLock<OnLoad>,
+    counters: Counters,
+    listener_connected: AtomicBool,
+}
+
+/// The authentication cache. `Send + Sync`; share it behind an `Arc`.
+pub struct Authenticator {
+    inner: Arc<Inner>,
+}
+
+impl Authenticator {
+    pub fn new(cfg: &AuthConfig, pool: Pool) -> Self {
+        Authenticator {
+            inner: Arc::new(Inner {
+                cache: Cache::new(),
+                inflight: DashMap::new(),
+                lookups: Semaphore::new(cfg.max_concurrent_lookups.max(1)),
+                pool,
+                ttl: cfg.cache_ttl,
+                negative_ttl: cfg.negative_cache_ttl,
+                listen_notify: cfg.listen_notify,
+                on_load: OnceLock::new(),
+                counters: Counters::default(),
+                listener_connected: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// The hot path. A cache hit costs one shard read lock and an `Arc` clone; a miss
+    /// joins the digest's single flight (or starts it) and waits for its answer.
+    pub async fn authenticate(&self, digest: &KeyDigest) -> Result<Arc<AuthRecord>, AuthError> {
+        let inner = &self.inner;
+        match inner.cache.probe(digest, Instant::now()) {
+            Probe::Hit(record) => {
+                inner.counters.hits.fetch_add(1, Relaxed);
+                return Ok(record);
+            }
+            Probe::Unknown => {
+                inner.counters.hits.fetch_add(1, Relaxed);
+                return Err(AuthError::Unknown);
+            }
+            Probe::Miss => {}
+        }
+        inner.counters.misses.fetch_add(1, Relaxed);
+        let mut done = inner.join_or_start(digest);
+        // A closed channel means the load task died without answering (a panic, or the
+        // runtime shutting down): nothing is known, so the store counts as unavailable.
+        let answer = match done.wait_for(Option::is_some).await {
+            Ok(v) => v.clone(),
+            Err(_) => None,
+        };
+        answer.unwrap_or(Err(AuthError::StoreUnavailable))
+    }
+
+    pub fn invalidate_key(&self, key_id: Uuid) {
+        self.inner.invalidate(Scope::Key(key_id));
+    }
+
+    pub fn invalidate_org(&self, org_id: Uuid) {
+        self.inner.invalidate(Scope::Organization(org_id));
+    }
+
+    pub fn invalidate_all(&self) {
+        self.inner.invalidate(Scope::All);
+    }
+
+    /// Loads every key with its organisation in one streamed query. From then on an
+    /// absent digest is answered `Unknown` without asking the database, and `run_sync`
+    /// keeps the table current (per-row reloads on notification, periodic full reloads).
+    pub async fn preload(&self) -> Result<usize, DbError> {
+        let n = self.inner.reload(Scope::All).await?;
+        self.inner.cache.set_authoritative();
+        Ok(n)
+    }
+
+    /// The background task: LISTEN for changes, reconnect with capped backoff, resync
+    /// after every (re)connect, periodic reloads when preloaded, sweeps. Returns when
+    /// `cancel` fires.
+    pub async fn run_sync(self: Arc<Self>, db: DatabaseConfig, cancel: CancellationToken) {
+        sync::run(self.inner.clone(), db, cancel).await;
+    }
+
+    pub fn stats(&self) -> AuthStats {
+        let c = &self.inner.counters;
+        let (cached, negative) = self.inner.cache.counts();
+        AuthStats {
+            cached,
+            negative,
+            hits: c.hits.load(Relaxed),
+            misses: c.misses.load(Relaxed),
+            db_lookups: c.db_lookups.load(Relaxed),
+            db_reloads: c.db_reloads.load(Relaxed),
+            stale_served: c.stale_served.load(Relaxed),
+            invalidations: c.invalidations.load(Relaxed),
+            resyncs: c.resyncs.load(Relaxed),
+            listener_connected: self.inner.listener_connected.load(Relaxed),
+        }
+    }
+
+    /// Sets the hook run on every record read from the database (lookups, preload,
+    /// reloads), before the record is cached, so the limiter can seed its counters. It
+    /// runs on the loading task, so it must be quick and idempotent: a key is reloaded
+    /// after each change. Set once at start-up; returns false (and drops `f`) if a hook
+    /// was already set.
+    pub fn set_on_load(&self, f: OnLoad) -> bool {
+        self.inner.on_load.set(f).is_ok()
+    }
+}
+
+impl Inner {
+    /// Joins the digest's flight if it began after the last invalidation; otherwise
+    /// starts a new one. The map guard is dropped before the task is spawned.
+    fn join_or_start(self: &Arc<Self>, digest: &KeyDigest) -> watch::Receiver<Option<Outcome>> {
+        let (start, tx, rx) = match self.inflight.entry(*digest) {
+            Entry::Occupied(e) if self.cache.unchanged_since(e.get().start) => {
+                return e.get().done.clone();
+            }
+            entry => {
+                let start = self.cache.begin();
+                let (tx, rx) = watch::channel(None);
+                let flight = Flight {
+                    start,
+                    done: rx.clone(),
+                };
+                match entry {
+                    Entry::Occupied(mut e) => {
+                        e.insert(flight);
+                    }
+                    Entry::Vacant(e) => {
+                        e.insert(flight);
+                    }
+                }
+                (start, tx, rx)
+            }
+        };
+        // Spawned, not awaited here: if the request that started the flight goes away,
+        // the load still finishes for the others and for the cache.
+        tokio::spawn(self.clone().fly(*digest, start, tx));
+        rx
+    }
+
+    async fn fly(self: Arc<Self>, digest: KeyDigest, start: u64, tx: watch::Sender<Option<Outcome>>) {
+        let outcome = self.load_one(&digest, start).await;
+        // Cache first, then leave the in-flight map: a request arriving in between finds
+        // the cached answer instead of starting a second load.
+        self.inflight.remove_if(&digest, |_, f| f.start == start);
+        tx.send_replace(Some(outcome));
+        if self.cache.sweep_due(SWEEP_EVERY) {
+            self.cache.sweep(Instant::now());
+        }
+    }
+
+    async fn load_one(&self, digest: &KeyDigest, start: u64) -> Outcome {
+        match self.fetch_one(digest).await {
+            Ok(Some(record)) => {
+                let record = Arc::new(record);
+                self.loaded(&record);
+                let fresh_until = Instant::now() + self.ttl;
+                self.cache.store_found(*digest, record.clone(), start, fresh_until);
+                Ok(record)
+            }
+            Ok(None) => {
+                let fresh_until = Instant::now() + self.negative_ttl;
+                self.cache.store_unknown(*digest, start, fresh_until);
+                Err(AuthError::Unknown)
+            }
+            Err(e) => match self.cache.stale(digest) {
+                Some(record) => {
+                    tracing::debug!(error = %e, "key store unavailable; serving a stale record");
+                    self.counters.stale_served.fetch_add(1, Relaxed);
+                    Ok(record)
+                }
+                None => {
+                    tracing::debug!(error = %e, "key store unavailable");
+                    Err(AuthError::StoreUnavailable)
+                }
+            },
+        }
+    }
+
+    async fn fetch_one(&self, digest: &KeyDigest) -> Result<Option<AuthRecord>, DbError> {
+        let _permit = self
+            .lookups
+            .acquire()
+            .await
+            .map_err(|_| DbError::Pool("lookup limiter closed".into()))?;
+        let client = self.pool.get().await?;
+        self.counters.db_lookups.fetch_add(1, Relaxed);
+        crate::db::keys::lookup(&**client, digest).await
+    }
+
+    /// Reads every record in `scope` and stores it, then drops cached records in the
+    /// scope that the read did not return. Records the caller must not miss are never
+    /// dropped on failure: an error returns before the prune.
+    async fn reload(&self, scope: Scope) -> Result<usize, DbError> {
+        let start = self.cache.begin();
+        let client = self.pool.get().await?;
+        let selector = match scope {
+            Scope::All => Selector::All,
+            Scope::Key(id) => Selector::Key(id),
+            Scope::Organization(id) => Selector::Organization(id),
+        };
+        let fresh_until = Instant::now() + self.ttl;
+        let n = auth_queries::for_each_record(&**client, selector, |digest, record| {
+            let record = Arc::new(record);
+            self.loaded(&record);
+            self.cache.store_found(digest, record, start, fresh_until);
+        })
+        .await?;
+        self.cache.prune(scope, start);
+        self.counters.db_reloads.fetch_add(1, Relaxed);
+        Ok(n)
+    }
+
+    fn loaded(&self, record: &AuthRecord) {
+        if let Some(hook) = self.on_load.get() {
+            hook(record);
+        }
+    }
+
+    fn invalidate(&self, scope: Scope) {
+        self.counters.invalidations.fetch_add(1, Relaxed);
+        self.cache.invalidate(scope);
+    }
+}

@@ -1,0 +1,95 @@
+//! Bulk and by-id loads of authentication records, for the auth cache's preload and
+//! its targeted reloads after a change notification.
+//!
+//! Owns these three SELECTs and their row mapping, which has the same shape as
+//! `db::keys::lookup` (key joined with its organisation). It does not own the lookup by
+//! digest (that stays in `db::keys`), caching, or deciding when to reload.
+
+use futures_util::TryStreamExt;
+use tokio_postgres::{GenericClient, Row};
+use uuid::Uuid;
+
+use super::DbError;
+use crate::keys::KeyDigest;
+use crate::model::AuthRecord;
+
+/// The columns of `db::keys::lookup`, in the same order, so the two mappings agree.
+const SELECT: &str = "SELECT k.key_hash, k.id, k.organization_id, k.key_prefix, k.key_hint, k.is_active,
+        k.expires_at, k.revoked_at, k.scopes, k.custom_rate_limit::bigint, o.is_active, o.plan,
+        o.rate_limit_per_minute::bigint, o.monthly_request_limit::bigint
+     FROM api_keys k JOIN organizations o ON o.id = k.organization_id";
+
+/// Which records to load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Selector {
+    All,
+    Key(Uuid),
+    Organization(Uuid),
+}
+
+/// Streams every record the selector matches into `f`, without holding the whole key
+/// table in memory at once. Returns how many records were passed on.
+///
+/// A row whose stored hash is not 64 hex digits is skipped with a warning rather than
+/// failing the load: one bad row must not leave a preloaded cache empty. (Migration 2's
+/// check constraint makes such rows impossible on a migrated database.)
+pub async fn for_each_record(
+    c: &impl GenericClient,
+    selector: Selector,
+    mut f: impl FnMut(KeyDigest, AuthRecord),
+) -> Result<usize, DbError> {
+    let (sql, params): (String, Vec<Uuid>) = match selector {
+        Selector::All => (SELECT.to_string(), Vec::new()),
+        Selector::Key(id) => (format!("{SELECT} WHERE k.id = $1"), vec![id]),
+        Selector::Organization(id) => (format!("{SELECT} WHERE k.organization_id = $1"), vec![id]),
+    };
+    let stream = c.query_raw(sql.as_str(), params).await?;
+    let mut stream = std::pin::pin!(stream);
+    let mut count = 0;
+    while let Some(row) = stream.try_next().await? {
+        match record_from_row(&row)? {
+            Some((digest, record)) => {
+                f(digest, record);
+                count += 1;
+            }
+            None => tracing::warn!("skipping an api_keys row whose key_hash is not a SHA-256 hex digest"),
+        }
+    }
+    Ok(count)
+}
+
+/// Maps one row of [`SELECT`]; `None` when the stored hash is malformed.
+fn record_from_row(r: &Row) -> Result<Option<(KeyDigest, AuthRecord)>, DbError> {
+    let stored: String = r.try_get(0)?;
+    let Some(digest) = KeyDigest::from_hex(&stored) else {
+        return Ok(None);
+    };
+    let plan: String = r.try_get(11)?;
+    let record = AuthRecord {
+        key_id: r.try_get(1)?,
+        organization_id: r.try_get(2)?,
+        key_prefix: r.try_get(3)?,
+        key_hint: r.try_get(4)?,
+        key_active: r.try_get(5)?,
+        expires_at: r.try_get(6)?,
+        revoked_at: r.try_get(7)?,
+        scopes: scopes_from(r.try_get(8)?),
+        custom_rate_limit: r.try_get(9)?,
+        org_active: r.try_get(10)?,
+        plan: plan.parse().map_err(DbError::Invalid)?,
+        org_rate_limit_per_minute: r.try_get(12)?,
+        monthly_request_limit: r.try_get(13)?,
+    };
+    Ok(Some((digest, record)))
+}
+
+/// Same rule as `db::keys`: a JSON array of strings; anything else means no scopes.
+fn scopes_from(v: serde_json::Value) -> Vec<String> {
+    match v {
+        serde_json::Value::Array(items) => items
+            .into_iter()
+            .filter_map(|i| i.as_str().map(str::to_owned))
+            .collect(),
+        _ => Vec::new(),
+    }
+}

@@ -1,0 +1,163 @@
+//! Body types for the proxy: the boxed body every response uses, and the request body
+//! wrapper that enforces the size limit and the idle timeout while streaming.
+//!
+//! Bodies are never buffered here; a frame goes through as soon as it arrives.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full};
+use tokio::time::{Instant, Sleep};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
+
+pub fn full(bytes: Bytes) -> ProxyBody {
+    Full::new(bytes).map_err(|never| match never {}).boxed_unsync()
+}
+
+/// Why a request body was cut off (0 while it has not been); read by the pipeline when the upstream call fails,
+/// to answer 413 or 408 rather than 502.
+#[derive(Debug, Default)]
+pub struct BodyVerdict(AtomicU8);
+
+const TOO_LARGE: u8 = 1;
+const IDLE: u8 = 2;
+
+impl BodyVerdict {
+    pub fn too_large(&self) -> bool {
+        self.0.load(Ordering::Relaxed) == TOO_LARGE
+    }
+    pub fn idle(&self) -> bool {
+        self.0.load(Ordering::Relaxed) == IDLE
+    }
+    fn set(&self, v: u8) {
+        self.0.store(v, Ordering::Relaxed);
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum BodyError {
+    #[error("request body exceeds the size limit")]
+    TooLarge,
+    #[error("request body idle timeout")]
+    Idle,
+}
+
+/// A request body on its way to the upstream, cut off when it grows past `limit` bytes
+/// or sends nothing for `idle`.
+pub struct LimitedBody<B> {
+    inner: B,
+    remaining: u64,
+    idle: Duration,
+    deadline: Pin<Box<Sleep>>,
+    verdict: Arc<BodyVerdict>,
+}
+
+impl<B> LimitedBody<B> {
+    pub fn new(inner: B, limit: u64, idle: Duration, verdict: Arc<BodyVerdict>) -> Self {
+        LimitedBody {
+            inner,
+            remaining: limit,
+            idle,
+            deadline: Box::pin(tokio::time::sleep(idle)),
+            verdict,
+        }
+    }
+}
+
+impl<B> Body for LimitedBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    let len = data.len() as u64;
+                    if len > this.remaining {
+                        this.verdict.set(TOO_LARGE);
+                        return Poll::Ready(Some(Err(BodyError::TooLarge.into())));
+                    }
+                    this.remaining -= len;
+                }
+                let next = Instant::now() + this.idle;
+                this.deadline.as_mut().reset(next);
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => {
+                ready!(this.deadline.as_mut().poll(cx));
+                this.verdict.set(IDLE);
+                Poll::Ready(Some(Err(BodyError::Idle.into())))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::StreamBody;
+
+    fn chunks(parts: Vec<&'static [u8]>) -> impl Body<Data = Bytes, Error = std::convert::Infallible> + Unpin {
+        let frames: Vec<Result<Frame<Bytes>, std::convert::Infallible>> = parts
+            .into_iter()
+            .map(|p| Ok(Frame::data(Bytes::from_static(p))))
+            .collect();
+        StreamBody::new(futures_util::stream::iter(frames))
+    }
+
+    #[tokio::test]
+    async fn passes_bodies_within_the_limit() {
+        let verdict = Arc::new(BodyVerdict::default());
+        let body = LimitedBody::new(chunks(vec![b"abc", b"def"]), 6, Duration::from_secs(5), verdict.clone());
+        let bytes = body.collect().await.expect("within limit").to_bytes();
+        assert_eq!(&bytes[..], b"abcdef");
+        assert!(!verdict.too_large());
+    }
+
+    #[tokio::test]
+    async fn cuts_off_bodies_past_the_limit() {
+        let verdict = Arc::new(BodyVerdict::default());
+        let body = LimitedBody::new(
+            chunks(vec![b"abc", b"defg"]),
+            6,
+            Duration::from_secs(5),
+            verdict.clone(),
+        );
+        assert!(body.collect().await.is_err());
+        assert!(verdict.too_large());
+    }
+
+    #[tokio::test]
+    async fn times_out_idle_bodies() {
+        let verdict = Arc::new(BodyVerdict::default());
+        let stalled = StreamBody::new(futures_util::stream::pending::<
+            Result<Frame<Bytes>, std::convert::Infallible>,
+        >());
+        let body = LimitedBody::new(stalled, 10, Duration::from_millis(50), verdict.clone());
+        assert!(body.collect().await.is_err());
+        assert!(verdict.idle());
+    }
+}

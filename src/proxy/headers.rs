@@ -1,0 +1,267 @@
+//! Header rules of the proxy: where keys are read from, what is stripped in each
+//! direction, what is added for the upstream, and the rate-limit headers for clients.
+//!
+//! Pure functions over `HeaderMap`; no I/O and no policy beyond RFC 9110's.
+
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+use super::error::Reject;
+use crate::config::{IdentityHeaders, KeySource};
+use crate::model::AuthRecord;
+
+/// RFC 9110 7.6.1 plus the de-facto ones (`keep-alive`, `proxy-connection`).
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::UPGRADE,
+];
+
+/// Removes hop-by-hop headers, including every header that `Connection` names.
+/// `Transfer-Encoding` goes too: hyper frames each side itself.
+pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        h.remove(n);
+    }
+    for n in HOP_BY_HOP.iter() {
+        h.remove(n);
+    }
+    h.remove(header::TRANSFER_ENCODING);
+}
+
+/// Reads the key from the first configured source that is present.
+/// Missing everywhere: `MissingKey`. Present but not a usable single value (wrong
+/// scheme, repeated, not text): `InvalidKey`, like an unknown key.
+pub fn extract_key<'a>(h: &'a HeaderMap, sources: &[KeySource]) -> Result<&'a str, Reject> {
+    for source in sources {
+        let name = match source {
+            KeySource::Bearer => &header::AUTHORIZATION,
+            KeySource::Header(n) => n,
+        };
+        let mut values = h.get_all(name).iter();
+        let Some(first) = values.next() else { continue };
+        if values.next().is_some() {
+            return Err(Reject::InvalidKey);
+        }
+        let text = first.to_str().map_err(|_| Reject::InvalidKey)?.trim();
+        let key = match source {
+            KeySource::Bearer => bearer_token(text).ok_or(Reject::InvalidKey)?,
+            KeySource::Header(_) => text,
+        };
+        if key.is_empty() {
+            return Err(Reject::MissingKey);
+        }
+        return Ok(key);
+    }
+    Err(Reject::MissingKey)
+}
+
+fn bearer_token(v: &str) -> Option<&str> {
+    let (scheme, rest) = v.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+}
+
+/// Removes every client copy of the identity headers, in any spelling an upstream
+/// framework might fold together (`X_Keygate_Key_Id` is `x-keygate-key-id` to many).
+pub fn strip_identity(h: &mut HeaderMap, ids: &IdentityHeaders) {
+    let names = [&ids.organization_id, &ids.key_id, &ids.plan, &ids.scopes];
+    for n in names {
+        h.remove(n);
+    }
+    let spoofed: Vec<HeaderName> = h
+        .keys()
+        .filter(|k| k.as_str().contains('_'))
+        .filter(|k| {
+            let folded = k.as_str().replace('_', "-");
+            names.iter().any(|n| n.as_str() == folded)
+        })
+        .cloned()
+        .collect();
+    for n in spoofed {
+        h.remove(n);
+    }
+}
+
+pub fn add_identity(h: &mut HeaderMap, ids: &IdentityHeaders, rec: &AuthRecord) {
+    let uuid =
+        |u: uuid::Uuid| HeaderValue::from_str(u.hyphenated().encode_lower(&mut uuid::Uuid::encode_buffer())).ok();
+    if let Some(v) = uuid(rec.organization_id) {
+        h.insert(ids.organization_id.clone(), v);
+    }
+    if let Some(v) = uuid(rec.key_id) {
+        h.insert(ids.key_id.clone(), v);
+    }
+    h.insert(ids.plan.clone(), HeaderValue::from_static(rec.plan.as_str()));
+    // Scopes were validated to be comma-free tokens; a non-ASCII one is skipped whole.
+    if let Ok(v) = HeaderValue::from_str(&rec.scopes.join(",")) {
+        h.insert(ids.scopes.clone(), v);
+    }
+}
+
+/// Removes the headers that carried the client's key, so it stops at keygate.
+pub fn strip_key(h: &mut HeaderMap, sources: &[KeySource]) {
+    for s in sources {
+        match s {
+            KeySource::Bearer => h.remove(header::AUTHORIZATION),
+            KeySource::Header(n) => h.remove(n),
+        };
+    }
+}
+
+/// `X-Forwarded-For` gains the peer; `-Proto` and `-Host` describe the client's view.
+pub fn set_forwarded(h: &mut HeaderMap, peer: IpAddr, host: Option<HeaderValue>) {
+    const XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
+    let prior: Vec<String> = h
+        .get_all(&XFF)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .collect();
+    let value = if prior.is_empty() {
+        peer.to_string()
+    } else {
+        format!("{}, {peer}", prior.join(", "))
+    };
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        h.insert(XFF, v);
+    }
+    h.insert(
+        HeaderName::from_static("x-forwarded-proto"),
+        HeaderValue::from_static("http"),
+    );
+    match host {
+        Some(v) => h.insert(HeaderName::from_static("x-forwarded-host"), v),
+        None => h.remove(HeaderName::from_static("x-forwarded-host")),
+    };
+}
+
+/// The per-minute limit as clients see it. `RateLimit-Reset` is seconds from now (IETF
+/// draft); `X-RateLimit-Reset` is a Unix time (the GitHub convention most SDKs read).
+#[derive(Debug, Clone, Copy)]
+pub struct RateHeaders {
+    pub limit: i64,
+    pub remaining: i64,
+    pub reset_secs: u64,
+    pub reset_at_unix: i64,
+}
+
+impl RateHeaders {
+    pub fn apply(&self, h: &mut HeaderMap) {
+        let pairs: [(&'static str, i64); 6] = [
+            ("ratelimit-limit", self.limit),
+            ("ratelimit-remaining", self.remaining),
+            ("ratelimit-reset", i64::try_from(self.reset_secs).unwrap_or(i64::MAX)),
+            ("x-ratelimit-limit", self.limit),
+            ("x-ratelimit-remaining", self.remaining),
+            ("x-ratelimit-reset", self.reset_at_unix),
+        ];
+        for (name, value) in pairs {
+            h.insert(HeaderName::from_static(name), HeaderValue::from(value));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                HeaderValue::from_str(v).expect("value"),
+            );
+        }
+        h
+    }
+
+    fn sources() -> Vec<KeySource> {
+        vec![
+            KeySource::Bearer,
+            KeySource::Header(HeaderName::from_static("x-api-key")),
+        ]
+    }
+
+    #[test]
+    fn key_extraction() {
+        let s = sources();
+        assert_eq!(extract_key(&map(&[("authorization", "Bearer abc")]), &s), Ok("abc"));
+        assert_eq!(extract_key(&map(&[("authorization", "bearer   abc ")]), &s), Ok("abc"));
+        assert_eq!(extract_key(&map(&[("x-api-key", "abc")]), &s), Ok("abc"));
+        assert_eq!(extract_key(&map(&[]), &s), Err(Reject::MissingKey));
+        assert_eq!(
+            extract_key(&map(&[("authorization", "Basic abc")]), &s),
+            Err(Reject::InvalidKey)
+        );
+        assert_eq!(
+            extract_key(&map(&[("authorization", "Bearer")]), &s),
+            Err(Reject::InvalidKey)
+        );
+        assert_eq!(
+            extract_key(&map(&[("x-api-key", "a"), ("x-api-key", "b")]), &s),
+            Err(Reject::InvalidKey)
+        );
+        assert_eq!(extract_key(&map(&[("x-api-key", "")]), &s), Err(Reject::MissingKey));
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_listed_headers_go() {
+        let mut h = map(&[
+            ("connection", "keep-alive, x-secret"),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("transfer-encoding", "chunked"),
+            ("te", "trailers"),
+            ("upgrade", "websocket"),
+            ("proxy-authorization", "x"),
+            ("content-type", "application/json"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("content-type"));
+    }
+
+    #[test]
+    fn identity_spoofs_are_stripped_in_every_spelling() {
+        let ids = crate::config::Config::from_env(&|n| (n == "DATABASE_URL").then(|| "postgres://h/d".into()))
+            .expect("defaults")
+            .identity_headers;
+        let mut h = map(&[
+            ("x-keygate-key-id", "spoof"),
+            ("X-Keygate-Organization-Id", "spoof"),
+            ("x_keygate_plan", "enterprise"),
+            ("x-keygate-scopes", "admin"),
+            ("x-keygate-scopes", "admin2"),
+            ("x-other", "kept"),
+        ]);
+        strip_identity(&mut h, &ids);
+        assert_eq!(h.len(), 1, "{h:?}");
+    }
+
+    #[test]
+    fn forwarded_headers_append_the_peer() {
+        let mut h = map(&[("x-forwarded-for", "1.2.3.4")]);
+        set_forwarded(
+            &mut h,
+            "10.0.0.1".parse().expect("ip"),
+            Some(HeaderValue::from_static("api.example")),
+        );
+        assert_eq!(h["x-forwarded-for"], "1.2.3.4, 10.0.0.1");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "api.example");
+    }
+}

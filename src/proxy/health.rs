@@ -1,0 +1,81 @@
+//! `/healthz` (the process is alive) and `/readyz` (it can do its job: the database
+//! answers and the background machinery is keeping up), on both listeners.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+
+use super::body::{full, ProxyBody};
+use crate::auth::Authenticator;
+
+pub const HEALTH: &str = "/healthz";
+pub const READY: &str = "/readyz";
+
+pub struct Health {
+    pub pool: deadpool_postgres::Pool,
+    pub auth: Arc<Authenticator>,
+    pub listen_notify: bool,
+}
+
+impl Health {
+    /// Answers health paths; `None` for every other request.
+    pub async fn answer<B>(&self, req: &Request<B>) -> Option<Response<ProxyBody>> {
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            return None;
+        }
+        match req.uri().path() {
+            HEALTH => Some(json(StatusCode::OK, r#"{"status":"ok"}"#.to_string())),
+            READY => Some(self.ready().await),
+            _ => None,
+        }
+    }
+
+    async fn ready(&self) -> Response<ProxyBody> {
+        let db_ok = tokio::time::timeout(Duration::from_secs(1), crate::db::ping(&self.pool))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        let stats = self.auth.stats();
+        let listener_ok = !self.listen_notify || stats.listener_connected;
+        let ready = db_ok;
+        let body = serde_json::json!({
+            "status": if ready { "ready" } else { "not_ready" },
+            "database": if db_ok { "ok" } else { "unreachable" },
+            "cache": {
+                "keys": stats.cached,
+                "negative": stats.negative,
+                "hits": stats.hits,
+                "misses": stats.misses,
+                "lookups": stats.db_lookups,
+                "stale_served": stats.stale_served,
+            },
+            "notify_listener": if listener_ok { "ok" } else { "disconnected" },
+        });
+        json(
+            if ready {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            },
+            body.to_string(),
+        )
+    }
+}
+
+fn json(status: StatusCode, body: String) -> Response<ProxyBody> {
+    let mut resp = Response::new(full(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+pub fn not_found() -> Response<ProxyBody> {
+    json(
+        StatusCode::NOT_FOUND,
+        r#"{"error":{"code":"not_found","message":"No such admin path."}}"#.to_string(),
+    )
+}

@@ -1,0 +1,163 @@
+//! `keygate serve`: wires the pipeline, the listeners and the background tasks, and
+//! runs them until SIGTERM/SIGINT, then shuts down in order.
+//!
+//! Shutdown order matters: stop accepting → let in-flight requests finish (within the
+//! grace period) → stop background tasks, each of which flushes once more → exit.
+//! Nothing on the request path lives here; see `pipeline`.
+
+mod body;
+mod error;
+mod forward;
+mod headers;
+mod health;
+mod listener;
+mod pipeline;
+mod routes;
+
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use error::Reject;
+pub use pipeline::Proxy;
+
+use crate::auth::Authenticator;
+use crate::config::{Config, ConfigError};
+use crate::db::{self, DbError};
+use crate::limits::Limiter;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("upstream client: {0}")]
+    Upstream(#[from] forward::UpstreamSetupError),
+}
+
+/// Runs the proxy until `shutdown` resolves (the CLI passes the signal handler).
+pub async fn serve(
+    cfg: Config,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let upstream = forward::Upstream::new(cfg.upstream()?)?;
+    let pool = db::pool(&cfg.database, cfg.database.pool_size)?;
+    {
+        let client = db::checkout(&pool, &cfg.database).await?;
+        db::migrate::ensure_current(&client).await?;
+    }
+    let auth = Arc::new(Authenticator::new(&cfg.auth, pool.clone()));
+    if cfg.auth.preload {
+        let n = auth.preload().await?;
+        tracing::info!(keys = n, "preloaded keys");
+    }
+    let limiter = Arc::new(Limiter::new());
+
+    let bind = |addr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServeError::Bind { addr, source })
+    };
+    let main_listener = bind(cfg.server.listen).await?;
+    let admin_listener = match cfg.server.admin_listen {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
+
+    // `stop` ends accepting; `background` ends the periodic tasks once requests drained.
+    let stop = CancellationToken::new();
+    let background = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    if cfg.auth.listen_notify || cfg.auth.preload {
+        tracker.spawn(auth.clone().run_sync(cfg.database.clone(), background.clone()));
+    }
+    if cfg.limits.enabled {
+        tracker.spawn(
+            limiter
+                .clone()
+                .run_flusher(pool.clone(), cfg.limits.flush_interval, background.clone()),
+        );
+    }
+
+    let health = |pool: &deadpool_postgres::Pool| health::Health {
+        pool: pool.clone(),
+        auth: auth.clone(),
+        listen_notify: cfg.auth.listen_notify,
+    };
+    let proxy = Arc::new(Proxy {
+        server: cfg.server.clone(),
+        auth_cfg: cfg.auth.clone(),
+        identity: cfg.identity_headers.clone(),
+        routes: routes::Routes::new(cfg.routes.clone()),
+        limits_enabled: cfg.limits.enabled,
+        auth: auth.clone(),
+        limiter: limiter.clone(),
+        pool: pool.clone(),
+        upstream,
+        health: health(&pool),
+    });
+
+    let grace = cfg.server.shutdown_grace;
+    if let Some(admin) = admin_listener {
+        let admin_health = Arc::new(health(&pool));
+        let handler = move |req: http::Request<hyper::body::Incoming>, _peer| {
+            let h = admin_health.clone();
+            async move { h.answer(&req).await.unwrap_or_else(health::not_found) }
+        };
+        let (cfg_server, stop) = (cfg.server.clone(), stop.clone());
+        tracing::info!(addr = %admin.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()), "admin listener up");
+        tracker.spawn(async move { listener::serve(admin, &cfg_server, handler, stop, grace).await });
+    }
+    {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            tracing::info!("shutting down: no new connections; finishing in-flight requests");
+            stop.cancel();
+        });
+    }
+    tracing::info!(
+        addr = %main_listener.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()),
+        upstream = %cfg.upstream()?.url,
+        "keygate listening"
+    );
+    let handler = move |req, peer| proxy.clone().handle(req, peer);
+    listener::serve(main_listener, &cfg.server, handler, stop.clone(), grace).await;
+
+    background.cancel();
+    tracker.close();
+    tracker.wait().await;
+    tracing::info!("shutdown complete");
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,226 @@
+//! The request path, as a pipeline: health → extract key → authenticate → authorise →
+//! limit → forward. Each step either passes the request on or returns a [`Reject`];
+//! [`Proxy::handle`] is the single place a rejection becomes a response.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use chrono::Utc;
+use http::{header, HeaderMap, HeaderValue, Request, Response};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use super::body::{BodyVerdict, LimitedBody, ProxyBody};
+use super::error::Reject;
+use super::forward::{SendError, Upstream};
+use super::headers::{self, RateHeaders};
+use super::health::Health;
+use super::routes::{covers, Routes};
+use crate::auth::{AuthError, Authenticator};
+use crate::config::{AuthConfig, IdentityHeaders, ServerConfig};
+use crate::keys::PresentedKey;
+use crate::limits::{Decision, KeyLimits, LimitKind, Limiter};
+use crate::model::{AuthRecord, KeyStatus};
+
+pub struct Proxy {
+    pub server: ServerConfig,
+    pub auth_cfg: AuthConfig,
+    pub identity: IdentityHeaders,
+    pub routes: Routes,
+    pub limits_enabled: bool,
+    pub auth: Arc<Authenticator>,
+    pub limiter: Arc<Limiter>,
+    /// For seeding a key's counters the first time this process sees it.
+    pub pool: deadpool_postgres::Pool,
+    pub upstream: Upstream,
+    pub health: Health,
+}
+
+/// A refusal, with the rate-limit state to report when a limit was consulted.
+struct Failure {
+    reject: Reject,
+    rate: Option<RateHeaders>,
+}
+
+impl From<Reject> for Failure {
+    fn from(reject: Reject) -> Self {
+        Failure { reject, rate: None }
+    }
+}
+
+impl Proxy {
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+        if let Some(resp) = self.health.answer(&req).await {
+            return resp;
+        }
+        match self.proxy(req, peer).await {
+            Ok(resp) => resp,
+            Err(f) => f.reject.into_response(f.rate.as_ref()),
+        }
+    }
+
+    async fn proxy(&self, req: Request<Incoming>, peer: SocketAddr) -> Result<Response<ProxyBody>, Failure> {
+        check_head_size(&req, self.server.max_header_bytes)?;
+        let record = self.identify(req.headers()).await?;
+        let Some(record) = record else {
+            // Fail-open: the store is down and the operator chose availability.
+            return Ok(self.forward(req, None, peer).await?);
+        };
+        authorise(&record, &req, &self.routes)?;
+        check_content_length(req.headers(), self.server.max_body_bytes)?;
+        let rate = self.limit(&record).await?;
+        let mut resp = self
+            .forward(req, Some(&record), peer)
+            .await
+            .map_err(|reject| Failure { reject, rate })?;
+        if let Some(rate) = rate {
+            rate.apply(resp.headers_mut());
+        }
+        Ok(resp)
+    }
+
+    /// Extract and authenticate. `Ok(None)` only when failing open.
+    async fn identify(&self, h: &HeaderMap) -> Result<Option<Arc<AuthRecord>>, Reject> {
+        let raw = headers::extract_key(h, &self.auth_cfg.key_sources)?;
+        let presented = PresentedKey::parse(raw).map_err(|_| Reject::InvalidKey)?;
+        match self.auth.authenticate(&presented.digest()).await {
+            Ok(rec) => Ok(Some(rec)),
+            Err(AuthError::Unknown) => Err(Reject::InvalidKey),
+            Err(AuthError::StoreUnavailable) if self.auth_cfg.fail_open => {
+                tracing::warn!(key = %presented.hint(), "key store unavailable; failing open");
+                Ok(None)
+            }
+            Err(AuthError::StoreUnavailable) => Err(Reject::StoreUnavailable),
+        }
+    }
+
+    async fn limit(&self, rec: &AuthRecord) -> Result<Option<RateHeaders>, Failure> {
+        if !self.limits_enabled {
+            return Ok(None);
+        }
+        let limits = KeyLimits::from_auth(rec);
+        let now = Utc::now();
+        self.limiter.ensure_seeded(&self.pool, &limits, now).await;
+        let decision = self.limiter.check(&limits, now);
+        let info = decision.info();
+        let rate = Some(RateHeaders {
+            limit: info.limit,
+            remaining: info.remaining,
+            reset_secs: info.reset_secs,
+            reset_at_unix: now.timestamp() + i64::try_from(info.reset_secs).unwrap_or(0),
+        });
+        match decision {
+            Decision::Allowed(_) => Ok(rate),
+            Decision::Limited {
+                which: LimitKind::PerMinute,
+                retry_after_secs,
+                ..
+            } => Err(Failure {
+                reject: Reject::RateLimited { retry_after_secs },
+                rate,
+            }),
+            Decision::Limited {
+                which: LimitKind::Monthly,
+                retry_after_secs,
+                ..
+            } => Err(Failure {
+                reject: Reject::QuotaExceeded { retry_after_secs },
+                rate,
+            }),
+        }
+    }
+
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        rec: Option<&AuthRecord>,
+        peer: SocketAddr,
+    ) -> Result<Response<ProxyBody>, Reject> {
+        let (mut parts, body) = req.into_parts();
+        let host = parts.headers.get(header::HOST).cloned().or_else(|| {
+            parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
+        parts.uri = self.upstream.target(parts.uri.path_and_query())?;
+        let h = &mut parts.headers;
+        headers::strip_hop_by_hop(h);
+        h.remove(header::HOST);
+        headers::strip_identity(h, &self.identity);
+        if !self.upstream.forward_api_key {
+            headers::strip_key(h, &self.auth_cfg.key_sources);
+        }
+        headers::set_forwarded(h, peer.ip(), host);
+        for (name, value) in &self.upstream.extra_headers {
+            h.insert(name.clone(), value.clone());
+        }
+        if let Some(rec) = rec {
+            headers::add_identity(h, &self.identity, rec);
+        }
+        let verdict = Arc::new(BodyVerdict::default());
+        let body = LimitedBody::new(
+            body,
+            self.server.max_body_bytes,
+            self.server.body_idle_timeout,
+            verdict.clone(),
+        );
+        let resp = self
+            .upstream
+            .send(Request::from_parts(parts, body))
+            .await
+            .map_err(|e| {
+                if verdict.too_large() {
+                    Reject::BodyTooLarge
+                } else if verdict.idle() {
+                    Reject::BodyTimeout
+                } else if e == SendError::Timeout {
+                    Reject::UpstreamTimeout
+                } else {
+                    Reject::UpstreamUnavailable
+                }
+            })?;
+        let (mut parts, body) = resp.into_parts();
+        headers::strip_hop_by_hop(&mut parts.headers);
+        Ok(Response::from_parts(parts, body.map_err(Into::into).boxed_unsync()))
+    }
+}
+
+fn authorise<B>(rec: &AuthRecord, req: &Request<B>, routes: &Routes) -> Result<(), Reject> {
+    match rec.status(Utc::now()) {
+        KeyStatus::Active => {}
+        KeyStatus::Revoked => return Err(Reject::KeyRevoked),
+        KeyStatus::Expired => return Err(Reject::KeyExpired),
+        KeyStatus::Inactive => return Err(Reject::KeyDisabled),
+    }
+    if !rec.org_active {
+        return Err(Reject::OrganizationDisabled);
+    }
+    if !covers(&rec.scopes, routes.required(req.method(), req.uri().path())) {
+        return Err(Reject::MissingScope);
+    }
+    Ok(())
+}
+
+/// hyper's own limit is a backstop that answers without a body; this one answers JSON.
+fn check_head_size<B>(req: &Request<B>, max: usize) -> Result<(), Reject> {
+    let mut size = req.uri().to_string().len() + req.method().as_str().len() + 12;
+    for (name, value) in req.headers() {
+        size += name.as_str().len() + value.len() + 4;
+        if size > max {
+            return Err(Reject::HeadersTooLarge);
+        }
+    }
+    Ok(())
+}
+
+fn check_content_length(h: &HeaderMap, max: u64) -> Result<(), Reject> {
+    match h
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        Some(n) if n > max => Err(Reject::BodyTooLarge),
+        _ => Ok(()),
+    }
+}

@@ -1,0 +1,688 @@
+//! The authentication cache against a real PostgreSQL: TTLs and negative answers, single
+//! flight and the lookup cap, no resurrection of invalidated rows, invalidation across
+//! replicas through LISTEN/NOTIFY (including a lost listener), preload, and store
+//! failure with serve-stale.
+//!
+//! Owns these behaviours' tests only; the harness is `common`. Where a test must hold a
+//! load in flight it does so with the database itself (`LOCK TABLE`) or, for the one
+//! instant Postgres cannot freeze (between reading a row and caching it), with the
+//! authenticator's real on-load hook.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use common::*;
+use keygate::auth::{AuthError, Authenticator};
+use keygate::config::{AuthConfig, KeySource};
+use keygate::db::keys::KeySpec;
+use keygate::keys::{Environment, KeyDigest};
+use keygate::model::KeyStatus;
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+const DEADLINE: Duration = Duration::from_secs(10);
+
+fn cfg(ttl: Duration, negative_ttl: Duration, max_lookups: usize) -> AuthConfig {
+    AuthConfig {
+        key_sources: vec![KeySource::Bearer],
+        cache_ttl: ttl,
+        negative_cache_ttl: negative_ttl,
+        max_concurrent_lookups: max_lookups,
+        preload: false,
+        listen_notify: true,
+        fail_open: false,
+    }
+}
+
+fn default_cfg() -> AuthConfig {
+    cfg(Duration::from_secs(60), Duration::from_secs(5), 16)
+}
+
+fn random_digest() -> KeyDigest {
+    KeyDigest::of(&Uuid::new_v4().to_string())
+}
+
+struct Fixture {
+    db: TestDb,
+    client: Client,
+    digest: KeyDigest,
+    key_id: Uuid,
+    org_id: Uuid,
+}
+
+async fn fixture() -> Fixture {
+    let (db, key) = seeded_db().await;
+    let client = db.client().await;
+    let digest = KeyDigest::of(&key);
+    let row = client
+        .query_one(
+            "SELECT id, organization_id FROM api_keys WHERE key_hash = $1",
+            &[&digest.to_hex()],
+        )
+        .await
+        .expect("seeded key");
+    Fixture {
+        db,
+        client,
+        digest,
+        key_id: row.get(0),
+        org_id: row.get(1),
+    }
+}
+
+impl Fixture {
+    fn authenticator(&self, cfg: &AuthConfig) -> Arc<Authenticator> {
+        let pool = keygate::db::pool(&self.db.database_config(), 8).expect("pool");
+        Arc::new(Authenticator::new(cfg, pool))
+    }
+
+    async fn new_key(&self, name: &str) -> (Uuid, KeyDigest) {
+        let spec = KeySpec {
+            name: name.into(),
+            description: None,
+            environment: Environment::Test,
+            scopes: vec![],
+            custom_rate_limit: None,
+            expires_at: None,
+        };
+        let (key, new) = keygate::db::keys::insert_unchecked(&self.client, self.org_id, &spec)
+            .await
+            .expect("insert key");
+        (key.id, new.digest)
+    }
+
+    async fn exec(&self, sql: &str) {
+        self.client
+            .batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    }
+
+    /// Lets connections to this database in or keeps them out. Run from the maintenance
+    /// database: Postgres refuses to change this for the database one is connected to.
+    async fn allow_connections(&self, allow: bool) {
+        let maintenance = match self.db.url.rsplit_once('/') {
+            Some((server, _)) => format!("{server}/postgres"),
+            None => panic!("unexpected test database url"),
+        };
+        let sql = format!("ALTER DATABASE {} WITH ALLOW_CONNECTIONS {allow}", self.db.name);
+        connect(&maintenance)
+            .await
+            .batch_execute(&sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    }
+
+    async fn revoke(&self, key_id: Uuid) {
+        self.client
+            .execute(
+                "UPDATE api_keys SET revoked_at = now(), is_active = false WHERE id = $1",
+                &[&key_id],
+            )
+            .await
+            .expect("revoke");
+    }
+
+    /// Runs `run_sync` and waits until its LISTEN session is up.
+    async fn start_sync(&self, auth: &Arc<Authenticator>) -> CancellationToken {
+        let cancel = CancellationToken::new();
+        tokio::spawn(auth.clone().run_sync(self.db.database_config(), cancel.clone()));
+        assert!(
+            eventually(DEADLINE, async || auth.stats().listener_connected).await,
+            "listener never connected"
+        );
+        cancel
+    }
+
+    /// Backends of this database stuck waiting on a lock.
+    async fn lock_waiters(&self) -> i64 {
+        self.client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .expect("pg_stat_activity")
+            .get(0)
+    }
+}
+
+async fn status(auth: &Authenticator, digest: &KeyDigest) -> Option<KeyStatus> {
+    auth.authenticate(digest).await.ok().map(|r| r.status(Utc::now()))
+}
+
+#[tokio::test]
+async fn hits_skip_the_database_and_unknown_keys_are_cached_negatively() {
+    let f = fixture().await;
+    let auth = f.authenticator(&cfg(Duration::from_secs(60), Duration::from_millis(300), 16));
+
+    let rec = auth.authenticate(&f.digest).await.expect("seeded key");
+    assert_eq!(rec.key_id, f.key_id);
+    let again = auth.authenticate(&f.digest).await.expect("cached");
+    assert!(Arc::ptr_eq(&rec, &again), "a hit hands out the cached record");
+    assert_eq!(auth.stats().db_lookups, 1);
+
+    let unknown = random_digest();
+    assert_eq!(auth.authenticate(&unknown).await.err(), Some(AuthError::Unknown));
+    assert_eq!(auth.authenticate(&unknown).await.err(), Some(AuthError::Unknown));
+    let s = auth.stats();
+    assert_eq!((s.db_lookups, s.cached, s.negative), (2, 1, 1));
+    assert_eq!((s.hits, s.misses), (2, 2));
+
+    // The negative answer expires after its own, shorter TTL.
+    assert!(
+        eventually(DEADLINE, async || {
+            let _ = auth.authenticate(&unknown).await;
+            auth.stats().db_lookups == 3
+        })
+        .await,
+        "negative entry never expired"
+    );
+    assert_eq!(auth.stats().db_lookups, 3, "the positive entry must still be cached");
+}
+
+#[tokio::test]
+async fn positive_entries_expire_and_expiry_is_judged_at_use_time() {
+    let f = fixture().await;
+    let auth = f.authenticator(&cfg(Duration::from_millis(300), Duration::from_secs(5), 16));
+    auth.authenticate(&f.digest).await.expect("key");
+    assert!(
+        eventually(DEADLINE, async || {
+            let _ = auth.authenticate(&f.digest).await;
+            auth.stats().db_lookups == 2
+        })
+        .await,
+        "positive entry never expired"
+    );
+
+    // A long TTL and an expiry in the near future: the cached row is not reloaded, yet
+    // its status turns Expired on time, because status is computed at use.
+    let auth = f.authenticator(&default_cfg());
+    f.exec(&format!(
+        "UPDATE api_keys SET expires_at = now() + interval '700 milliseconds' WHERE id = '{}'",
+        f.key_id
+    ))
+    .await;
+    assert_eq!(status(&auth, &f.digest).await, Some(KeyStatus::Active));
+    assert!(
+        eventually(DEADLINE, async || status(&auth, &f.digest).await
+            == Some(KeyStatus::Expired))
+        .await
+    );
+    assert_eq!(auth.stats().db_lookups, 1, "the expiry was seen without a reload");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_burst_for_one_uncached_digest_makes_one_query() {
+    let f = fixture().await;
+    let auth = f.authenticator(&default_cfg());
+    let locker = f.db.client().await;
+    // An unknown digest, then the real key: each burst must share one load.
+    for (round, digest, want) in [
+        (1, random_digest(), Err(AuthError::Unknown)),
+        (2, f.digest, Ok(f.key_id)),
+    ] {
+        // Hold the lookup at the table lock so all 100 callers arrive while the first
+        // load is still in flight; without single flight each would query.
+        locker
+            .batch_execute("BEGIN; LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE")
+            .await
+            .expect("lock");
+        let tasks: Vec<_> = (0..100)
+            .map(|_| {
+                let auth = auth.clone();
+                tokio::spawn(async move { auth.authenticate(&digest).await.map(|r| r.key_id) })
+            })
+            .collect();
+        assert!(
+            eventually(DEADLINE, async || auth.stats().misses == 100 * round).await,
+            "callers never all missed"
+        );
+        assert!(
+            eventually(DEADLINE, async || f.lock_waiters().await == 1).await,
+            "expected one waiting query"
+        );
+        locker.batch_execute("COMMIT").await.expect("unlock");
+        for t in tasks {
+            assert_eq!(t.await.expect("task"), want);
+        }
+        assert_eq!(
+            auth.stats().db_lookups,
+            round,
+            "100 concurrent callers made more than one query"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lookups_across_digests_are_capped() {
+    let f = fixture().await;
+    let auth = f.authenticator(&cfg(Duration::from_secs(60), Duration::from_secs(5), 2));
+    let locker = f.db.client().await;
+    locker
+        .batch_execute("BEGIN; LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE")
+        .await
+        .expect("lock");
+    let tasks: Vec<_> = (0..10)
+        .map(|_| {
+            let auth = auth.clone();
+            tokio::spawn(async move { auth.authenticate(&random_digest()).await.err() })
+        })
+        .collect();
+    assert!(
+        eventually(DEADLINE, async || auth.stats().misses == 10
+            && f.lock_waiters().await == 2)
+        .await,
+        "two lookups should be waiting on the lock"
+    );
+    // The pool has 8 connections; only the cap keeps the other 8 flights out. Give them
+    // a window in which they would have reached the database.
+    let window = Instant::now();
+    while window.elapsed() < Duration::from_millis(300) {
+        assert_eq!(
+            auth.stats().db_lookups,
+            2,
+            "more than max_concurrent_lookups queries in flight"
+        );
+        assert!(f.lock_waiters().await <= 2);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    locker.batch_execute("COMMIT").await.expect("unlock");
+    for t in tasks {
+        assert_eq!(t.await.expect("task"), Some(AuthError::Unknown));
+    }
+    assert_eq!(auth.stats().db_lookups, 10);
+}
+
+/// Counts index and sequential scans of `api_keys`: every lookup scans it exactly once.
+async fn api_keys_scans(c: &Client) -> i64 {
+    c.query_one(
+        "SELECT seq_scan + COALESCE(idx_scan, 0) FROM pg_stat_user_tables WHERE relname = 'api_keys'",
+        &[],
+    )
+    .await
+    .expect("pg_stat_user_tables")
+    .get(0)
+}
+
+async fn other_backends(c: &Client) -> i64 {
+    c.query_one(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        &[],
+    )
+    .await
+    .expect("pg_stat_activity")
+    .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_lookup_counter_matches_what_postgres_saw() {
+    let Fixture {
+        db,
+        client,
+        digest: key,
+        ..
+    } = fixture().await;
+    // Backends flush their statistics when they exit: end every session that touched
+    // api_keys (the CLI's, the fixture's) and count from a fresh one that never does.
+    drop(client);
+    let stats = db.client().await;
+    assert!(eventually(DEADLINE, async || other_backends(&stats).await == 0).await);
+    assert!(eventually(DEADLINE, async || api_keys_scans(&stats).await > 0).await);
+    let before = api_keys_scans(&stats).await;
+
+    let pool = keygate::db::pool(&db.database_config(), 8).expect("pool");
+    let auth = Arc::new(Authenticator::new(&default_cfg(), pool.clone()));
+    let digests: Vec<KeyDigest> = (0..5).map(|_| random_digest()).chain([key]).collect();
+    let tasks: Vec<_> = (0..300)
+        .map(|i| {
+            let (auth, d) = (auth.clone(), digests[i % digests.len()]);
+            tokio::spawn(async move { auth.authenticate(&d).await.is_ok() })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("task");
+    }
+    let counted = auth.stats().db_lookups;
+    assert!(
+        counted >= 6 && counted < 300,
+        "single flight and caching should bound lookups, got {counted}"
+    );
+    pool.close();
+    drop(auth);
+    assert!(
+        eventually(DEADLINE, async || other_backends(&stats).await == 0).await,
+        "pool backends linger"
+    );
+    assert!(
+        eventually(DEADLINE, async || api_keys_scans(&stats).await - before
+            >= counted as i64)
+        .await,
+        "postgres saw fewer lookups than counted"
+    );
+    assert_eq!(api_keys_scans(&stats).await - before, counted as i64);
+}
+
+/// Loads `digest` with the on-load hook holding the load between reading its row and
+/// caching it, runs `meanwhile`, then lets the load finish.
+async fn race_a_load(auth: &Arc<Authenticator>, digest: KeyDigest, meanwhile: impl AsyncFnOnce()) {
+    let (loaded_tx, loaded_rx) = mpsc::channel::<()>();
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let go_rx = Mutex::new(go_rx);
+    let armed = AtomicBool::new(true);
+    assert!(auth.set_on_load(Box::new(move |_| {
+        if armed.swap(false, Ordering::SeqCst) {
+            let _ = loaded_tx.send(());
+            let _ = go_rx.lock().expect("go").recv_timeout(DEADLINE);
+        }
+    })));
+    let task = tokio::spawn({
+        let auth = auth.clone();
+        async move { auth.authenticate(&digest).await }
+    });
+    tokio::task::spawn_blocking(move || loaded_rx.recv_timeout(DEADLINE))
+        .await
+        .expect("join")
+        .expect("load read its row");
+    meanwhile().await;
+    go_tx.send(()).expect("go");
+    let first = task
+        .await
+        .expect("task")
+        .expect("the in-flight load answers its callers");
+    assert_eq!(
+        first.status(Utc::now()),
+        KeyStatus::Active,
+        "the load read the row from before the change"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_invalidation_during_a_load_wins() {
+    let f = fixture().await;
+
+    // Control: the same race without an invalidation caches the old row, so the checks
+    // below can tell the difference.
+    let auth = f.authenticator(&default_cfg());
+    race_a_load(&auth, f.digest, async || f.revoke(f.key_id).await).await;
+    assert_eq!(status(&auth, &f.digest).await, Some(KeyStatus::Active));
+    assert_eq!(auth.stats().db_lookups, 1);
+    f.exec(&format!(
+        "UPDATE api_keys SET revoked_at = NULL, is_active = true WHERE id = '{}'",
+        f.key_id
+    ))
+    .await;
+
+    // Key revoked and invalidated while its load is in flight.
+    let auth = f.authenticator(&default_cfg());
+    race_a_load(&auth, f.digest, async || {
+        f.revoke(f.key_id).await;
+        auth.invalidate_key(f.key_id);
+    })
+    .await;
+    assert_eq!(status(&auth, &f.digest).await, Some(KeyStatus::Revoked));
+    assert_eq!(auth.stats().db_lookups, 2, "the stale row was not cached");
+
+    // Organisation disabled and invalidated while a load of one of its keys is in flight.
+    let (_, digest) = f.new_key("second").await;
+    let auth = f.authenticator(&default_cfg());
+    race_a_load(&auth, digest, async || {
+        f.exec(&format!(
+            "UPDATE organizations SET is_active = false WHERE id = '{}'",
+            f.org_id
+        ))
+        .await;
+        auth.invalidate_org(f.org_id);
+    })
+    .await;
+    let rec = auth.authenticate(&digest).await.expect("key");
+    assert!(!rec.org_active, "the organisation's disablement was lost");
+    assert_eq!(auth.stats().db_lookups, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn changes_reach_every_replica_within_a_second() {
+    let f = fixture().await;
+    // Keys made before the replicas listen, so no notification is pending once they do.
+    let (expiring_id, expiring) = f.new_key("expiring").await;
+    let (rotated_id, rotated) = f.new_key("rotated").await;
+    let (a, b) = (f.authenticator(&default_cfg()), f.authenticator(&default_cfg()));
+    let _ca = f.start_sync(&a).await;
+    let _cb = f.start_sync(&b).await;
+    let all = [f.digest, expiring, rotated];
+    for auth in [&a, &b] {
+        for d in &all {
+            assert_eq!(status(auth, d).await, Some(KeyStatus::Active));
+        }
+    }
+    let within = Duration::from_secs(1);
+    let seen_by_both = async |digest: KeyDigest, want: KeyStatus| {
+        eventually(within, async || {
+            status(&a, &digest).await == Some(want) && status(&b, &digest).await == Some(want)
+        })
+        .await
+    };
+
+    // Bookkeeping writes (usage counters) notify nobody; a real change after them does.
+    let before = a.stats().invalidations;
+    f.exec(&format!(
+        "UPDATE api_keys SET total_requests = total_requests + 1, last_used_at = now() WHERE id = '{}'",
+        f.key_id
+    ))
+    .await;
+    f.revoke(f.key_id).await;
+    assert!(
+        seen_by_both(f.digest, KeyStatus::Revoked).await,
+        "revocation not seen by both replicas within 1s"
+    );
+    assert_eq!(
+        a.stats().invalidations - before,
+        1,
+        "a usage-only update invalidated the key"
+    );
+
+    f.exec(&format!(
+        "UPDATE api_keys SET expires_at = now() - interval '1 second' WHERE id = '{expiring_id}'"
+    ))
+    .await;
+    assert!(
+        seen_by_both(expiring, KeyStatus::Expired).await,
+        "expiry change not seen within 1s"
+    );
+
+    // Rotation with no grace: the old key stops working, the new one works everywhere.
+    let mut admin = f.db.client().await;
+    let (_, _, new_key) = keygate::db::keys::rotate(&mut admin, rotated_id, Duration::ZERO)
+        .await
+        .expect("rotate");
+    assert!(
+        seen_by_both(rotated, KeyStatus::Expired).await,
+        "rotation not seen within 1s"
+    );
+    assert!(seen_by_both(new_key.digest, KeyStatus::Active).await);
+
+    f.exec(&format!(
+        "UPDATE organizations SET is_active = false WHERE id = '{}'",
+        f.org_id
+    ))
+    .await;
+    let disabled = eventually(within, async || {
+        let mut all_off = true;
+        for auth in [&a, &b] {
+            all_off &= auth.authenticate(&new_key.digest).await.is_ok_and(|r| !r.org_active);
+        }
+        all_off
+    })
+    .await;
+    assert!(disabled, "organisation disablement not seen by both replicas within 1s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lost_listener_reconnects_and_resyncs() {
+    let f = fixture().await;
+    let auth = f.authenticator(&default_cfg());
+    let _cancel = f.start_sync(&auth).await;
+    assert_eq!(status(&auth, &f.digest).await, Some(KeyStatus::Active));
+    let resyncs = auth.stats().resyncs;
+
+    // Keep the listener out while the key changes, so its notification is surely lost.
+    f.allow_connections(false).await;
+    f.exec("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'keygate-listen' AND datname = current_database()")
+        .await;
+    assert!(
+        eventually(DEADLINE, async || !auth.stats().listener_connected).await,
+        "listener loss not noticed"
+    );
+    f.revoke(f.key_id).await;
+    assert_eq!(
+        status(&auth, &f.digest).await,
+        Some(KeyStatus::Active),
+        "nothing can have told the cache yet"
+    );
+
+    f.allow_connections(true).await;
+    assert!(
+        eventually(DEADLINE, async || status(&auth, &f.digest).await
+            == Some(KeyStatus::Revoked))
+        .await,
+        "the change made while disconnected was never seen"
+    );
+    let s = auth.stats();
+    assert!(s.listener_connected && s.resyncs > resyncs, "{s:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn preload_keeps_random_keys_away_from_the_database() {
+    let f = fixture().await;
+    for i in 0..20 {
+        f.new_key(&format!("bulk {i}")).await;
+    }
+    let auth = f.authenticator(&AuthConfig {
+        preload: true,
+        ..default_cfg()
+    });
+    let loads = Arc::new(AtomicUsize::new(0));
+    assert!(auth.set_on_load(Box::new({
+        let loads = loads.clone();
+        move |_| {
+            loads.fetch_add(1, Ordering::SeqCst);
+        }
+    })));
+    assert_eq!(auth.preload().await.expect("preload"), 21);
+    for _ in 0..1000 {
+        assert_eq!(
+            auth.authenticate(&random_digest()).await.err(),
+            Some(AuthError::Unknown)
+        );
+    }
+    assert_eq!(status(&auth, &f.digest).await, Some(KeyStatus::Active));
+    let s = auth.stats();
+    assert_eq!((s.db_lookups, s.cached, s.negative), (0, 21, 0), "{s:?}");
+
+    // Changes arrive by notification and reload just the changed rows. Each step waits
+    // for the reload to finish (not for the answer: asking while a row is invalidated
+    // and not yet reloaded would be a legitimate lookup) and counts the rows it read.
+    let _cancel = f.start_sync(&auth).await; // its first resync reloads everything once
+    let step = async |change: &str| {
+        let (reloads, rows) = (auth.stats().db_reloads, loads.load(Ordering::SeqCst));
+        f.exec(change).await;
+        assert!(
+            eventually(DEADLINE, async || auth.stats().db_reloads > reloads).await,
+            "no reload after {change}"
+        );
+        assert_eq!(auth.stats().db_reloads, reloads + 1, "{change}");
+        loads.load(Ordering::SeqCst) - rows
+    };
+    let new_id = Uuid::now_v7();
+    let new_digest = random_digest();
+    let insert = format!(
+        "INSERT INTO api_keys (id, organization_id, key_prefix, key_hash, key_hint, name, scopes)
+         VALUES ('{new_id}', '{}', 'pk_test_', '{}', 'late', 'late', '[]')",
+        f.org_id,
+        new_digest.to_hex()
+    );
+    assert_eq!(step(&insert).await, 1, "a new key should reload one row");
+    assert_eq!(status(&auth, &new_digest).await, Some(KeyStatus::Active));
+
+    let revoke = format!("UPDATE api_keys SET revoked_at = now(), is_active = false WHERE id = '{new_id}'");
+    assert_eq!(step(&revoke).await, 1, "a changed key should reload one row");
+    assert_eq!(status(&auth, &new_digest).await, Some(KeyStatus::Revoked));
+
+    assert_eq!(step(&format!("DELETE FROM api_keys WHERE id = '{new_id}'")).await, 0);
+    assert_eq!(auth.authenticate(&new_digest).await.err(), Some(AuthError::Unknown));
+
+    let disable = format!("UPDATE organizations SET is_active = false WHERE id = '{}'", f.org_id);
+    assert_eq!(
+        step(&disable).await,
+        21,
+        "an organisation change reloads its keys, and only those"
+    );
+    assert!(!auth.authenticate(&f.digest).await.expect("key").org_active);
+    assert_eq!(
+        auth.stats().db_lookups,
+        0,
+        "the preloaded cache never looked a digest up"
+    );
+}
+
+#[tokio::test]
+async fn an_unreachable_store_is_reported_not_mistaken_for_unknown() {
+    let mut db = keygate::config::Config::from_env(&|n| {
+        (n == "DATABASE_URL").then(|| format!("postgres://postgres@127.0.0.1:{}/nothing", free_port()))
+    })
+    .expect("config")
+    .database;
+    db.connect_timeout = Duration::from_millis(500);
+    db.pool_wait_timeout = Duration::from_millis(500);
+    let auth = Authenticator::new(&default_cfg(), keygate::db::pool(&db, 2).expect("pool"));
+    let started = Instant::now();
+    assert_eq!(
+        auth.authenticate(&random_digest()).await.err(),
+        Some(AuthError::StoreUnavailable)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(auth.stats().negative, 0, "a failure must not be cached as unknown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn expired_records_are_served_stale_while_the_store_is_down() {
+    let f = fixture().await;
+    let auth = f.authenticator(&cfg(Duration::from_millis(200), Duration::from_secs(5), 16));
+    let (other_id, other) = f.new_key("other").await;
+    auth.authenticate(&f.digest).await.expect("key");
+    auth.authenticate(&other).await.expect("other key");
+
+    f.allow_connections(false).await;
+    f.exec("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        .await;
+    assert!(
+        eventually(DEADLINE, async || auth.authenticate(&f.digest).await.is_ok()
+            && auth.stats().stale_served > 0)
+        .await,
+        "the expired record was not served stale"
+    );
+    assert_eq!(
+        auth.authenticate(&random_digest()).await.err(),
+        Some(AuthError::StoreUnavailable)
+    );
+    // An invalidated record is never served stale: it may be a revocation.
+    auth.invalidate_key(other_id);
+    assert_eq!(auth.authenticate(&other).await.err(), Some(AuthError::StoreUnavailable));
+
+    f.allow_connections(true).await;
+    let lookups = auth.stats().db_lookups;
+    assert!(
+        eventually(DEADLINE, async || auth.authenticate(&other).await.is_ok()).await,
+        "no recovery"
+    );
+    assert!(auth.stats().db_lookups > lookups);
+}

@@ -1,0 +1,217 @@
+//! Real processes and real sockets: the demo upstream, keygate gateways, an HTTP client.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+
+use super::{free_port, TestDb};
+
+/// A child process killed when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub name: &'static str,
+}
+
+impl Proc {
+    /// SIGTERM, then wait up to `timeout` for the exit status.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub async fn wait_for_port(port: u16, timeout: Duration) {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("nothing listening on port {port} after {timeout:?}");
+}
+
+pub struct Upstream {
+    pub proc: Proc,
+    pub port: u16,
+}
+
+impl Upstream {
+    pub async fn start(extra: &[&str]) -> Upstream {
+        let port = free_port();
+        let child = Command::new(env!("CARGO_BIN_EXE_keygate"))
+            .args(["demo-upstream", "--listen", &format!("127.0.0.1:{port}")])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn demo upstream");
+        let up = Upstream {
+            proc: Proc {
+                child,
+                name: "upstream",
+            },
+            port,
+        };
+        wait_for_port(port, Duration::from_secs(10)).await;
+        up
+    }
+}
+
+pub struct Gateway {
+    pub proc: Proc,
+    pub port: u16,
+    pub admin_port: u16,
+    pub config: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Gateway {
+    /// Starts `keygate serve` on `db` in front of `upstream_port`, with `extra` TOML
+    /// appended (sections not already present), and waits until it is ready.
+    pub async fn start(db: &TestDb, upstream_port: u16, extra: &str) -> Gateway {
+        let dir = tempfile::tempdir().expect("tmp");
+        let config = dir.path().join("keygate.toml");
+        let (port, admin_port) = (free_port(), free_port());
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\nshutdown_grace = \"10s\"\n\
+             [upstream]\nurl = \"http://127.0.0.1:{upstream_port}\"\n{extra}\n"
+        );
+        std::fs::write(&config, text).expect("write config");
+        Self::start_with(db, config, port, admin_port, dir).await
+    }
+
+    /// Starts a gateway from a complete config file text (ports are filled in).
+    pub async fn start_raw(db: &TestDb, toml: impl Fn(u16, u16) -> String) -> Gateway {
+        let dir = tempfile::tempdir().expect("tmp");
+        let config = dir.path().join("keygate.toml");
+        let (port, admin_port) = (free_port(), free_port());
+        std::fs::write(&config, toml(port, admin_port)).expect("write config");
+        Self::start_with(db, config, port, admin_port, dir).await
+    }
+
+    async fn start_with(
+        db: &TestDb,
+        config: std::path::PathBuf,
+        port: u16,
+        admin_port: u16,
+        dir: tempfile::TempDir,
+    ) -> Gateway {
+        let child = db
+            .command(&["serve", "--config", config.to_str().expect("utf8 path")])
+            .stdout(Stdio::null())
+            .stderr(if std::env::var_os("KEYGATE_TEST_LOGS").is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
+            .spawn()
+            .expect("spawn keygate serve");
+        let gw = Gateway {
+            proc: Proc { child, name: "keygate" },
+            port,
+            admin_port,
+            config,
+            _dir: dir,
+        };
+        wait_for_port(port, Duration::from_secs(20)).await;
+        gw
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// Auth statistics as reported by /readyz on the admin listener.
+    pub async fn ready_json(&self) -> serde_json::Value {
+        let r = get(&format!("http://127.0.0.1:{}/readyz", self.admin_port), &[]).await;
+        serde_json::from_slice(&r.body).expect("readyz json")
+    }
+}
+
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not json ({e}): {:?}", String::from_utf8_lossy(&self.body)))
+    }
+
+    pub fn error_code(&self) -> String {
+        self.json()["error"]["code"].as_str().unwrap_or_default().to_string()
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+pub fn client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+pub async fn send(method: Method, url: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Reply {
+    let mut req = Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(Full::new(body.into())).expect("request");
+    let resp = client()
+        .request(req)
+        .await
+        .unwrap_or_else(|e| panic!("request to {url} failed: {e}"));
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.expect("body").to_bytes();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+pub async fn get(url: &str, headers: &[(&str, &str)]) -> Reply {
+    send(Method::GET, url, headers, Bytes::new()).await
+}
+
+pub async fn post(url: &str, headers: &[(&str, &str)], body: &str) -> Reply {
+    send(Method::POST, url, headers, Bytes::copy_from_slice(body.as_bytes())).await
+}
+
+pub fn bearer(key: &str) -> String {
+    format!("Bearer {key}")
+}
