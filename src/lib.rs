@@ -8,6 +8,7 @@ pub mod db;
 pub mod demo;
 pub mod keys;
 pub mod limits;
+pub mod maintenance;
 pub mod model;
 pub mod proxy;
 pub mod usage;

@@ -6,6 +6,7 @@
 mod admin;
 mod migrate;
 mod output;
+mod usage;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -73,6 +74,11 @@ pub enum Command {
     Keys {
         #[command(subcommand)]
         action: admin::KeysAction,
+    },
+    /// Report on and prune usage records.
+    Usage {
+        #[command(subcommand)]
+        action: usage::UsageAction,
     },
 }
 
@@ -181,6 +187,10 @@ async fn dispatch(cli: Cli) -> Result<(), CliError> {
         Command::Keys { action } => {
             init_logging(crate::config::LogFormat::Text, "warn");
             admin::keys(&cli.load_config()?, action).await
+        }
+        Command::Usage { action } => {
+            init_logging(crate::config::LogFormat::Text, "warn");
+            usage::run(&cli.load_config()?, action).await
         }
     }
 }

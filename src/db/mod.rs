@@ -10,6 +10,8 @@ pub mod keys;
 pub mod migrate;
 pub mod notify;
 pub mod orgs;
+pub mod report;
+pub mod retention;
 
 use std::str::FromStr;
 use std::time::Duration;
