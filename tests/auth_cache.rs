@@ -350,7 +350,7 @@ async fn the_lookup_counter_matches_what_postgres_saw() {
     }
     let counted = auth.stats().db_lookups;
     assert!(
-        counted >= 6 && counted < 300,
+        (6..300).contains(&counted),
         "single flight and caching should bound lookups, got {counted}"
     );
     pool.close();
@@ -524,8 +524,24 @@ async fn changes_reach_every_replica_within_a_second() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_lost_listener_reconnects_and_resyncs() {
+    lost_listener(false).await;
+}
+
+/// With preload the resync is a full reload: the change arrives without any lookup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lost_listener_reconnects_and_reloads_when_preloaded() {
+    lost_listener(true).await;
+}
+
+async fn lost_listener(preload: bool) {
     let f = fixture().await;
-    let auth = f.authenticator(&default_cfg());
+    let auth = f.authenticator(&AuthConfig {
+        preload,
+        ..default_cfg()
+    });
+    if preload {
+        auth.preload().await.expect("preload");
+    }
     let _cancel = f.start_sync(&auth).await;
     assert_eq!(status(&auth, &f.digest).await, Some(KeyStatus::Active));
     let resyncs = auth.stats().resyncs;
@@ -554,6 +570,12 @@ async fn a_lost_listener_reconnects_and_resyncs() {
     );
     let s = auth.stats();
     assert!(s.listener_connected && s.resyncs > resyncs, "{s:?}");
+    if preload {
+        assert_eq!(
+            s.db_lookups, 0,
+            "the reload, not lookups, should bring the change: {s:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -212,18 +212,7 @@ impl Cache {
     /// began earlier store what they read as invalidated. `Scope::All` also forgets
     /// negative answers (a missed INSERT may have created one of those keys).
     pub(crate) fn invalidate(&self, scope: Scope) {
-        let seq = {
-            let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
-            let seq = self.seq.fetch_add(1, SeqCst);
-            log.entries.push_back((seq, scope));
-            if log.entries.len() > LOG_CAP {
-                if let Some((dropped, _)) = log.entries.pop_front() {
-                    log.horizon = dropped;
-                }
-            }
-            self.invalidated_at.fetch_max(seq, SeqCst);
-            seq
-        };
+        let seq = self.fence(scope);
         // The log lock is released: stores hold a shard lock and then take the log's.
         self.map.retain(|_, slot| match &mut slot.state {
             State::Found {
@@ -236,6 +225,22 @@ impl Cache {
             State::Unknown { .. } => scope != Scope::All,
             State::Found { .. } => true,
         });
+    }
+
+    /// Only the in-flight half of [`Cache::invalidate`]: loads that began before now store
+    /// what they read about `scope` as invalidated; cached slots are left as they are.
+    /// For a full reload that will overwrite them anyway. Returns the fence's number.
+    pub(crate) fn fence(&self, scope: Scope) -> u64 {
+        let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+        let seq = self.seq.fetch_add(1, SeqCst);
+        log.entries.push_back((seq, scope));
+        if log.entries.len() > LOG_CAP {
+            if let Some((dropped, _)) = log.entries.pop_front() {
+                log.horizon = dropped;
+            }
+        }
+        self.invalidated_at.fetch_max(seq, SeqCst);
+        seq
     }
 
     /// After a reload of `scope` that began at `start`: drops records in the scope that

@@ -3,31 +3,33 @@
 //!
 //! Owns the cache in front of `db::keys::lookup` (TTL, negative answers, serve-stale),
 //! single-flight loading with a cap on concurrent lookups, preloading the key table and
-//! keeping it in sync with change notifications (`sync`). It does not judge a record
+//! keeping it in sync with change notifications. Inside: `cache` (the map and its
+//! no-resurrection ordering), `load` (single flight, reloads), `sync` (the background
+//! task); this file is the public face and the shared state. It does not judge a record
 //! (status, scopes and limits are the caller's, via `AuthRecord::status(now)`, so expiry
 //! is evaluated at use time), parse keys from requests, or talk SQL itself: queries live
 //! in `db`.
 
 mod cache;
+mod load;
 mod sync;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use deadpool_postgres::Pool;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::config::{AuthConfig, DatabaseConfig};
-use crate::db::auth_queries::{self, Selector};
 use crate::db::DbError;
 use crate::keys::KeyDigest;
 use crate::model::AuthRecord;
 use cache::{Cache, Probe, Scope};
+use load::Flight;
 
 /// Why a digest did not authenticate. Cheap to copy: it is returned on every rejection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -66,15 +68,6 @@ pub struct AuthStats {
 pub type OnLoad = Box<dyn Fn(&AuthRecord) + Send + Sync>;
 
 type Outcome = Result<Arc<AuthRecord>, AuthError>;
-
-/// Negative answers stored between two sweeps run from the load path, so the cache stays
-/// bounded under a flood of random keys even without the sync task.
-const SWEEP_EVERY: u64 = 16_384;
-
-struct Flight {
-    start: u64,
-    done: watch::Receiver<Option<Outcome>>,
-}
 
 #[derive(Default)]
 struct Counters {
@@ -203,118 +196,7 @@ impl Authenticator {
         self.inner.on_load.set(f).is_ok()
     }
 }
-
 impl Inner {
-    /// Joins the digest's flight if it began after the last invalidation; otherwise
-    /// starts a new one. The map guard is dropped before the task is spawned.
-    fn join_or_start(self: &Arc<Self>, digest: &KeyDigest) -> watch::Receiver<Option<Outcome>> {
-        let (start, tx, rx) = match self.inflight.entry(*digest) {
-            Entry::Occupied(e) if self.cache.unchanged_since(e.get().start) => {
-                return e.get().done.clone();
-            }
-            entry => {
-                let start = self.cache.begin();
-                let (tx, rx) = watch::channel(None);
-                let flight = Flight {
-                    start,
-                    done: rx.clone(),
-                };
-                match entry {
-                    Entry::Occupied(mut e) => {
-                        e.insert(flight);
-                    }
-                    Entry::Vacant(e) => {
-                        e.insert(flight);
-                    }
-                }
-                (start, tx, rx)
-            }
-        };
-        // Spawned, not awaited here: if the request that started the flight goes away,
-        // the load still finishes for the others and for the cache.
-        tokio::spawn(self.clone().fly(*digest, start, tx));
-        rx
-    }
-
-    async fn fly(self: Arc<Self>, digest: KeyDigest, start: u64, tx: watch::Sender<Option<Outcome>>) {
-        let outcome = self.load_one(&digest, start).await;
-        // Cache first, then leave the in-flight map: a request arriving in between finds
-        // the cached answer instead of starting a second load.
-        self.inflight.remove_if(&digest, |_, f| f.start == start);
-        tx.send_replace(Some(outcome));
-        if self.cache.sweep_due(SWEEP_EVERY) {
-            self.cache.sweep(Instant::now());
-        }
-    }
-
-    async fn load_one(&self, digest: &KeyDigest, start: u64) -> Outcome {
-        match self.fetch_one(digest).await {
-            Ok(Some(record)) => {
-                let record = Arc::new(record);
-                self.loaded(&record);
-                let fresh_until = Instant::now() + self.ttl;
-                self.cache.store_found(*digest, record.clone(), start, fresh_until);
-                Ok(record)
-            }
-            Ok(None) => {
-                let fresh_until = Instant::now() + self.negative_ttl;
-                self.cache.store_unknown(*digest, start, fresh_until);
-                Err(AuthError::Unknown)
-            }
-            Err(e) => match self.cache.stale(digest) {
-                Some(record) => {
-                    tracing::debug!(error = %e, "key store unavailable; serving a stale record");
-                    self.counters.stale_served.fetch_add(1, Relaxed);
-                    Ok(record)
-                }
-                None => {
-                    tracing::debug!(error = %e, "key store unavailable");
-                    Err(AuthError::StoreUnavailable)
-                }
-            },
-        }
-    }
-
-    async fn fetch_one(&self, digest: &KeyDigest) -> Result<Option<AuthRecord>, DbError> {
-        let _permit = self
-            .lookups
-            .acquire()
-            .await
-            .map_err(|_| DbError::Pool("lookup limiter closed".into()))?;
-        let client = self.pool.get().await?;
-        self.counters.db_lookups.fetch_add(1, Relaxed);
-        crate::db::keys::lookup(&**client, digest).await
-    }
-
-    /// Reads every record in `scope` and stores it, then drops cached records in the
-    /// scope that the read did not return. Records the caller must not miss are never
-    /// dropped on failure: an error returns before the prune.
-    async fn reload(&self, scope: Scope) -> Result<usize, DbError> {
-        let start = self.cache.begin();
-        let client = self.pool.get().await?;
-        let selector = match scope {
-            Scope::All => Selector::All,
-            Scope::Key(id) => Selector::Key(id),
-            Scope::Organization(id) => Selector::Organization(id),
-        };
-        let fresh_until = Instant::now() + self.ttl;
-        let n = auth_queries::for_each_record(&**client, selector, |digest, record| {
-            let record = Arc::new(record);
-            self.loaded(&record);
-            self.cache.store_found(digest, record, start, fresh_until);
-        })
-        .await?;
-        self.cache.prune(scope, start);
-        self.counters.db_reloads.fetch_add(1, Relaxed);
-        Ok(n)
-    }
-
-    fn loaded(&self, record: &AuthRecord) {
-        if let Some(hook) = self.on_load.get() {
-            hook(record);
-        }
-    }
-
     fn invalidate(&self, scope: Scope) {
         self.counters.invalidations.fetch_add(1, Relaxed);
         self.cache.invalidate(scope);

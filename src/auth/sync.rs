@@ -151,26 +151,36 @@ impl SyncTask {
         self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
     }
 
-    /// Everything cached may have missed a change: mark it all for fetching, and when
-    /// preloaded read the whole table again (misses are answered from the table then).
+    /// Everything cached may have missed a change. Not preloaded: mark it all for
+    /// fetching. Preloaded: read the whole table again, which overwrites every record;
+    /// marking first would send every key's next request to the database while the
+    /// reload runs, a herd just as the database comes back. The fence still stops loads
+    /// already in flight from caching what they read before the gap. Only if the reload
+    /// fails is everything marked, as without preload.
     async fn resync(&mut self) {
         self.inner.counters.resyncs.fetch_add(1, Relaxed);
-        self.inner.invalidate(Scope::All);
-        if self.inner.cache.is_authoritative() {
-            self.full_reload().await;
+        if !self.inner.cache.is_authoritative() {
+            self.inner.invalidate(Scope::All);
+            return;
+        }
+        self.inner.cache.fence(Scope::All);
+        if !self.full_reload().await {
+            self.inner.invalidate(Scope::All);
         }
     }
 
-    async fn full_reload(&mut self) {
+    /// Returns whether the reload succeeded.
+    async fn full_reload(&mut self) -> bool {
         match self.inner.reload(Scope::All).await {
             Ok(n) => {
                 tracing::debug!(keys = n, "reloaded the key table");
                 self.next_full_reload = Instant::now() + reload_interval(&self.inner);
+                true
             }
             Err(e) => {
-                // Invalidated records stay invalidated and are fetched one by one on use.
                 tracing::warn!(error = %e, "cannot reload the key table; retrying");
                 self.next_full_reload = Instant::now() + RELOAD_RETRY;
+                false
             }
         }
     }
@@ -204,6 +214,7 @@ impl SyncTask {
         // Preloaded: misses are answered from the table, so changed rows (new keys above
         // all) must be read back now rather than on first use.
         if reloads.contains(&Scope::All) || reloads.len() > RELOAD_BY_ID_MAX {
+            // Already invalidated above: a failure leaves those records to on-use fetches.
             self.full_reload().await;
             return;
         }
@@ -222,6 +233,8 @@ impl SyncTask {
             self.inner.cache.sweep(now);
         }
         if self.inner.cache.is_authoritative() && now >= self.next_full_reload {
+            // A failure keeps the records as they are: they expire on their TTL and are
+            // then fetched (or served stale) one by one.
             self.full_reload().await;
         }
         if now >= self.next_ping {

@@ -106,60 +106,110 @@ pub fn free_port() -> u16 {
 }
 
 fn start_cluster() -> Server {
-    let dir = tempfile::Builder::new()
-        .prefix("keygate-pg-")
-        .tempdir()
-        .expect("temp dir")
-        .keep();
-    if is_root() {
-        let ok = Command::new("chown")
-            .args(["-R", "postgres:postgres"])
-            .arg(&dir)
-            .status()
-            .expect("chown");
-        assert!(ok.success(), "chown of {} failed", dir.display());
+    let c = Cluster::start();
+    let base_url = format!("postgres://postgres@127.0.0.1:{}", c.port);
+    let server = Server { admin_url: format!("{base_url}/postgres"), base_url, data_dir: Some(c.data.clone()), port: c.port };
+    // The shared cluster lives as long as the test process; the reaper removes it.
+    std::mem::forget(c);
+    server
+}
+
+/// A PostgreSQL cluster of one test's own, which the test may stop, restart or freeze.
+pub struct Cluster {
+    pub dir: PathBuf,
+    pub data: PathBuf,
+    pub port: u16,
+}
+
+impl Cluster {
+    pub fn start() -> Cluster {
+        let dir = tempfile::Builder::new().prefix("keygate-pg-").tempdir().expect("temp dir").keep();
+        if is_root() {
+            let ok = Command::new("chown").args(["-R", "postgres:postgres"]).arg(&dir).status().expect("chown");
+            assert!(ok.success(), "chown of {} failed", dir.display());
+        }
+        let data = dir.join("data");
+        let out = pg_command("initdb")
+            .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync", "-D"])
+            .arg(&data)
+            .output()
+            .expect("run initdb");
+        assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        spawn_reaper(&dir, &data);
+        let mut last_err = String::new();
+        for _ in 0..5 {
+            let c = Cluster { dir: dir.clone(), data: data.clone(), port: free_port() };
+            match c.pg_ctl_start() {
+                Ok(()) => return c,
+                Err(e) => last_err = e,
+            }
+        }
+        panic!("could not start PostgreSQL: {last_err}");
     }
-    let data = dir.join("data");
-    let out = pg_command("initdb")
-        .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync", "-D"])
-        .arg(&data)
-        .output()
-        .expect("run initdb");
-    assert!(
-        out.status.success(),
-        "initdb failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut last_err = String::new();
-    for _ in 0..5 {
-        let port = free_port();
+
+    fn pg_ctl_start(&self) -> Result<(), String> {
         let opts = format!(
-            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off \
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off \
              -c full_page_writes=off -c max_connections=400 -c shared_buffers=64MB",
-            dir.display()
+            self.port,
+            self.dir.display()
         );
         let out = pg_command("pg_ctl")
             .arg("-D")
-            .arg(&data)
+            .arg(&self.data)
             .args(["-o", &opts, "-l"])
-            .arg(dir.join("log"))
+            .arg(self.dir.join("log"))
             .args(["-w", "-t", "60", "start"])
             .stdout(Stdio::null())
             .output()
             .expect("run pg_ctl");
         if out.status.success() {
-            spawn_reaper(&dir, &data);
-            let base_url = format!("postgres://postgres@127.0.0.1:{port}");
-            return Server {
-                admin_url: format!("{base_url}/postgres"),
-                base_url,
-                data_dir: Some(data),
-                port,
-            };
+            Ok(())
+        } else {
+            Err(std::fs::read_to_string(self.dir.join("log")).unwrap_or_default())
         }
-        last_err = std::fs::read_to_string(dir.join("log")).unwrap_or_default();
     }
-    panic!("could not start PostgreSQL: {last_err}");
+
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// A fresh database on this cluster, wrapped like the shared harness's.
+    pub async fn fresh_db(&self) -> TestDb {
+        let name = format!("kg_test_{}", uuid::Uuid::new_v4().simple());
+        connect(&self.url("postgres")).await.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create db");
+        TestDb { url: self.url(&name), name }
+    }
+
+    /// Stops the server (fast: open sessions are cut, as in a crash or failover).
+    pub fn stop(&self) {
+        let out = pg_command("pg_ctl").arg("-D").arg(&self.data).args(["-m", "immediate", "-w", "stop"]).output().expect("pg_ctl stop");
+        assert!(out.status.success(), "pg_ctl stop: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Starts it again on the same port.
+    pub fn restart(&self) {
+        self.pg_ctl_start().unwrap_or_else(|e| panic!("restart failed: {e}"));
+    }
+
+    /// The postmaster's pid, for SIGSTOP/SIGCONT (a frozen, not a dead, database).
+    pub fn postmaster_pid(&self) -> u32 {
+        let text = std::fs::read_to_string(self.data.join("postmaster.pid")).expect("postmaster.pid");
+        text.lines().next().and_then(|l| l.trim().parse().ok()).expect("pid")
+    }
+
+    /// Sends `signal` (e.g. "STOP", "CONT") to the postmaster and all its backends.
+    pub fn signal_all(&self, signal: &str) {
+        let pid = self.postmaster_pid();
+        let _ = Command::new("pkill").args([&format!("-{signal}"), "-P", &pid.to_string()]).status();
+        let _ = Command::new("kill").args([&format!("-{signal}"), &pid.to_string()]).status();
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = pg_command("pg_ctl").arg("-D").arg(&self.data).args(["-m", "immediate", "stop"]).output();
+    }
 }
 
 /// Stops the cluster and removes its directory once this test process exits: statics

@@ -1,0 +1,142 @@
+//! Loading from the database: single flight per digest under a cap on concurrent
+//! lookups, serve-stale on failure, and bulk or by-id reloads.
+//!
+//! Owns the in-flight map, the spawned load tasks and the on-load hook's call sites. It
+//! does not own the cache's ordering rules (`cache`) or the SQL (`db`); every load takes
+//! a sequence number before it reads and hands it to the cache with what it read.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Instant;
+
+use dashmap::mapref::entry::Entry;
+use tokio::sync::watch;
+
+use super::{AuthError, Inner, Outcome, Scope};
+use crate::db::auth_queries::{self, Selector};
+use crate::db::DbError;
+use crate::keys::KeyDigest;
+use crate::model::AuthRecord;
+
+/// Negative answers stored between two sweeps run from the load path, so the cache stays
+/// bounded under a flood of random keys even without the sync task.
+const SWEEP_EVERY: u64 = 16_384;
+
+pub(super) struct Flight {
+    start: u64,
+    done: watch::Receiver<Option<Outcome>>,
+}
+
+impl Inner {
+    /// Joins the digest's flight if it began after the last invalidation; otherwise
+    /// starts a new one. The map guard is dropped before the task is spawned.
+    pub(super) fn join_or_start(self: &Arc<Self>, digest: &KeyDigest) -> watch::Receiver<Option<Outcome>> {
+        let (start, tx, rx) = match self.inflight.entry(*digest) {
+            Entry::Occupied(e) if self.cache.unchanged_since(e.get().start) => {
+                return e.get().done.clone();
+            }
+            entry => {
+                let start = self.cache.begin();
+                let (tx, rx) = watch::channel(None);
+                let flight = Flight {
+                    start,
+                    done: rx.clone(),
+                };
+                match entry {
+                    Entry::Occupied(mut e) => {
+                        e.insert(flight);
+                    }
+                    Entry::Vacant(e) => {
+                        e.insert(flight);
+                    }
+                }
+                (start, tx, rx)
+            }
+        };
+        // Spawned, not awaited here: if the request that started the flight goes away,
+        // the load still finishes for the others and for the cache.
+        tokio::spawn(self.clone().fly(*digest, start, tx));
+        rx
+    }
+
+    async fn fly(self: Arc<Self>, digest: KeyDigest, start: u64, tx: watch::Sender<Option<Outcome>>) {
+        let outcome = self.load_one(&digest, start).await;
+        // Cache first, then leave the in-flight map: a request arriving in between finds
+        // the cached answer instead of starting a second load.
+        self.inflight.remove_if(&digest, |_, f| f.start == start);
+        tx.send_replace(Some(outcome));
+        if self.cache.sweep_due(SWEEP_EVERY) {
+            self.cache.sweep(Instant::now());
+        }
+    }
+
+    async fn load_one(&self, digest: &KeyDigest, start: u64) -> Outcome {
+        match self.fetch_one(digest).await {
+            Ok(Some(record)) => {
+                // The callers get what was read even if the cache refuses to keep it (an
+                // invalidation arrived meanwhile): they asked before the change was known.
+                let record = Arc::new(record);
+                self.loaded(&record);
+                let fresh_until = Instant::now() + self.ttl;
+                self.cache.store_found(*digest, record.clone(), start, fresh_until);
+                Ok(record)
+            }
+            Ok(None) => {
+                let fresh_until = Instant::now() + self.negative_ttl;
+                self.cache.store_unknown(*digest, start, fresh_until);
+                Err(AuthError::Unknown)
+            }
+            Err(e) => match self.cache.stale(digest) {
+                Some(record) => {
+                    tracing::debug!(error = %e, "key store unavailable; serving a stale record");
+                    self.counters.stale_served.fetch_add(1, Relaxed);
+                    Ok(record)
+                }
+                None => {
+                    tracing::debug!(error = %e, "key store unavailable");
+                    Err(AuthError::StoreUnavailable)
+                }
+            },
+        }
+    }
+
+    async fn fetch_one(&self, digest: &KeyDigest) -> Result<Option<AuthRecord>, DbError> {
+        let _permit = self
+            .lookups
+            .acquire()
+            .await
+            .map_err(|_| DbError::Pool("lookup limiter closed".into()))?;
+        let client = self.pool.get().await?;
+        self.counters.db_lookups.fetch_add(1, Relaxed);
+        crate::db::keys::lookup(&**client, digest).await
+    }
+
+    /// Reads every record in `scope` and stores it, then drops cached records in the
+    /// scope that the read did not return. Records the caller must not miss are never
+    /// dropped on failure: an error returns before the prune.
+    pub(super) async fn reload(&self, scope: Scope) -> Result<usize, DbError> {
+        let start = self.cache.begin();
+        let client = self.pool.get().await?;
+        let selector = match scope {
+            Scope::All => Selector::All,
+            Scope::Key(id) => Selector::Key(id),
+            Scope::Organization(id) => Selector::Organization(id),
+        };
+        let fresh_until = Instant::now() + self.ttl;
+        let n = auth_queries::for_each_record(&**client, selector, |digest, record| {
+            let record = Arc::new(record);
+            self.loaded(&record);
+            self.cache.store_found(digest, record, start, fresh_until);
+        })
+        .await?;
+        self.cache.prune(scope, start);
+        self.counters.db_reloads.fetch_add(1, Relaxed);
+        Ok(n)
+    }
+
+    fn loaded(&self, record: &AuthRecord) {
+        if let Some(hook) = self.on_load.get() {
+            hook(record);
+        }
+    }
+}
