@@ -1,0 +1,259 @@
+//! Token and cost accounting read from a response body as it streams through the proxy.
+//!
+//! Owns [`TokenMeter`] (fed every body data frame, in order, on the hot path; it never
+//! holds or delays the stream), the decoding of OpenAI-style `usage` objects (and the
+//! Anthropic `input_tokens`/`output_tokens` aliases), and [`cost_micros`]. The byte-level
+//! work lives in `json_scan` (JSON structure) and `sse` (event-stream framing); both are
+//! constant-memory state machines, so results do not depend on how the body was split
+//! into frames. It does not own where the numbers go (the [`UsageRecord`](super::UsageRecord)
+//! built by the proxy) nor the price table (`config::Pricing`).
+
+mod json_scan;
+mod sse;
+#[cfg(test)]
+mod sse_tests;
+#[cfg(test)]
+mod tests;
+
+use http::HeaderValue;
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::config::{Price, Pricing};
+use json_scan::{Field, JsonScan};
+use sse::SseScan;
+
+/// Token counts and model of one response, as far as they are known.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tokens {
+    pub prompt: Option<i64>,
+    pub completion: Option<i64>,
+    pub total: Option<i64>,
+    pub model: Option<String>,
+}
+
+/// A JSON body is one document: `usage` and `model` sit at its top level.
+const JSON_FIELDS: &[Field] = &[Field::Usage, Field::Model];
+/// SSE events are documents too; Anthropic's `message_start` nests them in `message`.
+const SSE_FIELDS: &[Field] = &[Field::Usage, Field::Model, Field::Message];
+
+#[derive(Debug)]
+enum Reader {
+    /// Not a format that carries usage: bytes are not even looked at.
+    Ignore,
+    Json(JsonScan),
+    Sse(SseScan),
+}
+
+/// Reads token usage out of a response body frame by frame, in bounded memory.
+#[derive(Debug)]
+pub struct TokenMeter {
+    reader: Reader,
+    seen: Seen,
+    header_total: Option<i64>,
+}
+
+impl TokenMeter {
+    /// From the response head: Content-Type decides JSON vs SSE vs ignore; `header_total` is the
+    /// configured tokens header's value when present and numeric.
+    pub fn new(content_type: Option<&HeaderValue>, header_total: Option<i64>) -> Self {
+        let reader = match content_type.map(|v| media_kind(v.as_bytes())) {
+            Some(Kind::Json) => Reader::Json(JsonScan::new(JSON_FIELDS)),
+            Some(Kind::Sse) => Reader::Sse(SseScan::new(SSE_FIELDS)),
+            Some(Kind::Other) | None => Reader::Ignore,
+        };
+        Self {
+            reader,
+            seen: Seen::default(),
+            header_total,
+        }
+    }
+
+    /// Called with every body data frame, in order. A byte scan with no allocation in the
+    /// common case; memory stays bounded whatever the body size.
+    pub fn feed(&mut self, chunk: &[u8]) {
+        let seen = &mut self.seen;
+        let mut sink = |field: Field, raw: &[u8]| seen.absorb(field, raw);
+        match &mut self.reader {
+            Reader::Ignore => {}
+            Reader::Json(scan) => scan.feed(chunk, &mut sink),
+            Reader::Sse(scan) => scan.feed(chunk, &mut sink),
+        }
+    }
+
+    /// What was seen so far: works for complete bodies and for streams abandoned halfway.
+    /// `total` is the body's `total_tokens`, else prompt + completion when both are known,
+    /// else the header's total.
+    pub fn tokens(&self) -> Tokens {
+        let s = &self.seen;
+        let derived = match (s.prompt, s.completion) {
+            (Some(p), Some(c)) => p.checked_add(c),
+            _ => None,
+        };
+        Tokens {
+            prompt: s.prompt,
+            completion: s.completion,
+            total: s.total.or(derived).or(self.header_total),
+            model: s.model.clone(),
+        }
+    }
+
+    /// Heap bytes this meter holds (its capture buffers); bounded by a few KiB.
+    pub fn heap_bytes(&self) -> usize {
+        let reader = match &self.reader {
+            Reader::Ignore => 0,
+            Reader::Json(scan) => scan.heap_bytes(),
+            Reader::Sse(scan) => scan.heap_bytes(),
+        };
+        reader + self.seen.model_raw.capacity() + self.seen.model.as_ref().map_or(0, String::capacity)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Json,
+    Sse,
+    Other,
+}
+
+/// Classifies a Content-Type by its essence (before `;`), case-insensitively.
+fn media_kind(value: &[u8]) -> Kind {
+    let essence = value.split(|&b| b == b';').next().unwrap_or_default().trim_ascii();
+    let has = |range: Option<&[u8]>, want: &[u8]| range.is_some_and(|r| r.eq_ignore_ascii_case(want));
+    if essence.eq_ignore_ascii_case(b"text/event-stream") {
+        Kind::Sse
+    } else if essence.eq_ignore_ascii_case(b"application/json")
+        || (has(essence.get(..12), b"application/")
+            && has(essence.len().checked_sub(5).and_then(|s| essence.get(s..)), b"+json"))
+    {
+        Kind::Json
+    } else {
+        Kind::Other
+    }
+}
+
+/// What the body has told us so far. Usage is merged field by field, newest first, so
+/// cumulative usage chunks end at the last one and Anthropic's split usage (input tokens
+/// in `message_start`, output tokens in `message_delta`) adds up.
+#[derive(Debug, Default)]
+struct Seen {
+    prompt: Option<i64>,
+    completion: Option<i64>,
+    total: Option<i64>,
+    model: Option<String>,
+    /// The raw JSON of the last model value: every SSE chunk repeats it, and comparing
+    /// bytes avoids decoding (and allocating) the same string once per token.
+    model_raw: Vec<u8>,
+}
+
+/// The usage fields we read; others (`*_details`, cache counts) are skipped unallocated.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct WireUsage {
+    prompt_tokens: Option<Value>,
+    completion_tokens: Option<Value>,
+    total_tokens: Option<Value>,
+    input_tokens: Option<Value>,
+    output_tokens: Option<Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct WireMessage {
+    model: Option<Value>,
+    usage: Option<WireUsage>,
+}
+
+/// A token count: a non-negative integer (an integral float is accepted too).
+fn count(value: Option<&Value>) -> Option<i64> {
+    let value = value?;
+    let n = value.as_i64().or_else(|| {
+        value
+            .as_f64()
+            .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f < 9.0e18)
+            .map(|f| f as i64)
+    })?;
+    (n >= 0).then_some(n)
+}
+
+impl Seen {
+    fn absorb(&mut self, field: Field, raw: &[u8]) {
+        // `"usage": null` is on every OpenAI chunk once usage is requested: skip it cheaply.
+        if raw.trim_ascii() == b"null" {
+            return;
+        }
+        match field {
+            Field::Usage => {
+                if let Ok(usage) = serde_json::from_slice::<WireUsage>(raw) {
+                    self.merge(&usage);
+                }
+            }
+            Field::Model => {
+                if raw != self.model_raw.as_slice() {
+                    if let Ok(Value::String(model)) = serde_json::from_slice::<Value>(raw) {
+                        self.set_model(model);
+                    }
+                    self.model_raw.clear();
+                    self.model_raw.extend_from_slice(raw);
+                }
+            }
+            Field::Message => {
+                if let Ok(message) = serde_json::from_slice::<WireMessage>(raw) {
+                    if let Some(Value::String(model)) = message.model {
+                        self.set_model(model);
+                    }
+                    if let Some(usage) = &message.usage {
+                        self.merge(usage);
+                    }
+                }
+            }
+        }
+    }
+
+    fn set_model(&mut self, model: String) {
+        if !model.is_empty() {
+            self.model = Some(model);
+        }
+    }
+
+    fn merge(&mut self, usage: &WireUsage) {
+        let prompt = count(usage.prompt_tokens.as_ref()).or(count(usage.input_tokens.as_ref()));
+        let completion = count(usage.completion_tokens.as_ref()).or(count(usage.output_tokens.as_ref()));
+        let total = count(usage.total_tokens.as_ref());
+        if prompt.is_none() && completion.is_none() && total.is_none() {
+            return;
+        }
+        self.prompt = prompt.or(self.prompt);
+        self.completion = completion.or(self.completion);
+        // A newer object without `total_tokens` must not keep an older, stale total: the
+        // total is then derived from the (newer) parts instead.
+        self.total = total;
+    }
+}
+
+/// Price resolution: 1e-12 dollars per 1,000 tokens, exact for any price a config holds.
+const PRICE_SCALE: f64 = 1e12;
+/// `tokens × price units` is in 1e-15 dollars, i.e. 1e-9 micro-dollars.
+const UNITS_PER_MICRO: i128 = 1_000_000_000;
+
+/// Cost in millionths of a dollar, rounded half-up; None when no token count is known.
+/// Uses prompt/completion prices when the parts are known; with only a total, prices the total at the prompt price.
+/// With one part and the total, the other part is the difference.
+pub fn cost_micros(pricing: &Pricing, tokens: &Tokens) -> Option<i64> {
+    let price: Price = pricing.price(tokens.model.as_deref());
+    let rest = |total: Option<i64>, part: i64| total.map_or(0, |t| t.saturating_sub(part).max(0));
+    let (prompt, completion) = match (tokens.prompt, tokens.completion, tokens.total) {
+        (None, None, None) => return None,
+        (None, None, Some(total)) => (total, 0),
+        (Some(p), Some(c), _) => (p, c),
+        (Some(p), None, total) => (p, rest(total, p)),
+        (None, Some(c), total) => (rest(total, c), c),
+    };
+    // Integers from here on: summing floats of micro-dollars would round 3084.9999… down.
+    let units = |per_1k: f64| (per_1k * PRICE_SCALE).round() as i128;
+    let sum = i128::from(prompt)
+        .checked_mul(units(price.prompt_per_1k))?
+        .checked_add(i128::from(completion).checked_mul(units(price.completion_per_1k))?)?;
+    let micros = sum.checked_add(UNITS_PER_MICRO / 2)?.div_euclid(UNITS_PER_MICRO);
+    i64::try_from(micros).ok()
+}

@@ -1,0 +1,240 @@
+//! A streaming, allocation-free finder for chosen top-level keys of a JSON object.
+//!
+//! Owns the byte-level structure of JSON as it streams past: nesting depth, strings and
+//! their escapes, which string at depth 1 is a key, and a bounded copy of the raw value of
+//! each wanted key (`"usage"`, `"model"`, …), handed to a sink once the value is complete.
+//! Because it tracks structure rather than searching for text, a `"usage"` inside a string
+//! (a message that talks about usage) or inside a nested object is never mistaken for the
+//! real one, key order does not matter, and memory stays at one capture buffer whatever the
+//! body size. It does not validate JSON (garbage is skipped, never rejected), does not
+//! decode values (the sink does), and knows nothing of SSE framing (see `sse`).
+
+/// Top-level keys the meter cares about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Field {
+    Usage,
+    Model,
+    /// Anthropic's stream puts `model` and the prompt's `usage` inside `message_start.message`.
+    Message,
+}
+
+impl Field {
+    fn key(self) -> &'static [u8] {
+        match self {
+            Field::Usage => b"usage",
+            Field::Model => b"model",
+            Field::Message => b"message",
+        }
+    }
+
+    /// Largest raw value kept. Real usage objects are a few hundred bytes even with their
+    /// `*_details`, model names are short, and `message_start` has empty content; anything
+    /// bigger is not what we are looking for and is dropped rather than grown into.
+    pub(crate) fn cap(self) -> usize {
+        match self {
+            Field::Usage => 4 * 1024,
+            Field::Model => 1024,
+            Field::Message => 8 * 1024,
+        }
+    }
+}
+
+/// Longest wanted key ("message"); longer keys are recognised as "not wanted" by length.
+const KEY_MAX: usize = 8;
+
+#[derive(Debug)]
+pub(crate) struct JsonScan {
+    wanted: &'static [Field],
+    depth: u32,
+    in_string: bool,
+    /// The previous byte was a backslash inside a string, so this one cannot end it.
+    escaped: bool,
+    /// The current document's outermost value is an object; only then are depth-1 strings keys.
+    top_object: bool,
+    /// At depth 1 the next string starts a key (after `{` or `,`), not a value.
+    expect_key: bool,
+    reading_key: bool,
+    key: [u8; KEY_MAX],
+    /// Saturates at `KEY_MAX + 1`, which means "too long to be wanted".
+    key_len: usize,
+    /// A wanted key was read; its value starts after the `:`.
+    pending: Option<Field>,
+    capture: Option<Field>,
+    /// The value outgrew its cap: the rest is skipped and nothing is reported.
+    overflow: bool,
+    buf: Vec<u8>,
+}
+
+impl JsonScan {
+    pub(crate) fn new(wanted: &'static [Field]) -> Self {
+        Self {
+            wanted,
+            depth: 0,
+            in_string: false,
+            escaped: false,
+            top_object: false,
+            expect_key: false,
+            reading_key: false,
+            key: [0; KEY_MAX],
+            key_len: 0,
+            pending: None,
+            capture: None,
+            overflow: false,
+            // Allocated on the first capture only, so bodies without wanted keys cost nothing.
+            buf: Vec::new(),
+        }
+    }
+
+    /// Forgets the current document (its unfinished capture too) but keeps the buffer's
+    /// capacity: SSE calls this at every event boundary, which is what resynchronises the
+    /// scan after a malformed event.
+    pub(crate) fn reset(&mut self) {
+        let wanted = self.wanted;
+        let buf = std::mem::take(&mut self.buf);
+        *self = Self::new(wanted);
+        self.buf = buf;
+        self.buf.clear();
+    }
+
+    /// Heap bytes held, for tests and memory accounting.
+    pub(crate) fn heap_bytes(&self) -> usize {
+        self.buf.capacity()
+    }
+
+    /// Scans `chunk`; calls `sink(field, raw_value)` for each wanted top-level key whose
+    /// value completed in it. Chunk boundaries may fall anywhere, even inside an escape.
+    pub(crate) fn feed<F: FnMut(Field, &[u8])>(&mut self, chunk: &[u8], sink: &mut F) {
+        let mut i = 0;
+        while i < chunk.len() {
+            if self.in_string && !self.escaped && self.capture.is_none() && !self.reading_key {
+                // Most bytes of a chat body are message text nobody needs: jump to the next
+                // byte that could end the string instead of stepping through the state machine.
+                match chunk
+                    .get(i..)
+                    .and_then(|rest| rest.iter().position(|&c| c == b'"' || c == b'\\'))
+                {
+                    Some(skip) => i += skip,
+                    None => return,
+                }
+            }
+            let Some(&b) = chunk.get(i) else { return };
+            i += 1;
+            if self.in_string {
+                self.string_byte(b);
+            } else {
+                self.structural_byte(b, sink);
+            }
+        }
+    }
+
+    fn string_byte(&mut self, b: u8) {
+        self.keep(b);
+        if self.escaped {
+            self.escaped = false;
+            self.key_byte(b);
+            return;
+        }
+        match b {
+            b'"' => {
+                self.in_string = false;
+                if self.reading_key {
+                    self.reading_key = false;
+                    self.pending = self.wanted_key();
+                }
+            }
+            b'\\' => {
+                self.escaped = true;
+                self.key_byte(b);
+            }
+            _ => self.key_byte(b),
+        }
+    }
+
+    fn structural_byte<F: FnMut(Field, &[u8])>(&mut self, b: u8, sink: &mut F) {
+        match b {
+            b'"' => {
+                self.keep(b);
+                self.in_string = true;
+                if self.depth == 1 && self.expect_key && self.capture.is_none() {
+                    self.expect_key = false;
+                    self.reading_key = true;
+                    self.key_len = 0;
+                    self.pending = None;
+                }
+            }
+            b'{' | b'[' => {
+                if self.depth == 0 {
+                    // A new document (NDJSON-like bodies, or the next SSE event after reset).
+                    self.top_object = b == b'{';
+                    self.expect_key = self.top_object;
+                }
+                self.keep(b);
+                self.depth = self.depth.saturating_add(1);
+            }
+            b'}' | b']' => {
+                if self.depth == 1 {
+                    self.finish(sink);
+                    self.expect_key = false;
+                } else {
+                    self.keep(b);
+                }
+                // Saturating: a stray closer in garbage must not wrap the depth.
+                self.depth = self.depth.saturating_sub(1);
+            }
+            b',' if self.depth == 1 => {
+                self.finish(sink);
+                self.expect_key = self.top_object;
+            }
+            b':' if self.depth == 1 => {
+                if self.capture.is_none() {
+                    if let Some(field) = self.pending.take() {
+                        self.capture = Some(field);
+                        self.overflow = false;
+                        self.buf.clear();
+                    }
+                }
+            }
+            _ => self.keep(b),
+        }
+    }
+
+    /// Appends to the capture, if any, within its cap.
+    fn keep(&mut self, b: u8) {
+        let Some(field) = self.capture else { return };
+        if self.overflow {
+            return;
+        }
+        if self.buf.len() >= field.cap() {
+            self.overflow = true;
+            self.buf.clear();
+        } else {
+            self.buf.push(b);
+        }
+    }
+
+    fn key_byte(&mut self, b: u8) {
+        if !self.reading_key {
+            return;
+        }
+        if let Some(slot) = self.key.get_mut(self.key_len) {
+            *slot = b;
+        }
+        self.key_len = (self.key_len + 1).min(KEY_MAX + 1);
+    }
+
+    fn wanted_key(&self) -> Option<Field> {
+        let key = self.key.get(..self.key_len)?;
+        self.wanted.iter().copied().find(|f| f.key() == key)
+    }
+
+    /// The value at depth 1 ended (`,` or `}`): report it when it was wanted and fitted.
+    fn finish<F: FnMut(Field, &[u8])>(&mut self, sink: &mut F) {
+        self.pending = None;
+        if let Some(field) = self.capture.take() {
+            if !self.overflow {
+                sink(field, &self.buf);
+            }
+            self.buf.clear();
+        }
+    }
+}
