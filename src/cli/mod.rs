@@ -4,6 +4,7 @@
 //! and the proxy, and every failure comes back as one [`CliError`] printed on one line.
 
 mod admin;
+mod healthcheck;
 mod migrate;
 mod output;
 mod usage;
@@ -52,6 +53,17 @@ pub enum Command {
     Serve,
     /// Run the OpenAI-compatible demo chat upstream (for the quick start and tests).
     DemoUpstream(crate::demo::DemoArgs),
+    /// Probe a running keygate: exit 0 if /healthz (or /readyz) answers 200.
+    Healthcheck {
+        /// Full URL to probe; default: the admin listener from the config.
+        #[arg(long)]
+        url: Option<String>,
+        /// Probe /readyz instead of /healthz.
+        #[arg(long)]
+        ready: bool,
+        #[arg(long, default_value = "2s", value_parser = crate::config::units::parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// Validate the config file and exit.
     CheckConfig,
     /// Apply, roll back or list schema migrations.
@@ -160,6 +172,17 @@ async fn dispatch(cli: Cli) -> Result<(), CliError> {
             crate::demo::run(args.clone(), crate::proxy::shutdown_signal())
                 .await
                 .map_err(CliError::Io)
+        }
+        Command::Healthcheck { url, ready, timeout } => {
+            init_logging(crate::config::LogFormat::Text, "warn");
+            // Without a config file the probe still works from --url, or the defaults.
+            let cfg = match (&cli.config, url) {
+                (None, Some(_)) | (None, None) => Config::from_env(&|n| {
+                    std::env::var(n).ok().or_else(|| (n == crate::config::DATABASE_URL_ENV).then(|| "postgres://unused/x".into()))
+                })?,
+                _ => cli.load_config()?,
+            };
+            healthcheck::run(&cfg, url.as_deref(), *ready, *timeout).await
         }
         Command::CheckConfig => {
             init_logging(crate::config::LogFormat::Text, "warn");

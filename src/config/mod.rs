@@ -196,6 +196,8 @@ pub enum LogFormat {
 pub struct LogConfig {
     pub format: LogFormat,
     pub level: String,
+    /// One line per request at info level, target `keygate::access`.
+    pub access_log: bool,
 }
 
 impl Config {

@@ -12,6 +12,7 @@ pub mod notify;
 pub mod orgs;
 pub mod report;
 pub mod retention;
+pub mod usage;
 
 use std::str::FromStr;
 use std::time::Duration;

@@ -146,7 +146,14 @@ async fn chat(req: Request<Incoming>) -> Response<Body> {
         completion: count_words(&reply),
     };
     let id = format!("chat-{}", uuid::Uuid::new_v4().simple());
-    let value = json!({"id": id, "model": "demo-1", "reply": reply, "usage": usage.to_json()});
+    let mut value = json!({"id": id, "model": "demo-1", "reply": reply, "usage": usage.to_json()});
+    // `"usage_in_body": false` leaves only the x-usage-tokens header, for testing a
+    // gateway's header-based accounting.
+    if body.get("usage_in_body") == Some(&Value::Bool(false)) {
+        if let Some(obj) = value.as_object_mut() {
+            obj.remove("usage");
+        }
+    }
     with_usage(json_response(StatusCode::OK, &value), usage)
 }
 

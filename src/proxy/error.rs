@@ -85,7 +85,7 @@ impl Reject {
         }
     }
 
-    fn message(self) -> &'static str {
+    pub fn message(self) -> &'static str {
         use Reject::*;
         match self {
             MissingKey => "Send your API key as `Authorization: Bearer <key>` or `X-API-Key: <key>`.",

@@ -17,6 +17,8 @@ pub struct Health {
     pub pool: deadpool_postgres::Pool,
     pub auth: Arc<Authenticator>,
     pub listen_notify: bool,
+    /// Set when shutdown begins, so load balancers stop sending before we stop accepting.
+    pub draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Health {
@@ -38,9 +40,10 @@ impl Health {
             .is_ok_and(|r| r.is_ok());
         let stats = self.auth.stats();
         let listener_ok = !self.listen_notify || stats.listener_connected;
-        let ready = db_ok;
+        let draining = self.draining.load(std::sync::atomic::Ordering::Relaxed);
+        let ready = db_ok && !draining;
         let body = serde_json::json!({
-            "status": if ready { "ready" } else { "not_ready" },
+            "status": if draining { "draining" } else if ready { "ready" } else { "not_ready" },
             "database": if db_ok { "ok" } else { "unreachable" },
             "cache": {
                 "keys": stats.cached,

@@ -57,6 +57,10 @@ pub async fn serve<H, F>(
 {
     let builder = builder(cfg);
     let graceful = GracefulShutdown::new();
+    // Connections live in a JoinSet so that any still open when the grace period ends
+    // are aborted and dropped *here*, before shutdown moves on: dropping a response body
+    // is what records its usage row, and the writer drains only after this returns.
+    let mut conns = tokio::task::JoinSet::new();
     let slots = Arc::new(Semaphore::new(cfg.max_connections));
     loop {
         // Past the cap, connections wait in the kernel's backlog rather than being
@@ -77,6 +81,7 @@ pub async fn serve<H, F>(
             },
             () = cancel.cancelled() => break,
         };
+        while conns.try_join_next().is_some() {}
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
         let svc = service_fn(move |req| {
@@ -85,7 +90,7 @@ pub async fn serve<H, F>(
         });
         let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
         let watched = graceful.watch(conn);
-        tokio::spawn(async move {
+        conns.spawn(async move {
             if let Err(e) = watched.await {
                 tracing::debug!(error = %e, %peer, "connection ended with an error");
             }
@@ -95,6 +100,10 @@ pub async fn serve<H, F>(
     drop(listener);
     tokio::select! {
         () = graceful.shutdown() => tracing::info!("all connections closed"),
-        () = tokio::time::sleep(grace) => tracing::warn!(?grace, "grace period over; closing remaining connections"),
+        () = tokio::time::sleep(grace) => {
+            tracing::warn!(?grace, open = conns.len(), "grace period over; closing remaining connections");
+            conns.abort_all();
+        }
     }
+    while conns.join_next().await.is_some() {}
 }

@@ -11,8 +11,10 @@ mod forward;
 mod headers;
 mod health;
 mod listener;
+mod metering;
 mod pipeline;
 mod routes;
+mod trace;
 
 use std::sync::Arc;
 
@@ -60,6 +62,13 @@ pub async fn serve(
         tracing::info!(keys = n, "preloaded keys");
     }
     let limiter = Arc::new(Limiter::new());
+    // Usage rows get their own pool, so a stuck writer cannot starve key lookups.
+    let usage = if cfg.usage.enabled {
+        let (sink, writer) = crate::usage::writer::channel(&cfg.usage);
+        Some((sink, writer, db::pool(&cfg.database, cfg.usage.pool_size)?))
+    } else {
+        None
+    };
 
     let bind = |addr| async move {
         TcpListener::bind(addr)
@@ -79,6 +88,14 @@ pub async fn serve(
     if cfg.auth.listen_notify || cfg.auth.preload {
         tracker.spawn(auth.clone().run_sync(cfg.database.clone(), background.clone()));
     }
+    tracker.spawn(crate::maintenance::run(pool.clone(), cfg.limits.tracking_retention, background.clone()));
+    let usage_sink = match usage {
+        Some((sink, writer, writer_pool)) => {
+            tracker.spawn(writer.run(writer_pool, background.clone(), cfg.server.shutdown_grace));
+            Some(sink)
+        }
+        None => None,
+    };
     if cfg.limits.enabled {
         tracker.spawn(
             limiter
@@ -87,10 +104,12 @@ pub async fn serve(
         );
     }
 
+    let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let health = |pool: &deadpool_postgres::Pool| health::Health {
         pool: pool.clone(),
         auth: auth.clone(),
         listen_notify: cfg.auth.listen_notify,
+        draining: draining.clone(),
     };
     let proxy = Arc::new(Proxy {
         server: cfg.server.clone(),
@@ -103,6 +122,10 @@ pub async fn serve(
         pool: pool.clone(),
         upstream,
         health: health(&pool),
+        usage: usage_sink,
+        pricing: Arc::new(cfg.pricing.clone()),
+        tokens_header: cfg.usage.tokens_header.clone(),
+        access_log: cfg.log.access_log,
     });
 
     let grace = cfg.server.shutdown_grace;
@@ -112,14 +135,17 @@ pub async fn serve(
             let h = admin_health.clone();
             async move { h.answer(&req).await.unwrap_or_else(health::not_found) }
         };
-        let (cfg_server, stop) = (cfg.server.clone(), stop.clone());
+        // The admin listener outlives the main one, so /readyz can say "draining" to
+        // probes while in-flight requests finish.
+        let (cfg_server, stop) = (cfg.server.clone(), background.clone());
         tracing::info!(addr = %admin.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()), "admin listener up");
         tracker.spawn(async move { listener::serve(admin, &cfg_server, handler, stop, grace).await });
     }
     {
-        let stop = stop.clone();
+        let (stop, draining) = (stop.clone(), draining.clone());
         tokio::spawn(async move {
             shutdown.await;
+            draining.store(true, std::sync::atomic::Ordering::Relaxed);
             tracing::info!("shutting down: no new connections; finishing in-flight requests");
             stop.cancel();
         });

@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use chrono::Utc;
 use http::{header, HeaderMap, HeaderValue, Request, Response};
@@ -15,12 +16,15 @@ use super::error::Reject;
 use super::forward::{SendError, Upstream};
 use super::headers::{self, RateHeaders};
 use super::health::Health;
+use super::metering::{client_ip, Metered, PendingUsage};
 use super::routes::{covers, Routes};
+use super::trace::Trace;
 use crate::auth::{AuthError, Authenticator};
-use crate::config::{AuthConfig, IdentityHeaders, ServerConfig};
+use crate::config::{AuthConfig, IdentityHeaders, Pricing, ServerConfig};
 use crate::keys::PresentedKey;
 use crate::limits::{Decision, KeyLimits, LimitKind, Limiter};
 use crate::model::{AuthRecord, KeyStatus};
+use crate::usage::writer::UsageSink;
 
 pub struct Proxy {
     pub server: ServerConfig,
@@ -34,6 +38,11 @@ pub struct Proxy {
     pub pool: deadpool_postgres::Pool,
     pub upstream: Upstream,
     pub health: Health,
+    /// `None` when usage metering is off.
+    pub usage: Option<UsageSink>,
+    pub pricing: Arc<Pricing>,
+    pub tokens_header: Option<http::HeaderName>,
+    pub access_log: bool,
 }
 
 /// A refusal, with the rate-limit state to report when a limit was consulted.
@@ -49,30 +58,59 @@ impl From<Reject> for Failure {
 }
 
 impl Proxy {
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+    pub async fn handle(self: Arc<Self>, mut req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
         if let Some(resp) = self.health.answer(&req).await {
             return resp;
         }
-        match self.proxy(req, peer).await {
-            Ok(resp) => resp,
-            Err(f) => f.reject.into_response(f.rate.as_ref()),
+        let mut trace = Trace::begin(req.headers_mut());
+        let method = req.method().clone();
+        let path = self.access_log.then(|| req.uri().path().to_owned());
+        // Set once the key is identified: from then on every exit records a usage row.
+        let mut pending = None;
+        let (mut resp, from_upstream, error) = match self.proxy(req, peer, &mut trace, &mut pending).await {
+            Ok(resp) => (resp, true, None),
+            Err(f) => {
+                if let Some(p) = pending.as_mut() {
+                    p.set_error(f.reject.code(), f.reject.message());
+                }
+                (f.reject.into_response(f.rate.as_ref()), false, Some(f.reject.code()))
+            }
+        };
+        let now = Instant::now();
+        trace.stamp(resp.headers_mut(), now);
+        if let Some(path) = &path {
+            trace.log(&method, path, resp.status(), error, now);
+        }
+        match (pending, &self.usage) {
+            (Some(p), Some(sink)) => {
+                Metered::wrap(resp, p, from_upstream, self.tokens_header.as_ref(), sink.clone(), self.pricing.clone())
+            }
+            _ => resp,
         }
     }
 
-    async fn proxy(&self, req: Request<Incoming>, peer: SocketAddr) -> Result<Response<ProxyBody>, Failure> {
+    async fn proxy(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        trace: &mut Trace,
+        pending: &mut Option<PendingUsage>,
+    ) -> Result<Response<ProxyBody>, Failure> {
         check_head_size(&req, self.server.max_header_bytes)?;
         let record = self.identify(req.headers()).await?;
         let Some(record) = record else {
             // Fail-open: the store is down and the operator chose availability.
-            return Ok(self.forward(req, None, peer).await?);
+            return Ok(self.forward(req, None, peer, trace).await?);
         };
+        trace.record = Some(record.clone());
+        if self.usage.is_some() {
+            let ip = client_ip(peer, req.headers(), &self.server.trusted_proxies);
+            *pending = Some(PendingUsage::new(&req, &record, ip, trace.started, Utc::now()));
+        }
         authorise(&record, &req, &self.routes)?;
         check_content_length(req.headers(), self.server.max_body_bytes)?;
         let rate = self.limit(&record).await?;
-        let mut resp = self
-            .forward(req, Some(&record), peer)
-            .await
-            .map_err(|reject| Failure { reject, rate })?;
+        let mut resp = self.forward(req, Some(&record), peer, trace).await.map_err(|reject| Failure { reject, rate })?;
         if let Some(rate) = rate {
             rate.apply(resp.headers_mut());
         }
@@ -135,6 +173,7 @@ impl Proxy {
         req: Request<Incoming>,
         rec: Option<&AuthRecord>,
         peer: SocketAddr,
+        trace: &mut Trace,
     ) -> Result<Response<ProxyBody>, Reject> {
         let (mut parts, body) = req.into_parts();
         let host = parts.headers.get(header::HOST).cloned().or_else(|| {
@@ -165,11 +204,10 @@ impl Proxy {
             self.server.body_idle_timeout,
             verdict.clone(),
         );
-        let resp = self
-            .upstream
-            .send(Request::from_parts(parts, body))
-            .await
-            .map_err(|e| {
+        trace.forwarded = Some(Instant::now());
+        let sent = self.upstream.send(Request::from_parts(parts, body)).await;
+        trace.answered = Some(Instant::now());
+        let resp = sent.map_err(|e| {
                 if verdict.too_large() {
                     Reject::BodyTooLarge
                 } else if verdict.idle() {
@@ -204,7 +242,11 @@ fn authorise<B>(rec: &AuthRecord, req: &Request<B>, routes: &Routes) -> Result<(
 
 /// hyper's own limit is a backstop that answers without a body; this one answers JSON.
 fn check_head_size<B>(req: &Request<B>, max: usize) -> Result<(), Reject> {
-    let mut size = req.uri().to_string().len() + req.method().as_str().len() + 12;
+    let uri = req.uri();
+    let mut size = uri.path_and_query().map_or(1, |pq| pq.as_str().len())
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + req.method().as_str().len()
+        + 12;
     for (name, value) in req.headers() {
         size += name.as_str().len() + value.len() + 4;
         if size > max {

@@ -5,9 +5,21 @@
 //! away, and the token/cost accounting read from response bodies as they stream past.
 //! It does not decide what a request is allowed to do, and the SQL lives in `db::usage`.
 
+mod flight;
+mod partitions;
+mod replay;
+mod sink;
+mod spill;
+pub mod spool;
+pub mod writer;
+
+pub use writer::{channel, UsageCounts, UsageSink, UsageStats, UsageWriter};
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
+
+pub mod meter;
 
 /// One row of `api_key_usage`. Immutable once built: its `id` (UUID v7, made by
 /// keygate) and `timestamp` identify it, so a retried or replayed write of the same

@@ -106,9 +106,14 @@ pub fn free_port() -> u16 {
 }
 
 fn start_cluster() -> Server {
-    let c = Cluster::start();
+    let c = Cluster::start_with(false);
     let base_url = format!("postgres://postgres@127.0.0.1:{}", c.port);
-    let server = Server { admin_url: format!("{base_url}/postgres"), base_url, data_dir: Some(c.data.clone()), port: c.port };
+    let server = Server {
+        admin_url: format!("{base_url}/postgres"),
+        base_url,
+        data_dir: Some(c.data.clone()),
+        port: c.port,
+    };
     // The shared cluster lives as long as the test process; the reaper removes it.
     std::mem::forget(c);
     server
@@ -119,13 +124,26 @@ pub struct Cluster {
     pub dir: PathBuf,
     pub data: PathBuf,
     pub port: u16,
+    durable: bool,
 }
 
 impl Cluster {
     pub fn start() -> Cluster {
-        let dir = tempfile::Builder::new().prefix("keygate-pg-").tempdir().expect("temp dir").keep();
+        Self::start_with(true)
+    }
+
+    fn start_with(durable: bool) -> Cluster {
+        let dir = tempfile::Builder::new()
+            .prefix("keygate-pg-")
+            .tempdir()
+            .expect("temp dir")
+            .keep();
         if is_root() {
-            let ok = Command::new("chown").args(["-R", "postgres:postgres"]).arg(&dir).status().expect("chown");
+            let ok = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&dir)
+                .status()
+                .expect("chown");
             assert!(ok.success(), "chown of {} failed", dir.display());
         }
         let data = dir.join("data");
@@ -134,11 +152,20 @@ impl Cluster {
             .arg(&data)
             .output()
             .expect("run initdb");
-        assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         spawn_reaper(&dir, &data);
         let mut last_err = String::new();
         for _ in 0..5 {
-            let c = Cluster { dir: dir.clone(), data: data.clone(), port: free_port() };
+            let c = Cluster {
+                dir: dir.clone(),
+                data: data.clone(),
+                port: free_port(),
+                durable,
+            };
             match c.pg_ctl_start() {
                 Ok(()) => return c,
                 Err(e) => last_err = e,
@@ -149,10 +176,13 @@ impl Cluster {
 
     fn pg_ctl_start(&self) -> Result<(), String> {
         let opts = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off \
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit={} \
              -c full_page_writes=off -c max_connections=400 -c shared_buffers=64MB",
             self.port,
-            self.dir.display()
+            self.dir.display(),
+            // A test that crashes its own cluster must not lose acknowledged commits
+            // (asynchronous commit would, by design); the shared cluster is never crashed.
+            if self.durable { "on" } else { "off" },
         );
         let out = pg_command("pg_ctl")
             .arg("-D")
@@ -177,14 +207,30 @@ impl Cluster {
     /// A fresh database on this cluster, wrapped like the shared harness's.
     pub async fn fresh_db(&self) -> TestDb {
         let name = format!("kg_test_{}", uuid::Uuid::new_v4().simple());
-        connect(&self.url("postgres")).await.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create db");
-        TestDb { url: self.url(&name), name }
+        connect(&self.url("postgres"))
+            .await
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create db");
+        TestDb {
+            url: self.url(&name),
+            name,
+        }
     }
 
     /// Stops the server (fast: open sessions are cut, as in a crash or failover).
     pub fn stop(&self) {
-        let out = pg_command("pg_ctl").arg("-D").arg(&self.data).args(["-m", "immediate", "-w", "stop"]).output().expect("pg_ctl stop");
-        assert!(out.status.success(), "pg_ctl stop: {}", String::from_utf8_lossy(&out.stderr));
+        let out = pg_command("pg_ctl")
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-m", "immediate", "-w", "stop"])
+            .output()
+            .expect("pg_ctl stop");
+        assert!(
+            out.status.success(),
+            "pg_ctl stop: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// Starts it again on the same port.
@@ -201,14 +247,22 @@ impl Cluster {
     /// Sends `signal` (e.g. "STOP", "CONT") to the postmaster and all its backends.
     pub fn signal_all(&self, signal: &str) {
         let pid = self.postmaster_pid();
-        let _ = Command::new("pkill").args([&format!("-{signal}"), "-P", &pid.to_string()]).status();
-        let _ = Command::new("kill").args([&format!("-{signal}"), &pid.to_string()]).status();
+        let _ = Command::new("pkill")
+            .args([&format!("-{signal}"), "-P", &pid.to_string()])
+            .status();
+        let _ = Command::new("kill")
+            .args([&format!("-{signal}"), &pid.to_string()])
+            .status();
     }
 }
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        let _ = pg_command("pg_ctl").arg("-D").arg(&self.data).args(["-m", "immediate", "stop"]).output();
+        let _ = pg_command("pg_ctl")
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-m", "immediate", "stop"])
+            .output();
     }
 }
 

@@ -90,6 +90,7 @@ pub struct Gateway {
     pub port: u16,
     pub admin_port: u16,
     pub config: std::path::PathBuf,
+    pub log: std::path::PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -124,25 +125,26 @@ impl Gateway {
         admin_port: u16,
         dir: tempfile::TempDir,
     ) -> Gateway {
+        // Logs go to a file the test can read (and to the terminal with KEYGATE_TEST_LOGS).
+        let log = dir.path().join("keygate.log");
+        let stderr = if std::env::var_os("KEYGATE_TEST_LOGS").is_some() {
+            Stdio::inherit()
+        } else {
+            Stdio::from(std::fs::File::create(&log).expect("log file"))
+        };
         let child = db
             .command(&["serve", "--config", config.to_str().expect("utf8 path")])
             .stdout(Stdio::null())
-            .stderr(if std::env::var_os("KEYGATE_TEST_LOGS").is_some() {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            })
+            .stderr(stderr)
             .spawn()
             .expect("spawn keygate serve");
-        let gw = Gateway {
-            proc: Proc { child, name: "keygate" },
-            port,
-            admin_port,
-            config,
-            _dir: dir,
-        };
+        let gw = Gateway { proc: Proc { child, name: "keygate" }, port, admin_port, config, log, _dir: dir };
         wait_for_port(port, Duration::from_secs(20)).await;
         gw
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     pub fn url(&self, path: &str) -> String {

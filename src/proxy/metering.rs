@@ -1,0 +1,240 @@
+//! Turning a finished exchange into one usage row: the response body is wrapped so
+//! that when it ends, fails, or is dropped because the client went away, exactly one
+//! [`UsageRecord`] goes to the writer, with tokens seen in the body so far.
+//!
+//! Owns what a row says about a request (client address, truncations, error class).
+//! It does not write rows (`usage::writer`) or read tokens (`usage::meter`).
+
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use http::{header, HeaderMap, Request, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+
+use super::body::{BoxError, ProxyBody};
+use crate::config::Pricing;
+use crate::model::AuthRecord;
+use crate::usage::meter::{cost_micros, TokenMeter};
+use crate::usage::writer::UsageSink;
+use crate::usage::{self, UsageRecord};
+
+/// Everything about a request that its usage row needs, captured once the key is known.
+pub struct PendingUsage {
+    started: Instant,
+    record: UsageRecord,
+}
+
+impl PendingUsage {
+    pub fn new<B>(req: &Request<B>, rec: &AuthRecord, ip: IpAddr, started: Instant, at: DateTime<Utc>) -> Self {
+        let ua = req.headers().get(header::USER_AGENT).and_then(|v| v.to_str().ok());
+        PendingUsage {
+            started,
+            record: UsageRecord {
+                id: uuid::Uuid::now_v7(),
+                api_key_id: rec.key_id,
+                organization_id: rec.organization_id,
+                timestamp: at,
+                endpoint: usage::truncate(req.uri().path(), usage::ENDPOINT_MAX).to_string(),
+                method: usage::truncate(req.method().as_str(), usage::METHOD_MAX).to_string(),
+                status_code: 0,
+                response_time_ms: 0,
+                prompt_tokens: None,
+                completion_tokens: None,
+                tokens_used: None,
+                cost_micros: None,
+                model: None,
+                ip_address: Some(ip.to_string()),
+                user_agent: ua.map(|u| usage::truncate(u, usage::USER_AGENT_MAX).to_string()),
+                error_code: None,
+                error_message: None,
+            },
+        }
+    }
+
+    /// keygate refused or failed the request itself.
+    pub fn set_error(&mut self, code: &'static str, message: &'static str) {
+        self.record.error_code = Some(code.to_string());
+        self.record.error_message = Some(message.to_string());
+    }
+}
+
+/// The client's address: the peer, unless the peer is a trusted proxy, in which case
+/// the nearest `X-Forwarded-For` hop that is not itself trusted. An untrusted peer's
+/// `X-Forwarded-For` decides nothing.
+pub fn client_ip(peer: SocketAddr, h: &HeaderMap, trusted: &[ipnet::IpNet]) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
+    let mut ip = peer.ip();
+    if !is_trusted(&ip) {
+        return ip;
+    }
+    let hops: Vec<&str> = h
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .collect();
+    for hop in hops.iter().rev() {
+        match hop.parse::<IpAddr>() {
+            Ok(hop_ip) => {
+                ip = hop_ip;
+                if !is_trusted(&hop_ip) {
+                    break;
+                }
+            }
+            // A garbled hop: stop at the last address we could believe.
+            Err(_) => break,
+        }
+    }
+    ip
+}
+
+/// The failure class of an upstream answer, for `error_code`.
+fn upstream_class(status: StatusCode) -> Option<(&'static str, &'static str)> {
+    if status.is_server_error() {
+        Some(("upstream_error", "the upstream answered with a server error"))
+    } else if status.is_client_error() {
+        Some(("upstream_client_error", "the upstream refused the request"))
+    } else {
+        None
+    }
+}
+
+/// A response body that records its request's usage row exactly once.
+pub struct Metered {
+    inner: ProxyBody,
+    meter: Option<TokenMeter>,
+    pending: Option<PendingUsage>,
+    sink: UsageSink,
+    pricing: Arc<Pricing>,
+}
+
+impl Metered {
+    /// `from_upstream`: the body is the upstream's (tokens are read from it, and its
+    /// status classifies the row); otherwise keygate answered and `pending` holds why.
+    pub fn wrap(
+        resp: http::Response<ProxyBody>,
+        mut pending: PendingUsage,
+        from_upstream: bool,
+        tokens_header: Option<&http::HeaderName>,
+        sink: UsageSink,
+        pricing: Arc<Pricing>,
+    ) -> http::Response<ProxyBody> {
+        let status = resp.status();
+        pending.record.status_code = i32::from(status.as_u16());
+        let meter = from_upstream.then(|| {
+            let header_total = tokens_header
+                .and_then(|n| resp.headers().get(n))
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<i64>().ok());
+            TokenMeter::new(resp.headers().get(header::CONTENT_TYPE), header_total)
+        });
+        if from_upstream {
+            if let Some((code, message)) = upstream_class(status) {
+                pending.set_error(code, message);
+            }
+        }
+        resp.map(|inner| {
+            http_body_util::BodyExt::boxed_unsync(Metered { inner, meter, pending: Some(pending), sink, pricing })
+        })
+    }
+
+    fn finish(&mut self, failure: Option<(&'static str, &'static str)>) {
+        let Some(PendingUsage { started, mut record }) = self.pending.take() else { return };
+        record.response_time_ms = i32::try_from(started.elapsed().as_millis()).unwrap_or(i32::MAX);
+        if let Some((code, message)) = failure {
+            record.error_code = Some(code.to_string());
+            record.error_message = Some(message.to_string());
+        }
+        if let Some(meter) = &self.meter {
+            let tokens = meter.tokens();
+            record.cost_micros = cost_micros(&self.pricing, &tokens);
+            record.prompt_tokens = tokens.prompt.and_then(|n| i32::try_from(n).ok());
+            record.completion_tokens = tokens.completion.and_then(|n| i32::try_from(n).ok());
+            record.tokens_used = tokens.total.and_then(|n| i32::try_from(n).ok());
+            record.model = tokens.model.map(|m| usage::truncate(&m, usage::MODEL_MAX).to_string());
+        }
+        self.sink.record(record);
+    }
+}
+
+impl Body for Metered {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(meter), Some(data)) = (this.meter.as_mut(), frame.data_ref()) {
+                    meter.feed(data);
+                }
+                if this.inner.is_end_stream() {
+                    this.finish(None);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                this.finish(Some(("upstream_stream_error", "the upstream broke off the response body")))
+            }
+            Poll::Ready(None) => this.finish(None),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Metered {
+    fn drop(&mut self) {
+        // Dropped before the end: the client went away (or the connection died). The
+        // row still goes in, with what was streamed so far.
+        if self.pending.is_some() && !self.inner.is_end_stream() {
+            self.finish(Some(("client_disconnected", "the client closed the connection before the response ended")));
+        } else {
+            self.finish(None);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nets(list: &[&str]) -> Vec<ipnet::IpNet> {
+        list.iter().map(|s| s.parse().expect("cidr")).collect()
+    }
+
+    fn xff(v: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", v.parse().expect("value"));
+        h
+    }
+
+    #[test]
+    fn untrusted_peers_forwarded_for_decides_nothing() {
+        let peer: SocketAddr = "203.0.113.9:5000".parse().expect("addr");
+        assert_eq!(client_ip(peer, &xff("1.2.3.4"), &nets(&["10.0.0.0/8"])).to_string(), "203.0.113.9");
+    }
+
+    #[test]
+    fn trusted_peers_yield_the_nearest_untrusted_hop() {
+        let peer: SocketAddr = "10.0.0.5:5000".parse().expect("addr");
+        let trusted = nets(&["10.0.0.0/8"]);
+        assert_eq!(client_ip(peer, &xff("6.6.6.6, 198.51.100.7, 10.1.1.1"), &trusted).to_string(), "198.51.100.7");
+        assert_eq!(client_ip(peer, &HeaderMap::new(), &trusted).to_string(), "10.0.0.5");
+        assert_eq!(client_ip(peer, &xff("garbage, 10.2.2.2"), &trusted).to_string(), "10.2.2.2");
+    }
+}

@@ -1,0 +1,135 @@
+//! Per-request identity and timing: the request id (taken from a well-formed client
+//! `X-Request-Id` or made as a UUID v7), keygate's own share of the latency, the
+//! `Server-Timing` / `X-Keygate-Overhead-Ms` response headers, and the access-log line.
+//!
+//! Logs name keys by prefix and hint only; the plaintext key never reaches this module.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+
+use crate::model::AuthRecord;
+
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const OVERHEAD: HeaderName = HeaderName::from_static("x-keygate-overhead-ms");
+const SERVER_TIMING: HeaderName = HeaderName::from_static("server-timing");
+
+pub struct Trace {
+    pub id: HeaderValue,
+    pub started: Instant,
+    /// When the request was handed to the upstream client.
+    pub forwarded: Option<Instant>,
+    /// When the upstream's response headers arrived.
+    pub answered: Option<Instant>,
+    pub record: Option<Arc<AuthRecord>>,
+}
+
+impl Trace {
+    /// Starts a trace, adopting the client's request id when it is a sane token, and
+    /// writes the id into the request headers so the upstream sees the same one.
+    pub fn begin(headers: &mut HeaderMap) -> Trace {
+        let id = headers
+            .get(&REQUEST_ID)
+            .filter(|v| acceptable_id(v.as_bytes()))
+            .cloned()
+            .unwrap_or_else(|| {
+                let mut buf = uuid::Uuid::encode_buffer();
+                let s = uuid::Uuid::now_v7().hyphenated().encode_lower(&mut buf);
+                HeaderValue::from_str(s).unwrap_or(HeaderValue::from_static("-"))
+            });
+        headers.insert(REQUEST_ID, id.clone());
+        Trace { id, started: Instant::now(), forwarded: None, answered: None, record: None }
+    }
+
+    /// keygate's own time: everything but the wait for the upstream's headers.
+    pub fn overhead(&self, now: Instant) -> Duration {
+        match (self.forwarded, self.answered) {
+            (Some(f), Some(a)) => (f - self.started) + now.saturating_duration_since(a),
+            (Some(f), None) => f - self.started,
+            _ => now - self.started,
+        }
+    }
+
+    pub fn upstream(&self) -> Option<Duration> {
+        Some(self.answered? - self.forwarded?)
+    }
+
+    /// Adds the request id and timing headers to a response.
+    pub fn stamp(&self, h: &mut HeaderMap, now: Instant) {
+        h.insert(REQUEST_ID, self.id.clone());
+        let overhead = self.overhead(now).as_secs_f64() * 1000.0;
+        if let Ok(v) = HeaderValue::from_str(&format!("{overhead:.3}")) {
+            h.insert(OVERHEAD, v);
+        }
+        let timing = match self.upstream() {
+            Some(up) => format!("keygate;dur={overhead:.3}, upstream;dur={:.3}", up.as_secs_f64() * 1000.0),
+            None => format!("keygate;dur={overhead:.3}"),
+        };
+        if let Ok(v) = HeaderValue::from_str(&timing) {
+            h.append(SERVER_TIMING, v);
+        }
+    }
+
+    /// One access-log line, at response-head time.
+    pub fn log(&self, method: &Method, path: &str, status: StatusCode, error: Option<&'static str>, now: Instant) {
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        let id = self.id.to_str().unwrap_or("-");
+        let (org, key, hint) = match &self.record {
+            Some(r) => (Some(r.organization_id), Some(r.key_id), Some(format!("{}…{}", r.key_prefix, r.key_hint))),
+            None => (None, None, None),
+        };
+        tracing::info!(
+            target: "keygate::access",
+            request_id = id,
+            method = %method,
+            path,
+            status = status.as_u16(),
+            error,
+            org = org.map(tracing::field::display),
+            key_id = key.map(tracing::field::display),
+            key = hint.as_deref(),
+            total_ms = ms(now - self.started),
+            upstream_ms = self.upstream().map(ms),
+            overhead_ms = ms(self.overhead(now)),
+        );
+    }
+}
+
+/// A client id is adopted only if it is short, visible ASCII: anything else could be
+/// used to inject into logs or the upstream's headers.
+fn acceptable_id(v: &[u8]) -> bool {
+    !v.is_empty() && v.len() <= 128 && v.iter().all(|b| b.is_ascii_graphic())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adopts_sane_ids_and_replaces_others() {
+        let mut h = HeaderMap::new();
+        h.insert(REQUEST_ID, HeaderValue::from_static("abc-123"));
+        assert_eq!(Trace::begin(&mut h).id, "abc-123");
+        let mut h = HeaderMap::new();
+        h.insert(REQUEST_ID, HeaderValue::from_static("has space"));
+        let t = Trace::begin(&mut h);
+        assert_ne!(t.id, "has space");
+        assert_eq!(h[REQUEST_ID], t.id);
+        let mut h = HeaderMap::new();
+        let t = Trace::begin(&mut h);
+        assert_eq!(t.id.len(), 36);
+    }
+
+    #[test]
+    fn stamps_timing_headers() {
+        let mut h = HeaderMap::new();
+        let mut t = Trace::begin(&mut h);
+        t.forwarded = Some(t.started + Duration::from_millis(1));
+        t.answered = Some(t.started + Duration::from_millis(11));
+        let mut out = HeaderMap::new();
+        t.stamp(&mut out, t.started + Duration::from_millis(12));
+        assert_eq!(out[OVERHEAD], "2.000");
+        assert_eq!(out[SERVER_TIMING], "keygate;dur=2.000, upstream;dur=10.000");
+    }
+}
