@@ -11,4 +11,5 @@ pub mod limits;
 pub mod maintenance;
 pub mod model;
 pub mod proxy;
+pub mod telemetry;
 pub mod usage;

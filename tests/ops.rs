@@ -99,3 +99,54 @@ async fn json_logs_parse_and_never_contain_a_key() {
     }
     assert!(logs.contains(&format!("pk_test_…{}", &key[key.len() - 4..])), "the key hint is how keys are named");
 }
+
+/// Parses Prometheus text exposition strictly enough to catch a broken page: every
+/// sample line is `name{labels} value` with a float value. Returns (series, value).
+fn parse_prometheus(text: &str) -> Vec<(String, f64)> {
+    let mut out = Vec::new();
+    for line in text.lines().filter(|l| !l.is_empty() && !l.starts_with('#')) {
+        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("bad line {line:?}"));
+        let value: f64 = value.parse().unwrap_or_else(|_| panic!("bad value in {line:?}"));
+        let name_end = series.find('{').unwrap_or(series.len());
+        let name = &series[..name_end];
+        assert!(!name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'), "{line:?}");
+        if name_end < series.len() {
+            assert!(series.ends_with('}'), "{line:?}");
+        }
+        out.push((series.to_string(), value));
+    }
+    out
+}
+
+fn sample(samples: &[(String, f64)], series: &str) -> f64 {
+    samples.iter().filter(|(s, _)| s == series).map(|(_, v)| *v).sum()
+}
+
+#[tokio::test]
+async fn metrics_parse_and_move_with_traffic() {
+    let (db, key) = seeded_db().await;
+    let up = Upstream::start(&[]).await;
+    let gw = Gateway::start(&db, up.port, "[usage]\nflush_interval = \"100ms\"\n").await;
+    let url = format!("http://127.0.0.1:{}/metrics", gw.admin_port);
+    let before = get(&url, &[]).await;
+    assert_eq!(before.status, 200);
+    assert!(before.header("content-type").is_some_and(|c| c.starts_with("text/plain")));
+    let before = parse_prometheus(&String::from_utf8_lossy(&before.body));
+    for _ in 0..5 {
+        assert_eq!(get(&gw.url("/echo"), &[("authorization", &bearer(&key))]).await.status, 200);
+    }
+    get(&gw.url("/echo"), &[]).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = get(&url, &[]).await;
+    let text = String::from_utf8_lossy(&after.body).into_owned();
+    let after = parse_prometheus(&text);
+    let proxied = r#"keygate_requests_total{outcome="proxied",status="200"}"#;
+    assert_eq!(sample(&after, proxied) - sample(&before, proxied), 5.0, "{text}");
+    assert_eq!(sample(&after, r#"keygate_requests_total{outcome="missing_api_key",status="401"}"#), 1.0, "{text}");
+    assert!(sample(&after, "keygate_auth_cache_hits_total") >= 4.0, "{text}");
+    assert!(sample(&after, r#"keygate_usage_rows_total{result="written"}"#) >= 5.0, "{text}");
+    assert!(sample(&after, "keygate_overhead_seconds_count") >= 6.0, "{text}");
+    assert!(sample(&after, "keygate_upstream_seconds_count") >= 5.0, "{text}");
+    assert!(sample(&after, r#"keygate_rate_limit_decisions_total{decision="allowed"}"#) >= 5.0, "{text}");
+    assert_eq!(sample(&after, "keygate_notify_listener_connected"), 1.0, "{text}");
+}

@@ -89,8 +89,10 @@ pub async fn serve(
         tracker.spawn(auth.clone().run_sync(cfg.database.clone(), background.clone()));
     }
     tracker.spawn(crate::maintenance::run(pool.clone(), cfg.limits.tracking_retention, background.clone()));
+    let mut usage_stats = None;
     let usage_sink = match usage {
         Some((sink, writer, writer_pool)) => {
+            usage_stats = Some(writer.stats());
             tracker.spawn(writer.run(writer_pool, background.clone(), cfg.server.shutdown_grace));
             Some(sink)
         }
@@ -131,9 +133,20 @@ pub async fn serve(
     let grace = cfg.server.shutdown_grace;
     if let Some(admin) = admin_listener {
         let admin_health = Arc::new(health(&pool));
+        let metrics = crate::telemetry::install().map(|handle| {
+            let sources = crate::telemetry::Sources { auth: auth.clone(), limiter: limiter.clone(), usage: usage_stats.clone() };
+            Arc::new((handle, sources))
+        });
         let handler = move |req: http::Request<hyper::body::Incoming>, _peer| {
-            let h = admin_health.clone();
-            async move { h.answer(&req).await.unwrap_or_else(health::not_found) }
+            let (h, metrics) = (admin_health.clone(), metrics.clone());
+            async move {
+                if req.uri().path() == "/metrics" {
+                    if let Some(m) = metrics {
+                        return health::metrics(crate::telemetry::render(&m.0, &m.1));
+                    }
+                }
+                h.answer(&req).await.unwrap_or_else(health::not_found)
+            }
         };
         // The admin listener outlives the main one, so /readyz can say "draining" to
         // probes while in-flight requests finish.

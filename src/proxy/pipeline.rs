@@ -78,6 +78,12 @@ impl Proxy {
         };
         let now = Instant::now();
         trace.stamp(resp.headers_mut(), now);
+        crate::telemetry::request(
+            error.unwrap_or("proxied"),
+            resp.status().as_u16(),
+            trace.overhead(now).as_secs_f64(),
+            trace.upstream().map(|d| d.as_secs_f64()),
+        );
         if let Some(path) = &path {
             trace.log(&method, path, resp.status(), error, now);
         }
@@ -141,6 +147,7 @@ impl Proxy {
         self.limiter.ensure_seeded(&self.pool, &limits, now).await;
         let decision = self.limiter.check(&limits, now);
         let info = decision.info();
+        crate::telemetry::rate_decision(decision.is_allowed(), info.limit, info.remaining);
         let rate = Some(RateHeaders {
             limit: info.limit,
             remaining: info.remaining,

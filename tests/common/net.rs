@@ -101,10 +101,11 @@ impl Gateway {
         let dir = tempfile::tempdir().expect("tmp");
         let config = dir.path().join("keygate.toml");
         let (port, admin_port) = (free_port(), free_port());
-        let text = format!(
+        let mut text = format!(
             "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\nshutdown_grace = \"10s\"\n\
              [upstream]\nurl = \"http://127.0.0.1:{upstream_port}\"\n{extra}\n"
         );
+        private_spool(&mut text, dir.path());
         std::fs::write(&config, text).expect("write config");
         Self::start_with(db, config, port, admin_port, dir).await
     }
@@ -114,7 +115,9 @@ impl Gateway {
         let dir = tempfile::tempdir().expect("tmp");
         let config = dir.path().join("keygate.toml");
         let (port, admin_port) = (free_port(), free_port());
-        std::fs::write(&config, toml(port, admin_port)).expect("write config");
+        let mut text = toml(port, admin_port);
+        private_spool(&mut text, dir.path());
+        std::fs::write(&config, text).expect("write config");
         Self::start_with(db, config, port, admin_port, dir).await
     }
 
@@ -138,8 +141,27 @@ impl Gateway {
             .stderr(stderr)
             .spawn()
             .expect("spawn keygate serve");
-        let gw = Gateway { proc: Proc { child, name: "keygate" }, port, admin_port, config, log, _dir: dir };
+        let gw = Gateway {
+            proc: Proc { child, name: "keygate" },
+            port,
+            admin_port,
+            config,
+            log,
+            _dir: dir,
+        };
         wait_for_port(port, Duration::from_secs(20)).await;
+        // Ready means the change listener has connected and done its first resync, which
+        // invalidates the cache: traffic before that would race it.
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(20) {
+            let url = format!("http://127.0.0.1:{}/readyz", gw.admin_port);
+            if let Ok(Ok(resp)) = tokio::time::timeout(Duration::from_secs(2), try_get(&url)).await {
+                if resp.contains("\"notify_listener\":\"ok\"") {
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         gw
     }
 
@@ -159,6 +181,19 @@ impl Gateway {
     pub async fn ready_json(&self) -> serde_json::Value {
         let r = get(&format!("http://127.0.0.1:{}/readyz", self.admin_port), &[]).await;
         serde_json::from_slice(&r.body).expect("readyz json")
+    }
+}
+
+/// Each gateway spools into its own directory unless the test chose one: a shared
+/// spool would replay one test's rows into another test's database.
+fn private_spool(text: &mut String, dir: &std::path::Path) {
+    if text.contains("spool_dir") {
+        return;
+    }
+    let spool = format!("spool_dir = \"{}\"\n", dir.join("spool").display());
+    match text.find("[usage]\n") {
+        Some(i) => text.insert_str(i + "[usage]\n".len(), &spool),
+        None => text.push_str(&format!("\n[usage]\n{spool}")),
     }
 }
 
@@ -204,6 +239,13 @@ pub async fn send(method: Method, url: &str, headers: &[(&str, &str)], body: imp
         headers: parts.headers,
         body,
     }
+}
+
+async fn try_get(url: &str) -> Result<String, hyper_util::client::legacy::Error> {
+    let req = Request::get(url).body(Full::new(Bytes::new())).expect("request");
+    let resp = client().request(req).await?;
+    let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
 pub async fn get(url: &str, headers: &[(&str, &str)]) -> Reply {

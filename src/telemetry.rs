@@ -1,0 +1,118 @@
+//! Prometheus metrics: the recorder, the names, and the scrape that turns the other
+//! subsystems' own counters (auth cache, limiter, usage writer) into metrics.
+//!
+//! Owns metric names and the `/metrics` text. Hot-path code records through the
+//! `metrics` macros (a few atomic adds); everything that already keeps its own
+//! counters is read only at scrape time, so it costs nothing per request.
+
+use std::sync::{Arc, OnceLock};
+
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::auth::Authenticator;
+use crate::limits::Limiter;
+use crate::usage::UsageStats;
+
+pub const REQUESTS: &str = "keygate_requests_total";
+pub const OVERHEAD: &str = "keygate_overhead_seconds";
+pub const UPSTREAM: &str = "keygate_upstream_seconds";
+pub const RATE_DECISIONS: &str = "keygate_rate_limit_decisions_total";
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the process-wide recorder once; later calls reuse it.
+pub fn install() -> Option<PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let latency = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+            PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &latency)
+                .ok()?
+                .install_recorder()
+                .map_err(|e| tracing::warn!(error = %e, "metrics recorder not installed"))
+                .ok()
+        })
+        .clone()
+}
+
+/// What the scrape reads besides the recorder's own metrics.
+pub struct Sources {
+    pub auth: Arc<Authenticator>,
+    pub limiter: Arc<Limiter>,
+    pub usage: Option<Arc<UsageStats>>,
+}
+
+/// The `/metrics` body.
+pub fn render(handle: &PrometheusHandle, s: &Sources) -> String {
+    let a = s.auth.stats();
+    gauge!("keygate_auth_cache_entries", "kind" => "positive").set(a.cached as f64);
+    gauge!("keygate_auth_cache_entries", "kind" => "negative").set(a.negative as f64);
+    counter!("keygate_auth_cache_hits_total").absolute(a.hits);
+    counter!("keygate_auth_cache_misses_total").absolute(a.misses);
+    counter!("keygate_auth_db_lookups_total").absolute(a.db_lookups);
+    counter!("keygate_auth_db_reloads_total").absolute(a.db_reloads);
+    counter!("keygate_auth_stale_served_total").absolute(a.stale_served);
+    counter!("keygate_auth_invalidations_total").absolute(a.invalidations);
+    gauge!("keygate_notify_listener_connected").set(if a.listener_connected { 1.0 } else { 0.0 });
+    let t = s.limiter.tracked();
+    gauge!("keygate_rate_limit_tracked", "kind" => "keys").set(t.keys as f64);
+    gauge!("keygate_rate_limit_tracked", "kind" => "orgs").set(t.orgs as f64);
+    if let Some(u) = &s.usage {
+        let u = u.snapshot();
+        gauge!("keygate_usage_queue_depth").set(u.queued as f64);
+        counter!("keygate_usage_rows_total", "result" => "written").absolute(u.written);
+        counter!("keygate_usage_rows_total", "result" => "duplicate").absolute(u.duplicates);
+        counter!("keygate_usage_rows_total", "result" => "spooled").absolute(u.spooled);
+        counter!("keygate_usage_rows_total", "result" => "replayed").absolute(u.replayed);
+        counter!("keygate_usage_rows_total", "result" => "dropped").absolute(u.dropped);
+        counter!("keygate_usage_failed_batches_total").absolute(u.failed_batches);
+        gauge!("keygate_usage_last_flush_seconds").set(u.last_flush_ms as f64 / 1000.0);
+    }
+    handle.render()
+}
+
+/// One finished request, at response-head time. `outcome` is keygate's error code, or
+/// "proxied" for an upstream answer.
+pub fn request(outcome: &'static str, status: u16, overhead_secs: f64, upstream_secs: Option<f64>) {
+    counter!(REQUESTS, "outcome" => outcome, "status" => status_label(status)).increment(1);
+    histogram!(OVERHEAD).record(overhead_secs);
+    if let Some(u) = upstream_secs {
+        histogram!(UPSTREAM).record(u);
+    }
+}
+
+/// A rate-limit decision; "near_limit" when at most a tenth of the minute's budget is left.
+pub fn rate_decision(allowed: bool, limit: i64, remaining: i64) {
+    let decision = match (allowed, remaining * 10 <= limit) {
+        (false, _) => "limited",
+        (true, true) => "near_limit",
+        (true, false) => "allowed",
+    };
+    counter!(RATE_DECISIONS, "decision" => decision).increment(1);
+}
+
+fn status_label(status: u16) -> &'static str {
+    // A fixed label set keeps the series count bounded whatever upstreams answer.
+    match status {
+        200 => "200",
+        201 => "201",
+        204 => "204",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        408 => "408",
+        413 => "413",
+        429 => "429",
+        431 => "431",
+        500 => "500",
+        502 => "502",
+        503 => "503",
+        504 => "504",
+        s if s < 300 => "2xx",
+        s if s < 400 => "3xx",
+        s if s < 500 => "4xx",
+        _ => "5xx",
+    }
+}
