@@ -463,3 +463,65 @@ async fn sigterm_during_a_stream_lets_it_finish_and_exits_0() {
     let status = status.expect("keygate exited");
     assert!(status.success(), "exit status {status:?}");
 }
+
+#[tokio::test]
+async fn the_header_read_timeout_really_fires() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (db, key) = seeded_db().await;
+    let up = Upstream::start(&[]).await;
+    let gw = Gateway::start_raw(&db, |port, admin| {
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin}\"\nheader_read_timeout = \"1s\"\n\
+             [upstream]\nurl = \"http://127.0.0.1:{}\"\n",
+            up.port
+        )
+    })
+    .await;
+    // A slowloris client: half a request head, then silence.
+    let mut slow = tokio::net::TcpStream::connect(gw.addr()).await.expect("connect");
+    slow.write_all(b"GET /echo HTTP/1.1\r\nhost: x\r\nx-slow: ").await.expect("write");
+    let started = Instant::now();
+    // A legitimate client is served meanwhile.
+    assert_eq!(get(&gw.url("/echo"), &[("authorization", &bearer(&key))]).await.status, 200);
+    let mut buf = [0u8; 1024];
+    let read = tokio::time::timeout(Duration::from_secs(5), slow.read(&mut buf)).await.expect("closed within the timeout");
+    let elapsed = started.elapsed();
+    // hyper answers 408 or just closes; either way the connection ends.
+    match read {
+        Ok(0) | Err(_) => {}
+        Ok(n) => assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 408"), "{:?}", String::from_utf8_lossy(&buf[..n])),
+    }
+    assert!(elapsed >= Duration::from_millis(900) && elapsed < Duration::from_secs(4), "{elapsed:?}");
+}
+
+#[tokio::test]
+async fn cleartext_http2_works_when_switched_on() {
+    let (db, key) = seeded_db().await;
+    let up = Upstream::start(&[]).await;
+    let gw = Gateway::start_raw(&db, |port, admin| {
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin}\"\nhttp2 = true\n\
+             [upstream]\nurl = \"http://127.0.0.1:{}/echo\"\n",
+            up.port
+        )
+    })
+    .await;
+    let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let req = http::Request::get(gw.url("/sub/path?q=1"))
+        .header("authorization", bearer(&key))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .expect("request");
+    let resp = h2.request(req).await.expect("h2 response");
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    assert_eq!(resp.status(), 200);
+    use http_body_util::BodyExt;
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    let echo: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    // The upstream URL's base path is kept in front of the client's path.
+    assert_eq!(echo["path"], "/echo/sub/path");
+    assert_eq!(echo["query"], "q=1");
+    // Health answers on the main listener too, without a key.
+    assert_eq!(get(&gw.url("/healthz"), &[]).await.status, 200);
+}
