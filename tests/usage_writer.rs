@@ -513,3 +513,31 @@ fn a_claimed_spool_file_loses_no_later_rows() {
     assert_eq!(fresh.len(), 1);
     assert_eq!(std::fs::read_to_string(&fresh[0]).unwrap().lines().count(), 3);
 }
+
+/// A batch the database refuses rolls back cleanly: the same pooled session (its
+/// staging table and cached statements made in the failed transaction) writes the
+/// next batch, and the refused rows are written once the cause is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_batch_leaves_the_session_usable() {
+    let f = fixture().await;
+    let pool = db::pool(&f.db.database_config(), 1).unwrap();
+    f.client
+        .batch_execute("ALTER TABLE api_key_usage ADD CONSTRAINT test_no_599 CHECK (status_code <> 599)")
+        .await
+        .unwrap();
+    let mut refused: Vec<UsageRecord> = (0..10).map(|i| f.record(i)).collect();
+    refused[3].status_code = 599;
+    let limit = Duration::from_secs(10);
+    assert!(db::usage::write_batch(&pool, &refused, limit).await.is_err());
+    let good: Vec<UsageRecord> = (0..10).map(|i| f.record(i)).collect();
+    let o = db::usage::write_batch(&pool, &good, limit).await.unwrap();
+    assert_eq!(o.inserted, 10);
+    f.client
+        .batch_execute("ALTER TABLE api_key_usage DROP CONSTRAINT test_no_599")
+        .await
+        .unwrap();
+    let o = db::usage::write_batch(&pool, &refused, limit).await.unwrap();
+    assert_eq!(o.inserted, 10);
+    let ids: Vec<Uuid> = refused.iter().chain(&good).map(|r| r.id).collect();
+    assert_eq!(f.stored(&ids).await, 20);
+}
