@@ -17,7 +17,11 @@ async fn healthcheck_passes_against_a_healthy_instance_and_fails_otherwise() {
     assert!(ok.status.success(), "{}", stderr(&ok));
     let ready = db.keygate(&["healthcheck", "--config", cfg, "--ready"]);
     assert!(ready.status.success(), "{}", stderr(&ready));
-    let dead = db.keygate(&["healthcheck", "--url", &format!("http://127.0.0.1:{}/healthz", free_port())]);
+    let dead = db.keygate(&[
+        "healthcheck",
+        "--url",
+        &format!("http://127.0.0.1:{}/healthz", free_port()),
+    ]);
     assert!(!dead.status.success());
     assert!(stderr(&dead).starts_with("error: "), "{}", stderr(&dead));
 }
@@ -31,11 +35,19 @@ async fn readiness_flips_to_draining_on_sigterm_while_requests_finish() {
     let url = gw.url("/v1/chat/completions");
     let auth = bearer(&key);
     let stream = tokio::spawn(async move {
-        post(&url, &[("authorization", &auth)], r#"{"model": "m", "stream": true, "max_tokens": 20, "messages": [{"role": "user", "content": "x"}]}"#).await
+        post(
+            &url,
+            &[("authorization", &auth)],
+            r#"{"model": "m", "stream": true, "max_tokens": 20, "messages": [{"role": "user", "content": "x"}]}"#,
+        )
+        .await
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     let pid = gw.proc.child.id().to_string();
-    std::process::Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
     tokio::time::sleep(Duration::from_millis(200)).await;
     let r = get(&format!("http://127.0.0.1:{}/readyz", gw.admin_port), &[]).await;
     assert_eq!(r.status, 503);
@@ -53,12 +65,26 @@ async fn request_ids_and_overhead_are_reported() {
     let up = Upstream::start(&[]).await;
     let gw = Gateway::start(&db, up.port, "").await;
     let auth = bearer(&key);
-    let r = get(&gw.url("/echo"), &[("authorization", &auth), ("x-request-id", "req-123")]).await;
+    let r = get(
+        &gw.url("/echo"),
+        &[("authorization", &auth), ("x-request-id", "req-123")],
+    )
+    .await;
     assert_eq!(r.header("x-request-id"), Some("req-123"));
-    assert_eq!(r.json()["headers"]["x-request-id"], "req-123", "the upstream sees the same id");
-    let overhead: f64 = r.header("x-keygate-overhead-ms").expect("overhead").parse().expect("ms");
+    assert_eq!(
+        r.json()["headers"]["x-request-id"],
+        "req-123",
+        "the upstream sees the same id"
+    );
+    let overhead: f64 = r
+        .header("x-keygate-overhead-ms")
+        .expect("overhead")
+        .parse()
+        .expect("ms");
     assert!(overhead >= 0.0);
-    assert!(r.header("server-timing").is_some_and(|v| v.contains("keygate;dur=") && v.contains("upstream;dur=")));
+    assert!(r
+        .header("server-timing")
+        .is_some_and(|v| v.contains("keygate;dur=") && v.contains("upstream;dur=")));
     // Generated when absent or unsafe, and present on keygate's own refusals too.
     let r = get(&gw.url("/echo"), &[("x-request-id", "bad id\twith tab")]).await;
     assert_eq!(r.status, 401);
@@ -70,8 +96,16 @@ async fn request_ids_and_overhead_are_reported() {
 async fn json_logs_parse_and_never_contain_a_key() {
     let (db, key) = seeded_db().await;
     let revoked = db.ok(&["keys", "create", "--org", "default", "--name", "r"]);
-    let list: serde_json::Value = serde_json::from_str(&db.ok(&["keys", "list", "--org", "default", "--format", "json"])).expect("json");
-    let rid = list.as_array().expect("a").iter().find(|k| k["name"] == "r").and_then(|k| k["id"].as_str()).expect("id").to_string();
+    let list: serde_json::Value =
+        serde_json::from_str(&db.ok(&["keys", "list", "--org", "default", "--format", "json"])).expect("json");
+    let rid = list
+        .as_array()
+        .expect("a")
+        .iter()
+        .find(|k| k["name"] == "r")
+        .and_then(|k| k["id"].as_str())
+        .expect("id")
+        .to_string();
     db.ok(&["keys", "revoke", &rid]);
     let unknown = "pk_live_ZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZA";
     let up = Upstream::start(&[]).await;
@@ -97,7 +131,10 @@ async fn json_logs_parse_and_never_contain_a_key() {
         // Neither the key nor its secret body may appear anywhere.
         assert!(!logs.contains(&k[8..]), "a key leaked into the logs");
     }
-    assert!(logs.contains(&format!("pk_test_…{}", &key[key.len() - 4..])), "the key hint is how keys are named");
+    assert!(
+        logs.contains(&format!("pk_test_…{}", &key[key.len() - 4..])),
+        "the key hint is how keys are named"
+    );
 }
 
 /// Parses Prometheus text exposition strictly enough to catch a broken page: every
@@ -109,7 +146,10 @@ fn parse_prometheus(text: &str) -> Vec<(String, f64)> {
         let value: f64 = value.parse().unwrap_or_else(|_| panic!("bad value in {line:?}"));
         let name_end = series.find('{').unwrap_or(series.len());
         let name = &series[..name_end];
-        assert!(!name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'), "{line:?}");
+        assert!(
+            !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "{line:?}"
+        );
         if name_end < series.len() {
             assert!(series.ends_with('}'), "{line:?}");
         }
@@ -130,10 +170,15 @@ async fn metrics_parse_and_move_with_traffic() {
     let url = format!("http://127.0.0.1:{}/metrics", gw.admin_port);
     let before = get(&url, &[]).await;
     assert_eq!(before.status, 200);
-    assert!(before.header("content-type").is_some_and(|c| c.starts_with("text/plain")));
+    assert!(before
+        .header("content-type")
+        .is_some_and(|c| c.starts_with("text/plain")));
     let before = parse_prometheus(&String::from_utf8_lossy(&before.body));
     for _ in 0..5 {
-        assert_eq!(get(&gw.url("/echo"), &[("authorization", &bearer(&key))]).await.status, 200);
+        assert_eq!(
+            get(&gw.url("/echo"), &[("authorization", &bearer(&key))]).await.status,
+            200
+        );
     }
     get(&gw.url("/echo"), &[]).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -142,11 +187,24 @@ async fn metrics_parse_and_move_with_traffic() {
     let after = parse_prometheus(&text);
     let proxied = r#"keygate_requests_total{outcome="proxied",status="200"}"#;
     assert_eq!(sample(&after, proxied) - sample(&before, proxied), 5.0, "{text}");
-    assert_eq!(sample(&after, r#"keygate_requests_total{outcome="missing_api_key",status="401"}"#), 1.0, "{text}");
+    assert_eq!(
+        sample(
+            &after,
+            r#"keygate_requests_total{outcome="missing_api_key",status="401"}"#
+        ),
+        1.0,
+        "{text}"
+    );
     assert!(sample(&after, "keygate_auth_cache_hits_total") >= 4.0, "{text}");
-    assert!(sample(&after, r#"keygate_usage_rows_total{result="written"}"#) >= 5.0, "{text}");
+    assert!(
+        sample(&after, r#"keygate_usage_rows_total{result="written"}"#) >= 5.0,
+        "{text}"
+    );
     assert!(sample(&after, "keygate_overhead_seconds_count") >= 6.0, "{text}");
     assert!(sample(&after, "keygate_upstream_seconds_count") >= 5.0, "{text}");
-    assert!(sample(&after, r#"keygate_rate_limit_decisions_total{decision="allowed"}"#) >= 5.0, "{text}");
+    assert!(
+        sample(&after, r#"keygate_rate_limit_decisions_total{decision="allowed"}"#) >= 5.0,
+        "{text}"
+    );
     assert_eq!(sample(&after, "keygate_notify_listener_connected"), 1.0, "{text}");
 }

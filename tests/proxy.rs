@@ -479,19 +479,33 @@ async fn the_header_read_timeout_really_fires() {
     .await;
     // A slowloris client: half a request head, then silence.
     let mut slow = tokio::net::TcpStream::connect(gw.addr()).await.expect("connect");
-    slow.write_all(b"GET /echo HTTP/1.1\r\nhost: x\r\nx-slow: ").await.expect("write");
+    slow.write_all(b"GET /echo HTTP/1.1\r\nhost: x\r\nx-slow: ")
+        .await
+        .expect("write");
     let started = Instant::now();
     // A legitimate client is served meanwhile.
-    assert_eq!(get(&gw.url("/echo"), &[("authorization", &bearer(&key))]).await.status, 200);
+    assert_eq!(
+        get(&gw.url("/echo"), &[("authorization", &bearer(&key))]).await.status,
+        200
+    );
     let mut buf = [0u8; 1024];
-    let read = tokio::time::timeout(Duration::from_secs(5), slow.read(&mut buf)).await.expect("closed within the timeout");
+    let read = tokio::time::timeout(Duration::from_secs(5), slow.read(&mut buf))
+        .await
+        .expect("closed within the timeout");
     let elapsed = started.elapsed();
     // hyper answers 408 or just closes; either way the connection ends.
     match read {
         Ok(0) | Err(_) => {}
-        Ok(n) => assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 408"), "{:?}", String::from_utf8_lossy(&buf[..n])),
+        Ok(n) => assert!(
+            String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 408"),
+            "{:?}",
+            String::from_utf8_lossy(&buf[..n])
+        ),
     }
-    assert!(elapsed >= Duration::from_millis(900) && elapsed < Duration::from_secs(4), "{elapsed:?}");
+    assert!(
+        elapsed >= Duration::from_millis(900) && elapsed < Duration::from_secs(4),
+        "{elapsed:?}"
+    );
 }
 
 #[tokio::test]

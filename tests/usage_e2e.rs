@@ -18,7 +18,12 @@ fn usage_toml(spool: &std::path::Path, extra: &str) -> String {
 }
 
 async fn rows(db: &TestDb) -> i64 {
-    db.client().await.query_one("SELECT count(*) FROM api_key_usage", &[]).await.expect("count").get(0)
+    db.client()
+        .await
+        .query_one("SELECT count(*) FROM api_key_usage", &[])
+        .await
+        .expect("count")
+        .get(0)
 }
 
 async fn wait_rows(db: &TestDb, n: i64, within: Duration) -> i64 {
@@ -37,19 +42,38 @@ async fn n_requests_make_exactly_n_rows_with_the_right_fields() {
     let (db, _seed_key) = seeded_db().await;
     let spool = tempfile::tempdir().expect("tmp");
     let up = Upstream::start(&[]).await;
-    let gw = Gateway::start(&db, up.port, &format!("[[routes]]\nprefix = \"/admin\"\nscopes = [\"admin\"]\n{}", usage_toml(spool.path(), ""))).await;
+    let gw = Gateway::start(
+        &db,
+        up.port,
+        &format!(
+            "[[routes]]\nprefix = \"/admin\"\nscopes = [\"admin\"]\n{}",
+            usage_toml(spool.path(), "")
+        ),
+    )
+    .await;
     db.ok(&["orgs", "create", "--name", "U", "--slug", "u"]);
     let key = db.ok(&["keys", "create", "--org", "u", "--name", "k", "--rate-limit", "5"]);
     let auth = bearer(&key);
     let mut statuses = Vec::new();
     for _ in 0..7 {
-        let r = get(&gw.url("/echo/a?secret=1"), &[("authorization", &auth), ("user-agent", "probe/1.0")]).await;
+        let r = get(
+            &gw.url("/echo/a?secret=1"),
+            &[("authorization", &auth), ("user-agent", "probe/1.0")],
+        )
+        .await;
         statuses.push(r.status.as_u16());
     }
     let forbidden = get(&gw.url("/admin/x"), &[("authorization", &auth)]).await;
     assert_eq!(forbidden.status, 403);
     // Requests with no identifiable key leave no row.
-    get(&gw.url("/echo"), &[("authorization", "Bearer pk_test_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA")]).await;
+    get(
+        &gw.url("/echo"),
+        &[(
+            "authorization",
+            "Bearer pk_test_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        )],
+    )
+    .await;
     get(&gw.url("/echo"), &[]).await;
     assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 5, "{statuses:?}");
 
@@ -91,7 +115,13 @@ async fn n_requests_make_exactly_n_rows_with_the_right_fields() {
         }
     }
     let (total, last_used): (i64, Option<chrono::DateTime<chrono::Utc>>) = {
-        let r = c.query_one("SELECT total_requests, last_used_at FROM api_keys WHERE name = 'k'", &[]).await.expect("key");
+        let r = c
+            .query_one(
+                "SELECT total_requests, last_used_at FROM api_keys WHERE name = 'k'",
+                &[],
+            )
+            .await
+            .expect("key");
         (r.get(0), r.get(1))
     };
     assert_eq!(total, 8);
@@ -118,7 +148,10 @@ async fn tokens_and_cost_for_json_sse_and_header() {
     )
     .await;
     let usage = json.json()["usage"].clone();
-    let (jp, jc) = (usage["prompt_tokens"].as_i64().expect("p"), usage["completion_tokens"].as_i64().expect("c"));
+    let (jp, jc) = (
+        usage["prompt_tokens"].as_i64().expect("p"),
+        usage["completion_tokens"].as_i64().expect("c"),
+    );
 
     let sse = post(
         &gw.url("/v1/chat/completions?stream=1"),
@@ -140,9 +173,18 @@ async fn tokens_and_cost_for_json_sse_and_header() {
     );
     assert_eq!(sc, 30);
 
-    let header_only = post(&gw.url("/chat"), &[("authorization", &auth)], r#"{"message": "a b c d e", "usage_in_body": false}"#).await;
+    let header_only = post(
+        &gw.url("/chat"),
+        &[("authorization", &auth)],
+        r#"{"message": "a b c d e", "usage_in_body": false}"#,
+    )
+    .await;
     assert!(header_only.json().get("usage").is_none());
-    let header_total: i64 = header_only.header("x-usage-tokens").expect("header").parse().expect("n");
+    let header_total: i64 = header_only
+        .header("x-usage-tokens")
+        .expect("header")
+        .parse()
+        .expect("n");
 
     assert_eq!(wait_rows(&db, 3, Duration::from_secs(10)).await, 3);
     let c = db.client().await;
@@ -179,7 +221,10 @@ async fn tokens_and_cost_for_json_sse_and_header() {
     assert_eq!(s.get::<_, Option<String>>(4).as_deref(), Some("other-model"));
     let h = row("/chat").await;
     assert_eq!(h.get::<_, Option<i32>>(2), Some(header_total as i32));
-    assert_eq!(h.get::<_, Option<i64>>(3), Some(expected_cost(header_total, 0, 0.001, 0.002)));
+    assert_eq!(
+        h.get::<_, Option<i64>>(3),
+        Some(expected_cost(header_total, 0, 0.001, 0.002))
+    );
 }
 
 #[tokio::test]
@@ -189,7 +234,8 @@ async fn an_abandoned_stream_is_recorded_with_what_was_seen() {
     let up = Upstream::start(&["--stream-interval", "100ms"]).await;
     let gw = Gateway::start(&db, up.port, &usage_toml(spool.path(), "")).await;
     let mut stream = tokio::net::TcpStream::connect(gw.addr()).await.expect("connect");
-    let body = r#"{"model": "gpt-4o", "stream": true, "max_tokens": 100, "messages": [{"role": "user", "content": "hi"}]}"#;
+    let body =
+        r#"{"model": "gpt-4o", "stream": true, "max_tokens": 100, "messages": [{"role": "user", "content": "hi"}]}"#;
     let req = format!(
         "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {key}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()
@@ -208,14 +254,20 @@ async fn an_abandoned_stream_is_recorded_with_what_was_seen() {
     let r = db
         .client()
         .await
-        .query_one("SELECT status_code, error_code, model, tokens_used, response_time_ms FROM api_key_usage", &[])
+        .query_one(
+            "SELECT status_code, error_code, model, tokens_used, response_time_ms FROM api_key_usage",
+            &[],
+        )
         .await
         .expect("row");
     assert_eq!(r.get::<_, i32>(0), 200);
     assert_eq!(r.get::<_, Option<String>>(1).as_deref(), Some("client_disconnected"));
     assert_eq!(r.get::<_, Option<String>>(2).as_deref(), Some("gpt-4o"));
     assert_eq!(r.get::<_, Option<i32>>(3), None, "usage had not been sent yet");
-    assert!(r.get::<_, i32>(4) < 5000, "recorded promptly, not at the end of the upstream stream");
+    assert!(
+        r.get::<_, i32>(4) < 5000,
+        "recorded promptly, not at the end of the upstream stream"
+    );
 }
 
 #[tokio::test]
@@ -230,10 +282,17 @@ async fn sigterm_with_rows_queued_writes_them_all() {
     );
     let mut gw = Gateway::start(&db, up.port, &extra).await;
     for _ in 0..30 {
-        assert_eq!(get(&gw.url("/echo"), &[("authorization", &bearer(&key))]).await.status, 200);
+        assert_eq!(
+            get(&gw.url("/echo"), &[("authorization", &bearer(&key))]).await.status,
+            200
+        );
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(rows(&db).await, 0, "rows written before shutdown: the test would prove nothing");
+    assert_eq!(
+        rows(&db).await,
+        0,
+        "rows written before shutdown: the test would prove nothing"
+    );
     let status = gw.proc.terminate(Duration::from_secs(20)).expect("exit");
     assert!(status.success(), "{status:?}");
     assert_eq!(rows(&db).await, 30);
@@ -244,14 +303,27 @@ fn spool_lines(dir: &std::path::Path) -> usize {
         .map(|rd| {
             rd.filter_map(|e| e.ok())
                 .filter(|e| e.path().is_file())
-                .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default().lines().filter(|l| !l.trim().is_empty()).count())
+                .map(|e| {
+                    std::fs::read_to_string(e.path())
+                        .unwrap_or_default()
+                        .lines()
+                        .filter(|l| !l.trim().is_empty())
+                        .count()
+                })
                 .sum()
         })
         .unwrap_or(0)
 }
 
 fn spool_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    std::fs::read_dir(dir).map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_file()).collect()).unwrap_or_default()
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|p| p.is_file())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 #[tokio::test]
@@ -259,7 +331,18 @@ async fn postgres_stopped_under_load_loses_nothing_and_cached_keys_keep_working(
     let cluster = Cluster::start();
     let db = cluster.fresh_db().await;
     db.migrate();
-    db.ok(&["orgs", "create", "--name", "Big", "--slug", "big", "--rate-limit", "1000000", "--monthly-limit", "100000000"]);
+    db.ok(&[
+        "orgs",
+        "create",
+        "--name",
+        "Big",
+        "--slug",
+        "big",
+        "--rate-limit",
+        "1000000",
+        "--monthly-limit",
+        "100000000",
+    ]);
     let key = db.ok(&["keys", "create", "--org", "big", "--name", "load"]);
     let spool = tempfile::tempdir().expect("tmp");
     let up = Upstream::start(&[]).await;
@@ -293,8 +376,15 @@ async fn postgres_stopped_under_load_loses_nothing_and_cached_keys_keep_working(
     let spooled_during_outage = spool_lines(spool.path());
     cluster.restart();
     let (ok, failed) = load.await.expect("load");
-    assert!(failed.is_empty(), "cached key failed during the outage: {:?}", &failed[..failed.len().min(3)]);
-    assert!(spooled_during_outage > 0, "the queue never overflowed to the spool: the test proves less than it claims");
+    assert!(
+        failed.is_empty(),
+        "cached key failed during the outage: {:?}",
+        &failed[..failed.len().min(3)]
+    );
+    assert!(
+        spooled_during_outage > 0,
+        "the queue never overflowed to the spool: the test proves less than it claims"
+    );
     let have = wait_rows(&db, ok as i64, Duration::from_secs(30)).await;
     assert_eq!(have, ok as i64, "rows must equal responses exactly");
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -307,7 +397,12 @@ async fn postgres_stopped_under_load_loses_nothing_and_cached_keys_keep_working(
         .expect("key")
         .get(0);
     assert_eq!(total, ok as i64);
-    assert!(spool_files(spool.path()).iter().all(|p| std::fs::metadata(p).map(|m| m.len() == 0).unwrap_or(true)), "spool not emptied");
+    assert!(
+        spool_files(spool.path())
+            .iter()
+            .all(|p| std::fs::metadata(p).map(|m| m.len() == 0).unwrap_or(true)),
+        "spool not emptied"
+    );
 }
 
 #[tokio::test]
@@ -341,8 +436,13 @@ async fn a_spool_left_by_a_killed_process_is_replayed_once() {
     assert!(spooled >= 20, "only {spooled} rows reached the spool");
     gw.proc.kill();
     // Keep a copy, to replay the same rows a second time later.
-    let copies: Vec<(std::path::PathBuf, Vec<u8>)> =
-        spool_files(spool.path()).into_iter().map(|p| { let b = std::fs::read(&p).expect("read"); (p, b) }).collect();
+    let copies: Vec<(std::path::PathBuf, Vec<u8>)> = spool_files(spool.path())
+        .into_iter()
+        .map(|p| {
+            let b = std::fs::read(&p).expect("read");
+            (p, b)
+        })
+        .collect();
     cluster.restart();
     let _gw2 = Gateway::start(&db, up.port, &extra).await;
     let want = 1 + spooled as i64;
@@ -359,7 +459,12 @@ async fn a_spool_left_by_a_killed_process_is_replayed_once() {
     }
     assert_eq!(spool_lines(spool.path()), 0, "spool not replayed");
     assert_eq!(rows(&db).await, want);
-    let total: i64 =
-        db.client().await.query_one("SELECT total_requests FROM api_keys", &[]).await.expect("key").get(0);
+    let total: i64 = db
+        .client()
+        .await
+        .query_one("SELECT total_requests FROM api_keys", &[])
+        .await
+        .expect("key")
+        .get(0);
     assert_eq!(total, want, "a replay changed total_requests");
 }

@@ -7,7 +7,11 @@ use common::*;
 /// Inserts `n` usage rows spread over days, keys and endpoints, and returns the org id.
 async fn populate(db: &TestDb) -> uuid::Uuid {
     let c = db.client().await;
-    let org: uuid::Uuid = c.query_one("SELECT id FROM organizations WHERE slug = 'default'", &[]).await.expect("org").get(0);
+    let org: uuid::Uuid = c
+        .query_one("SELECT id FROM organizations WHERE slug = 'default'", &[])
+        .await
+        .expect("org")
+        .get(0);
     c.batch_execute(
         r#"
         INSERT INTO api_keys (organization_id, key_prefix, key_hash, key_hint, name)
@@ -60,21 +64,44 @@ async fn report_numbers_equal_sql_aggregates() {
         assert_eq!(total["p50_ms"].as_f64(), Some(expect.get::<_, f64>(5)));
         assert_eq!(total["p95_ms"].as_f64(), Some(expect.get::<_, f64>(6)));
         // The groups add up to the total.
-        let sum: i64 = rows.iter().filter(|r| r["group"] != "TOTAL").map(|r| r["requests"].as_i64().expect("n")).sum();
+        let sum: i64 = rows
+            .iter()
+            .filter(|r| r["group"] != "TOTAL")
+            .map(|r| r["requests"].as_i64().expect("n"))
+            .sum();
         assert_eq!(sum, 500, "{by}");
     }
     let days = db.ok(&["usage", "report", "--org", "default", "--by", "day", "--format", "json"]);
     let days: Vec<serde_json::Value> = serde_json::from_str(&days).expect("json");
     assert_eq!(days.len(), 6, "5 days and a total");
-    let per_endpoint = db.ok(&["usage", "report", "--org", "default", "--by", "endpoint", "--format", "csv"]);
+    let per_endpoint = db.ok(&[
+        "usage", "report", "--org", "default", "--by", "endpoint", "--format", "csv",
+    ]);
     let lines: Vec<&str> = per_endpoint.lines().collect();
-    assert_eq!(lines[0], "endpoint,requests,errors,rate-limited,tokens,cost-usd,p50-ms,p95-ms");
+    assert_eq!(
+        lines[0],
+        "endpoint,requests,errors,rate-limited,tokens,cost-usd,p50-ms,p95-ms"
+    );
     assert!(lines.iter().any(|l| l.starts_with("POST /chat,166,")), "{per_endpoint}");
     let table = db.ok(&["usage", "report", "--org", "default", "--by", "key"]);
-    assert!(table.contains("Default Test Key (pk_test_…") && table.contains("TOTAL"), "{table}");
+    assert!(
+        table.contains("Default Test Key (pk_test_…") && table.contains("TOTAL"),
+        "{table}"
+    );
 
     // A window that holds nothing reports a zero total.
-    let empty = db.ok(&["usage", "report", "--org", "default", "--from", "2001-01-01", "--to", "2001-01-31", "--format", "json"]);
+    let empty = db.ok(&[
+        "usage",
+        "report",
+        "--org",
+        "default",
+        "--from",
+        "2001-01-01",
+        "--to",
+        "2001-01-31",
+        "--format",
+        "json",
+    ]);
     let empty: Vec<serde_json::Value> = serde_json::from_str(&empty).expect("json");
     assert_eq!(empty.len(), 1);
     assert_eq!(empty[0]["requests"], 0);
@@ -101,14 +128,22 @@ async fn prune_drops_old_months_and_keeps_the_rest() {
     .await
     .expect("old rows");
     let cutoff: chrono::DateTime<chrono::Utc> = c
-        .query_one("SELECT date_trunc('month', now()) - interval '1 month' + interval '10 days'", &[])
+        .query_one(
+            "SELECT date_trunc('month', now()) - interval '1 month' + interval '10 days'",
+            &[],
+        )
         .await
         .expect("cutoff")
         .get(0);
     let cutoff = cutoff.to_rfc3339();
     let dry = db.keygate(&["usage", "prune", "--before", &cutoff, "--dry-run"]);
     assert!(stderr(&dry).contains("would remove 40 rows"), "{}", stderr(&dry));
-    let count = async || -> i64 { c.query_one("SELECT count(*) FROM api_key_usage", &[]).await.expect("q").get(0) };
+    let count = async || -> i64 {
+        c.query_one("SELECT count(*) FROM api_key_usage", &[])
+            .await
+            .expect("q")
+            .get(0)
+    };
     assert_eq!(count().await, 550);
     let out = db.keygate(&["usage", "prune", "--before", &cutoff]);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -138,8 +173,14 @@ async fn maintenance_prunes_old_windows_and_makes_partitions_ahead() {
     .await
     .expect("windows");
     let pool = keygate::db::pool(&db.database_config(), 2).expect("pool");
-    keygate::maintenance::once(&pool, std::time::Duration::from_secs(3600)).await.expect("maintenance");
-    let left: i64 = c.query_one("SELECT count(*) FROM rate_limit_tracking", &[]).await.expect("q").get(0);
+    keygate::maintenance::once(&pool, std::time::Duration::from_secs(3600))
+        .await
+        .expect("maintenance");
+    let left: i64 = c
+        .query_one("SELECT count(*) FROM rate_limit_tracking", &[])
+        .await
+        .expect("q")
+        .get(0);
     assert_eq!(left, 60, "windows ending within the last hour stay");
     let ahead: i64 = c
         .query_one(

@@ -195,6 +195,21 @@ impl Authenticator {
     pub fn set_on_load(&self, f: OnLoad) -> bool {
         self.inner.on_load.set(f).is_ok()
     }
+
+    /// For benchmarks only (`benches/`): stores `record` under `digest` as a load would,
+    /// fresh for the cache TTL, or with `None` a "no such key" answer fresh for the
+    /// negative TTL, so a bench can warm the cache without a database. The on-load hook
+    /// is not run. Not part of the API: the proxy never calls it.
+    #[doc(hidden)]
+    pub fn bench_insert(&self, digest: KeyDigest, record: Option<AuthRecord>) {
+        let cache = &self.inner.cache;
+        let start = cache.begin();
+        let now = Instant::now();
+        match record {
+            Some(r) => cache.store_found(digest, Arc::new(r), start, now + self.inner.ttl),
+            None => cache.store_unknown(digest, start, now + self.inner.negative_ttl),
+        }
+    }
 }
 impl Inner {
     fn invalidate(&self, scope: Scope) {

@@ -23,7 +23,9 @@ pub async fn run(cfg: &Config, url: Option<&str>, ready: bool, timeout: Duration
             format!("http://{addr}{path}")
         }
     };
-    let uri: http::Uri = url.parse().map_err(|_| CliError::Usage(format!("`{url}` is not a URL")))?;
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|_| CliError::Usage(format!("`{url}` is not a URL")))?;
     let client = Client::builder(TokioExecutor::new()).build_http::<Empty<bytes::Bytes>>();
     let resp = tokio::time::timeout(timeout, client.get(uri))
         .await

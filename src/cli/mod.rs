@@ -178,7 +178,9 @@ async fn dispatch(cli: Cli) -> Result<(), CliError> {
             // Without a config file the probe still works from --url, or the defaults.
             let cfg = match (&cli.config, url) {
                 (None, Some(_)) | (None, None) => Config::from_env(&|n| {
-                    std::env::var(n).ok().or_else(|| (n == crate::config::DATABASE_URL_ENV).then(|| "postgres://unused/x".into()))
+                    std::env::var(n)
+                        .ok()
+                        .or_else(|| (n == crate::config::DATABASE_URL_ENV).then(|| "postgres://unused/x".into()))
                 })?,
                 _ => cli.load_config()?,
             };
@@ -223,9 +225,12 @@ async fn dispatch(cli: Cli) -> Result<(), CliError> {
 fn init_logging(format: crate::config::LogFormat, level: &str) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    use std::io::IsTerminal;
+    // Colour codes only for a person at a terminal, never in files or log pipelines.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     let _ = match format {
         crate::config::LogFormat::Json => builder.json().try_init(),
         crate::config::LogFormat::Text => builder.try_init(),

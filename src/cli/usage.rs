@@ -72,17 +72,28 @@ fn parse_to(s: &str) -> Result<DateTime<Utc>, String> {
 }
 
 fn month_start(now: DateTime<Utc>) -> DateTime<Utc> {
-    Utc.with_ymd_and_hms(now.year(), now.month(), 1, 0, 0, 0).single().unwrap_or(now)
+    Utc.with_ymd_and_hms(now.year(), now.month(), 1, 0, 0, 0)
+        .single()
+        .unwrap_or(now)
 }
 
 pub async fn run(cfg: &Config, action: &UsageAction) -> Result<(), CliError> {
     let mut client = db::connect(&cfg.database).await?;
     db::migrate::ensure_current(&client).await?;
     match action {
-        UsageAction::Report { org, from, to, by, format } => {
+        UsageAction::Report {
+            org,
+            from,
+            to,
+            by,
+            format,
+        } => {
             let o = orgs::get_by_slug(&client, org).await?;
             let now = Utc::now();
-            let (from, to) = (from.unwrap_or_else(|| month_start(now)), to.unwrap_or(now + chrono::Duration::seconds(1)));
+            let (from, to) = (
+                from.unwrap_or_else(|| month_start(now)),
+                to.unwrap_or(now + chrono::Duration::seconds(1)),
+            );
             if from >= to {
                 return Err(CliError::Usage("--from must be before --to".into()));
             }
@@ -92,7 +103,12 @@ pub async fn run(cfg: &Config, action: &UsageAction) -> Result<(), CliError> {
                 By::Endpoint => report::GroupBy::Endpoint,
             };
             let rows = report::usage(&client, o.id, from, to, group).await?;
-            eprintln!("usage of `{}` from {} to {} (UTC, end exclusive)", o.slug, from.to_rfc3339(), to.to_rfc3339());
+            eprintln!(
+                "usage of `{}` from {} to {} (UTC, end exclusive)",
+                o.slug,
+                from.to_rfc3339(),
+                to.to_rfc3339()
+            );
             print_report(*format, by, &rows)?;
         }
         UsageAction::Prune { before, dry_run } => {
@@ -103,7 +119,11 @@ pub async fn run(cfg: &Config, action: &UsageAction) -> Result<(), CliError> {
                 rows_in_dropped + outcome.deleted_rows,
                 before.to_rfc3339(),
                 rows_in_dropped,
-                if outcome.dropped_partitions.is_empty() { "none".to_string() } else { outcome.dropped_partitions.join(", ") },
+                if outcome.dropped_partitions.is_empty() {
+                    "none".to_string()
+                } else {
+                    outcome.dropped_partitions.join(", ")
+                },
                 outcome.deleted_rows
             );
         }
@@ -121,7 +141,16 @@ fn print_report(format: ReportFormat, by: &By, rows: &[report::ReportRow]) -> Re
         By::Key => "KEY",
         By::Endpoint => "ENDPOINT",
     };
-    let header = [head, "REQUESTS", "ERRORS", "RATE-LIMITED", "TOKENS", "COST-USD", "P50-MS", "P95-MS"];
+    let header = [
+        head,
+        "REQUESTS",
+        "ERRORS",
+        "RATE-LIMITED",
+        "TOKENS",
+        "COST-USD",
+        "P50-MS",
+        "P95-MS",
+    ];
     let cells = |r: &report::ReportRow| {
         vec![
             r.group.clone(),

@@ -259,7 +259,11 @@ fn log(l: RawLog) -> R<LogConfig> {
     let level = l.level.unwrap_or_else(|| "info".into());
     tracing_subscriber::EnvFilter::try_new(&level)
         .map_err(|e| ConfigError::invalid("log.level", format!("`{level}` is not a log filter: {e}")))?;
-    Ok(LogConfig { format, level, access_log: l.access_log.unwrap_or(true) })
+    Ok(LogConfig {
+        format,
+        level,
+        access_log: l.access_log.unwrap_or(true),
+    })
 }
 
 fn addr(key: &str, s: &str) -> R<SocketAddr> {

@@ -59,7 +59,11 @@ pub async fn usage(
         .map(|r| {
             let is_total: bool = r.try_get(0)?;
             Ok(ReportRow {
-                group: if is_total { "TOTAL".into() } else { r.try_get::<_, Option<String>>(1)?.unwrap_or_default() },
+                group: if is_total {
+                    "TOTAL".into()
+                } else {
+                    r.try_get::<_, Option<String>>(1)?.unwrap_or_default()
+                },
                 requests: r.try_get(2)?,
                 errors: r.try_get(3)?,
                 rate_limited: r.try_get(4)?,

@@ -45,7 +45,11 @@ pub struct PruneOutcome {
 /// Removes usage rows older than `before`: whole month partitions that end on or before
 /// it are dropped; rows before it in a partly covered month (or the default
 /// partition) are deleted. With `dry_run`, reports what would go and changes nothing.
-pub async fn prune_usage(c: &mut tokio_postgres::Client, before: DateTime<Utc>, dry_run: bool) -> Result<(PruneOutcome, u64), DbError> {
+pub async fn prune_usage(
+    c: &mut tokio_postgres::Client,
+    before: DateTime<Utc>,
+    dry_run: bool,
+) -> Result<(PruneOutcome, u64), DbError> {
     let tx = c.transaction().await?;
     let parts = tx
         .query(
@@ -64,7 +68,10 @@ pub async fn prune_usage(c: &mut tokio_postgres::Client, before: DateTime<Utc>, 
         let name: String = p.try_get(0)?;
         let upper: Option<DateTime<Utc>> = p.try_get(1)?;
         if upper.is_some_and(|u| u <= before) {
-            let n: i64 = tx.query_one(&format!("SELECT count(*) FROM {}", quote_ident(&name)), &[]).await?.try_get(0)?;
+            let n: i64 = tx
+                .query_one(&format!("SELECT count(*) FROM {}", quote_ident(&name)), &[])
+                .await?
+                .try_get(0)?;
             rows_in_dropped += n.unsigned_abs();
             if !dry_run {
                 tx.batch_execute(&format!("DROP TABLE {}", quote_ident(&name))).await?;
@@ -74,7 +81,10 @@ pub async fn prune_usage(c: &mut tokio_postgres::Client, before: DateTime<Utc>, 
     }
     let remaining_sql = r#"FROM api_key_usage WHERE "timestamp" < $1"#;
     out.deleted_rows = if dry_run {
-        let n: i64 = tx.query_one(&format!("SELECT count(*) {remaining_sql}"), &[&before]).await?.try_get(0)?;
+        let n: i64 = tx
+            .query_one(&format!("SELECT count(*) {remaining_sql}"), &[&before])
+            .await?
+            .try_get(0)?;
         n.unsigned_abs().saturating_sub(rows_in_dropped)
     } else {
         tx.execute(&format!("DELETE {remaining_sql}"), &[&before]).await?

@@ -85,6 +85,9 @@ pub fn not_found() -> Response<ProxyBody> {
 
 pub fn metrics(text: String) -> Response<ProxyBody> {
     let mut resp = Response::new(full(Bytes::from(text)));
-    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
     resp
 }

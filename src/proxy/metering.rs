@@ -140,12 +140,20 @@ impl Metered {
             }
         }
         resp.map(|inner| {
-            http_body_util::BodyExt::boxed_unsync(Metered { inner, meter, pending: Some(pending), sink, pricing })
+            http_body_util::BodyExt::boxed_unsync(Metered {
+                inner,
+                meter,
+                pending: Some(pending),
+                sink,
+                pricing,
+            })
         })
     }
 
     fn finish(&mut self, failure: Option<(&'static str, &'static str)>) {
-        let Some(PendingUsage { started, mut record }) = self.pending.take() else { return };
+        let Some(PendingUsage { started, mut record }) = self.pending.take() else {
+            return;
+        };
         record.response_time_ms = i32::try_from(started.elapsed().as_millis()).unwrap_or(i32::MAX);
         if let Some((code, message)) = failure {
             record.error_code = Some(code.to_string());
@@ -179,9 +187,10 @@ impl Body for Metered {
                     this.finish(None);
                 }
             }
-            Poll::Ready(Some(Err(_))) => {
-                this.finish(Some(("upstream_stream_error", "the upstream broke off the response body")))
-            }
+            Poll::Ready(Some(Err(_))) => this.finish(Some((
+                "upstream_stream_error",
+                "the upstream broke off the response body",
+            ))),
             Poll::Ready(None) => this.finish(None),
             Poll::Pending => {}
         }
@@ -202,7 +211,10 @@ impl Drop for Metered {
         // Dropped before the end: the client went away (or the connection died). The
         // row still goes in, with what was streamed so far.
         if self.pending.is_some() && !self.inner.is_end_stream() {
-            self.finish(Some(("client_disconnected", "the client closed the connection before the response ended")));
+            self.finish(Some((
+                "client_disconnected",
+                "the client closed the connection before the response ended",
+            )));
         } else {
             self.finish(None);
         }
@@ -226,15 +238,24 @@ mod tests {
     #[test]
     fn untrusted_peers_forwarded_for_decides_nothing() {
         let peer: SocketAddr = "203.0.113.9:5000".parse().expect("addr");
-        assert_eq!(client_ip(peer, &xff("1.2.3.4"), &nets(&["10.0.0.0/8"])).to_string(), "203.0.113.9");
+        assert_eq!(
+            client_ip(peer, &xff("1.2.3.4"), &nets(&["10.0.0.0/8"])).to_string(),
+            "203.0.113.9"
+        );
     }
 
     #[test]
     fn trusted_peers_yield_the_nearest_untrusted_hop() {
         let peer: SocketAddr = "10.0.0.5:5000".parse().expect("addr");
         let trusted = nets(&["10.0.0.0/8"]);
-        assert_eq!(client_ip(peer, &xff("6.6.6.6, 198.51.100.7, 10.1.1.1"), &trusted).to_string(), "198.51.100.7");
+        assert_eq!(
+            client_ip(peer, &xff("6.6.6.6, 198.51.100.7, 10.1.1.1"), &trusted).to_string(),
+            "198.51.100.7"
+        );
         assert_eq!(client_ip(peer, &HeaderMap::new(), &trusted).to_string(), "10.0.0.5");
-        assert_eq!(client_ip(peer, &xff("garbage, 10.2.2.2"), &trusted).to_string(), "10.2.2.2");
+        assert_eq!(
+            client_ip(peer, &xff("garbage, 10.2.2.2"), &trusted).to_string(),
+            "10.2.2.2"
+        );
     }
 }

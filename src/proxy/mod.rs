@@ -88,7 +88,11 @@ pub async fn serve(
     if cfg.auth.listen_notify || cfg.auth.preload {
         tracker.spawn(auth.clone().run_sync(cfg.database.clone(), background.clone()));
     }
-    tracker.spawn(crate::maintenance::run(pool.clone(), cfg.limits.tracking_retention, background.clone()));
+    tracker.spawn(crate::maintenance::run(
+        pool.clone(),
+        cfg.limits.tracking_retention,
+        background.clone(),
+    ));
     let mut usage_stats = None;
     let usage_sink = match usage {
         Some((sink, writer, writer_pool)) => {
@@ -134,7 +138,11 @@ pub async fn serve(
     if let Some(admin) = admin_listener {
         let admin_health = Arc::new(health(&pool));
         let metrics = crate::telemetry::install().map(|handle| {
-            let sources = crate::telemetry::Sources { auth: auth.clone(), limiter: limiter.clone(), usage: usage_stats.clone() };
+            let sources = crate::telemetry::Sources {
+                auth: auth.clone(),
+                limiter: limiter.clone(),
+                usage: usage_stats.clone(),
+            };
             Arc::new((handle, sources))
         });
         let handler = move |req: http::Request<hyper::body::Incoming>, _peer| {

@@ -88,9 +88,14 @@ impl Proxy {
             trace.log(&method, path, resp.status(), error, now);
         }
         match (pending, &self.usage) {
-            (Some(p), Some(sink)) => {
-                Metered::wrap(resp, p, from_upstream, self.tokens_header.as_ref(), sink.clone(), self.pricing.clone())
-            }
+            (Some(p), Some(sink)) => Metered::wrap(
+                resp,
+                p,
+                from_upstream,
+                self.tokens_header.as_ref(),
+                sink.clone(),
+                self.pricing.clone(),
+            ),
             _ => resp,
         }
     }
@@ -116,7 +121,10 @@ impl Proxy {
         authorise(&record, &req, &self.routes)?;
         check_content_length(req.headers(), self.server.max_body_bytes)?;
         let rate = self.limit(&record).await?;
-        let mut resp = self.forward(req, Some(&record), peer, trace).await.map_err(|reject| Failure { reject, rate })?;
+        let mut resp = self
+            .forward(req, Some(&record), peer, trace)
+            .await
+            .map_err(|reject| Failure { reject, rate })?;
         if let Some(rate) = rate {
             rate.apply(resp.headers_mut());
         }
@@ -215,16 +223,16 @@ impl Proxy {
         let sent = self.upstream.send(Request::from_parts(parts, body)).await;
         trace.answered = Some(Instant::now());
         let resp = sent.map_err(|e| {
-                if verdict.too_large() {
-                    Reject::BodyTooLarge
-                } else if verdict.idle() {
-                    Reject::BodyTimeout
-                } else if e == SendError::Timeout {
-                    Reject::UpstreamTimeout
-                } else {
-                    Reject::UpstreamUnavailable
-                }
-            })?;
+            if verdict.too_large() {
+                Reject::BodyTooLarge
+            } else if verdict.idle() {
+                Reject::BodyTimeout
+            } else if e == SendError::Timeout {
+                Reject::UpstreamTimeout
+            } else {
+                Reject::UpstreamUnavailable
+            }
+        })?;
         let (mut parts, body) = resp.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers);
         Ok(Response::from_parts(parts, body.map_err(Into::into).boxed_unsync()))

@@ -39,7 +39,13 @@ impl Trace {
                 HeaderValue::from_str(s).unwrap_or(HeaderValue::from_static("-"))
             });
         headers.insert(REQUEST_ID, id.clone());
-        Trace { id, started: Instant::now(), forwarded: None, answered: None, record: None }
+        Trace {
+            id,
+            started: Instant::now(),
+            forwarded: None,
+            answered: None,
+            record: None,
+        }
     }
 
     /// keygate's own time: everything but the wait for the upstream's headers.
@@ -63,7 +69,10 @@ impl Trace {
             h.insert(OVERHEAD, v);
         }
         let timing = match self.upstream() {
-            Some(up) => format!("keygate;dur={overhead:.3}, upstream;dur={:.3}", up.as_secs_f64() * 1000.0),
+            Some(up) => format!(
+                "keygate;dur={overhead:.3}, upstream;dur={:.3}",
+                up.as_secs_f64() * 1000.0
+            ),
             None => format!("keygate;dur={overhead:.3}"),
         };
         if let Ok(v) = HeaderValue::from_str(&timing) {
@@ -76,7 +85,11 @@ impl Trace {
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         let id = self.id.to_str().unwrap_or("-");
         let (org, key, hint) = match &self.record {
-            Some(r) => (Some(r.organization_id), Some(r.key_id), Some(format!("{}…{}", r.key_prefix, r.key_hint))),
+            Some(r) => (
+                Some(r.organization_id),
+                Some(r.key_id),
+                Some(format!("{}…{}", r.key_prefix, r.key_hint)),
+            ),
             None => (None, None, None),
         };
         tracing::info!(

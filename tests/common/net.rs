@@ -244,7 +244,12 @@ pub async fn send(method: Method, url: &str, headers: &[(&str, &str)], body: imp
 async fn try_get(url: &str) -> Result<String, hyper_util::client::legacy::Error> {
     let req = Request::get(url).body(Full::new(Bytes::new())).expect("request");
     let resp = client().request(req).await?;
-    let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
     Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
