@@ -142,6 +142,16 @@ impl Authenticator {
         answer.unwrap_or(Err(AuthError::StoreUnavailable))
     }
 
+    /// The cache's answer alone, without ever asking the database: `None` when the
+    /// digest would need a lookup. Lets callers gate lookups without slowing hits.
+    pub fn cached(&self, digest: &KeyDigest) -> Option<Result<Arc<AuthRecord>, AuthError>> {
+        match self.inner.cache.probe(digest, Instant::now()) {
+            Probe::Hit(record) => Some(Ok(record)),
+            Probe::Unknown => Some(Err(AuthError::Unknown)),
+            Probe::Miss => None,
+        }
+    }
+
     pub fn invalidate_key(&self, key_id: Uuid) {
         self.inner.invalidate(Scope::Key(key_id));
     }

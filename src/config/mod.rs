@@ -123,6 +123,8 @@ pub struct AuthConfig {
     pub preload: bool,
     pub listen_notify: bool,
     pub fail_open: bool,
+    /// Invalid keys one client may present per minute before it gets 429; 0 is off.
+    pub failed_auth_per_minute: u32,
 }
 
 #[derive(Debug, Clone)]

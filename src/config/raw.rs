@@ -80,6 +80,7 @@ pub struct RawAuth {
     pub preload: Option<bool>,
     pub listen_notify: Option<bool>,
     pub fail_open: Option<bool>,
+    pub failed_auth_per_minute: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -172,6 +172,7 @@ fn each_rule_names_its_key() {
         ("[auth]\nkey_headers = [\"bad header\"]", "auth.key_headers"),
         ("[auth]\ncache_ttl = \"0s\"", "auth.cache_ttl"),
         ("[auth]\nmax_concurrent_lookups = 0", "auth.max_concurrent_lookups"),
+        ("[auth]\nfailed_auth_per_minute = -1", "auth.failed_auth_per_minute"),
         ("[limits]\nflush_interval = \"10ms\"", "limits.flush_interval"),
         ("[identity_headers]\nplan = \"x-api-key\"", "identity_headers.plan"),
         (

@@ -166,6 +166,11 @@ fn auth(a: RawAuth) -> R<AuthConfig> {
         preload: a.preload.unwrap_or(false),
         listen_notify: a.listen_notify.unwrap_or(true),
         fail_open: a.fail_open.unwrap_or(false),
+        failed_auth_per_minute: match a.failed_auth_per_minute {
+            None => 60,
+            Some(n) => u32::try_from(n)
+                .map_err(|_| ConfigError::invalid("auth.failed_auth_per_minute", "must be between 0 and 4294967295"))?,
+        },
     })
 }
 

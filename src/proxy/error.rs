@@ -33,6 +33,10 @@ pub enum Reject {
     RateLimited { retry_after_secs: u64 },
     #[error("monthly quota exceeded")]
     QuotaExceeded { retry_after_secs: u64 },
+    #[error("too many failed authentications")]
+    TooManyFailures { retry_after_secs: u64 },
+    #[error("API key in query string")]
+    KeyInQuery,
     #[error("request body too large")]
     BodyTooLarge,
     #[error("request headers too large")]
@@ -53,7 +57,8 @@ impl Reject {
         match self {
             MissingKey | InvalidKey | KeyRevoked | KeyExpired | KeyDisabled => StatusCode::UNAUTHORIZED,
             OrganizationDisabled | MissingScope => StatusCode::FORBIDDEN,
-            RateLimited { .. } | QuotaExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            RateLimited { .. } | QuotaExceeded { .. } | TooManyFailures { .. } => StatusCode::TOO_MANY_REQUESTS,
+            KeyInQuery => StatusCode::BAD_REQUEST,
             BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             BodyTimeout => StatusCode::REQUEST_TIMEOUT,
@@ -76,6 +81,8 @@ impl Reject {
             MissingScope => "insufficient_scope",
             RateLimited { .. } => "rate_limit_exceeded",
             QuotaExceeded { .. } => "monthly_quota_exceeded",
+            TooManyFailures { .. } => "too_many_failed_authentications",
+            KeyInQuery => "api_key_in_query",
             BodyTooLarge => "payload_too_large",
             HeadersTooLarge => "headers_too_large",
             BodyTimeout => "request_timeout",
@@ -97,6 +104,8 @@ impl Reject {
             MissingScope => "The API key lacks a scope this route requires.",
             RateLimited { .. } => "Too many requests for this API key; retry after the time in Retry-After.",
             QuotaExceeded { .. } => "The organization's monthly request quota is used up.",
+            TooManyFailures { .. } => "Too many requests with invalid API keys from this client; retry later.",
+            KeyInQuery => "Send the API key in a header, never in the URL; rotate a key that was sent in one.",
             BodyTooLarge => "The request body is larger than this gateway accepts.",
             HeadersTooLarge => "The request headers are larger than this gateway accepts.",
             BodyTimeout => "The request body stopped arriving.",
@@ -108,9 +117,9 @@ impl Reject {
 
     fn retry_after(self) -> Option<u64> {
         match self {
-            Reject::RateLimited { retry_after_secs } | Reject::QuotaExceeded { retry_after_secs } => {
-                Some(retry_after_secs.max(1))
-            }
+            Reject::RateLimited { retry_after_secs }
+            | Reject::QuotaExceeded { retry_after_secs }
+            | Reject::TooManyFailures { retry_after_secs } => Some(retry_after_secs.max(1)),
             Reject::StoreUnavailable => Some(1),
             _ => None,
         }
@@ -157,6 +166,8 @@ mod tests {
             Reject::MissingScope,
             Reject::RateLimited { retry_after_secs: 3 },
             Reject::QuotaExceeded { retry_after_secs: 0 },
+            Reject::TooManyFailures { retry_after_secs: 9 },
+            Reject::KeyInQuery,
             Reject::BodyTooLarge,
             Reject::HeadersTooLarge,
             Reject::BodyTimeout,

@@ -8,6 +8,7 @@
 mod body;
 mod error;
 mod forward;
+mod guard;
 mod headers;
 mod health;
 mod listener;
@@ -132,6 +133,7 @@ pub async fn serve(
         pricing: Arc::new(cfg.pricing.clone()),
         tokens_header: cfg.usage.tokens_header.clone(),
         access_log: cfg.log.access_log,
+        failed_auth: guard::FailedAuth::new(cfg.auth.failed_auth_per_minute),
     });
 
     let grace = cfg.server.shutdown_grace;

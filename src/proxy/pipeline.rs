@@ -14,6 +14,7 @@ use hyper::body::Incoming;
 use super::body::{BodyVerdict, LimitedBody, ProxyBody};
 use super::error::Reject;
 use super::forward::{SendError, Upstream};
+use super::guard::{key_in_query, FailedAuth};
 use super::headers::{self, RateHeaders};
 use super::health::Health;
 use super::metering::{client_ip, Metered, PendingUsage};
@@ -43,6 +44,7 @@ pub struct Proxy {
     pub pricing: Arc<Pricing>,
     pub tokens_header: Option<http::HeaderName>,
     pub access_log: bool,
+    pub failed_auth: FailedAuth,
 }
 
 /// A refusal, with the rate-limit state to report when a limit was consulted.
@@ -108,14 +110,17 @@ impl Proxy {
         pending: &mut Option<PendingUsage>,
     ) -> Result<Response<ProxyBody>, Failure> {
         check_head_size(&req, self.server.max_header_bytes)?;
-        let record = self.identify(req.headers()).await?;
+        if key_in_query(req.uri().query()) {
+            return Err(Reject::KeyInQuery.into());
+        }
+        let ip = client_ip(peer, req.headers(), &self.server.trusted_proxies);
+        let record = self.identify(req.headers(), ip).await?;
         let Some(record) = record else {
             // Fail-open: the store is down and the operator chose availability.
             return Ok(self.forward(req, None, peer, trace).await?);
         };
         trace.record = Some(record.clone());
         if self.usage.is_some() {
-            let ip = client_ip(peer, req.headers(), &self.server.trusted_proxies);
             *pending = Some(PendingUsage::new(&req, &record, ip, trace.started, Utc::now()));
         }
         authorise(&record, &req, &self.routes)?;
@@ -131,13 +136,31 @@ impl Proxy {
         Ok(resp)
     }
 
-    /// Extract and authenticate. `Ok(None)` only when failing open.
-    async fn identify(&self, h: &HeaderMap) -> Result<Option<Arc<AuthRecord>>, Reject> {
+    /// Extract and authenticate. `Ok(None)` only when failing open. A client that has
+    /// presented too many invalid keys this minute gets no further database lookups
+    /// (keys already cached still work, so a flood behind a shared address does not
+    /// lock out its legitimate neighbours).
+    async fn identify(&self, h: &HeaderMap, ip: std::net::IpAddr) -> Result<Option<Arc<AuthRecord>>, Reject> {
+        let now = Utc::now().timestamp();
+        let minute = now.div_euclid(60);
+        let invalid = || {
+            self.failed_auth.record(ip, minute);
+            Reject::InvalidKey
+        };
         let raw = headers::extract_key(h, &self.auth_cfg.key_sources)?;
-        let presented = PresentedKey::parse(raw).map_err(|_| Reject::InvalidKey)?;
-        match self.auth.authenticate(&presented.digest()).await {
+        let presented = PresentedKey::parse(raw).map_err(|_| invalid())?;
+        let digest = presented.digest();
+        let answer = match self.auth.cached(&digest) {
+            Some(answer) => answer,
+            None if self.failed_auth.blocked(ip, minute) => {
+                let retry_after_secs = u64::try_from(60 - now.rem_euclid(60)).unwrap_or(60);
+                return Err(Reject::TooManyFailures { retry_after_secs });
+            }
+            None => self.auth.authenticate(&digest).await,
+        };
+        match answer {
             Ok(rec) => Ok(Some(rec)),
-            Err(AuthError::Unknown) => Err(Reject::InvalidKey),
+            Err(AuthError::Unknown) => Err(invalid()),
             Err(AuthError::StoreUnavailable) if self.auth_cfg.fail_open => {
                 tracing::warn!(key = %presented.hint(), "key store unavailable; failing open");
                 Ok(None)
