@@ -106,9 +106,14 @@ impl Inner {
             .acquire()
             .await
             .map_err(|_| DbError::Pool("lookup limiter closed".into()))?;
-        let client = self.pool.get().await?;
-        self.counters.db_lookups.fetch_add(1, Relaxed);
-        crate::db::keys::lookup(&**client, digest).await
+        let lookup = async {
+            let client = self.pool.get().await?;
+            self.counters.db_lookups.fetch_add(1, Relaxed);
+            crate::db::keys::lookup(&**client, digest).await
+        };
+        tokio::time::timeout(self.lookup_timeout, lookup)
+            .await
+            .unwrap_or_else(|_| Err(DbError::Pool("key lookup timed out".into())))
     }
 
     /// Reads every record in `scope` and stores it, then drops cached records in the

@@ -87,6 +87,9 @@ struct Inner {
     pool: Pool,
     ttl: Duration,
     negative_ttl: Duration,
+    /// The whole budget of one lookup, pool checkout included: a frozen database
+    /// (no error, no answer) must not hold requests forever.
+    lookup_timeout: Duration,
     listen_notify: bool,
     on_load: OnceLock<OnLoad>,
     counters: Counters,
@@ -108,6 +111,7 @@ impl Authenticator {
                 pool,
                 ttl: cfg.cache_ttl,
                 negative_ttl: cfg.negative_cache_ttl,
+                lookup_timeout: cfg.lookup_timeout,
                 listen_notify: cfg.listen_notify,
                 on_load: OnceLock::new(),
                 counters: Counters::default(),

@@ -53,6 +53,7 @@ pub struct Config {
     pub log: LogConfig,
     pub usage: UsageConfig,
     pub pricing: Pricing,
+    pub admin: AdminConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -125,6 +126,8 @@ pub struct AuthConfig {
     pub fail_open: bool,
     /// Invalid keys one client may present per minute before it gets 429; 0 is off.
     pub failed_auth_per_minute: u32,
+    /// Budget for one key lookup (pool wait included); past it the request gets 503.
+    pub lookup_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -168,6 +171,31 @@ impl Pricing {
     /// The price for `model`, else the default.
     pub fn price(&self, model: Option<&str>) -> Price {
         model.and_then(|m| self.models.get(m)).copied().unwrap_or(self.default)
+    }
+}
+
+/// The admin HTTP API (`/admin/v1/...` on the admin listener).
+#[derive(Debug, Clone, Default)]
+pub struct AdminConfig {
+    /// `None` (absent or `""`): the admin API is off and its paths answer 404.
+    pub token: Option<AdminToken>,
+}
+
+/// The bearer token the admin API requires. `Debug` redacts it, so printing a config
+/// (or an error holding one) never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminToken(String);
+
+impl AdminToken {
+    /// The token itself, for the one comparison that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminToken(***)")
     }
 }
 

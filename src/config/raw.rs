@@ -29,6 +29,8 @@ pub struct RawConfig {
     pub usage: RawUsage,
     #[serde(default)]
     pub pricing: RawPricing,
+    #[serde(default)]
+    pub admin: RawAdmin,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -81,6 +83,7 @@ pub struct RawAuth {
     pub listen_notify: Option<bool>,
     pub fail_open: Option<bool>,
     pub failed_auth_per_minute: Option<i64>,
+    pub lookup_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -144,4 +147,10 @@ pub struct RawPricing {
 pub struct RawPrice {
     pub prompt_per_1k: Option<f64>,
     pub completion_per_1k: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    pub token: Option<String>,
 }

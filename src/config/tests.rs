@@ -173,6 +173,7 @@ fn each_rule_names_its_key() {
         ("[auth]\ncache_ttl = \"0s\"", "auth.cache_ttl"),
         ("[auth]\nmax_concurrent_lookups = 0", "auth.max_concurrent_lookups"),
         ("[auth]\nfailed_auth_per_minute = -1", "auth.failed_auth_per_minute"),
+        ("[auth]\nlookup_timeout = \"0s\"", "auth.lookup_timeout"),
         ("[limits]\nflush_interval = \"10ms\"", "limits.flush_interval"),
         ("[identity_headers]\nplan = \"x-api-key\"", "identity_headers.plan"),
         (
@@ -205,6 +206,9 @@ fn each_rule_names_its_key() {
             "pricing.models.m.completion_per_1k",
         ),
         ("[log]\nlevel = \"=[\"", "log.level"),
+        ("[admin]\ntoken = \"too-short\"", "admin.token"),
+        ("[admin]\ntoken = \"sixteen chars but spaces\"", "admin.token"),
+        ("[admin]\ntoken = 42", "admin.token"),
     ];
     for (text, key) in cases {
         let e = err(text);
@@ -252,4 +256,22 @@ fn usage_pricing_and_trusted_proxies() {
         Some("x-usage-tokens")
     );
     assert_eq!(d.usage.queue_capacity, 65_536);
+}
+
+#[test]
+fn admin_token_is_off_unless_set_and_never_shown() {
+    assert!(parse("").expect("defaults").admin.token.is_none());
+    assert!(parse("[admin]\ntoken = \"\"").expect("empty").admin.token.is_none());
+    let secret = "s3cret-admin-token-0123456789";
+    let env = |n: &str| match n {
+        "KEYGATE_ADMIN_TOKEN" => Some(secret.to_string()),
+        other => env_with_db(other),
+    };
+    let cfg =
+        Config::parse_with_env("[admin]\ntoken = \"${KEYGATE_ADMIN_TOKEN:-}\"", Path::new("x"), &env).expect("valid");
+    assert_eq!(cfg.admin.token.as_ref().map(|t| t.expose()), Some(secret));
+    assert!(!format!("{cfg:?}").contains(secret), "Debug shows the admin token");
+    // A token that is refused is not echoed in the error either.
+    let e = err("[admin]\ntoken = \"short-secret\"");
+    assert!(!e.contains("short-secret"), "{e}");
 }

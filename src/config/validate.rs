@@ -31,6 +31,7 @@ pub fn validate(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> R<Confi
         log: log(raw.log)?,
         usage: usage(raw.usage)?,
         pricing: pricing(raw.pricing)?,
+        admin: admin(raw.admin)?,
     })
 }
 
@@ -166,6 +167,7 @@ fn auth(a: RawAuth) -> R<AuthConfig> {
         preload: a.preload.unwrap_or(false),
         listen_notify: a.listen_notify.unwrap_or(true),
         fail_open: a.fail_open.unwrap_or(false),
+        lookup_timeout: positive("auth.lookup_timeout", a.lookup_timeout, "2s")?,
         failed_auth_per_minute: match a.failed_auth_per_minute {
             None => 60,
             Some(n) => u32::try_from(n)
@@ -364,4 +366,33 @@ fn pricing(p: RawPricing) -> R<Pricing> {
         default: price("pricing.default", p.default)?,
         models,
     })
+}
+
+/// Shortest admin token accepted: 16 characters keeps guessing out of reach even for a
+/// token typed by hand, while a generated one (`openssl rand -hex 32`) is far longer.
+pub const ADMIN_TOKEN_MIN_LEN: usize = 16;
+
+fn admin(a: RawAdmin) -> R<AdminConfig> {
+    // Empty means off, so `${KEYGATE_ADMIN_TOKEN:-}` leaves the API off when unset.
+    let token = match a.token {
+        None => None,
+        Some(t) if t.is_empty() => None,
+        Some(t) => {
+            // Messages never include the value: it is a secret.
+            if t.len() < ADMIN_TOKEN_MIN_LEN {
+                return Err(ConfigError::invalid(
+                    "admin.token",
+                    format!("must be at least {ADMIN_TOKEN_MIN_LEN} characters, or empty to turn the admin API off"),
+                ));
+            }
+            if !t.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(ConfigError::invalid(
+                    "admin.token",
+                    "must be printable ASCII without spaces, so it fits in an Authorization header",
+                ));
+            }
+            Some(AdminToken(t))
+        }
+    };
+    Ok(AdminConfig { token })
 }

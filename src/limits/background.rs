@@ -82,7 +82,16 @@ impl Limiter {
     }
 }
 
+/// Seeding runs on a key's first request, so it gets a short budget: past it the key
+/// counts from zero and adopts the real totals at the next flush.
+const SEED_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
 async fn load(pool: &Pool, key: &KeyLimits, now: DateTime<Utc>) -> Result<counters::Snapshot, crate::db::DbError> {
-    let client = pool.get().await?;
-    counters::load(&**client, key.key_id, key.org_id, now).await
+    let load = async {
+        let client = pool.get().await?;
+        counters::load(&**client, key.key_id, key.org_id, now).await
+    };
+    tokio::time::timeout(SEED_TIMEOUT, load)
+        .await
+        .unwrap_or_else(|_| Err(crate::db::DbError::Pool("counter seed timed out".into())))
 }

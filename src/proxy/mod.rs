@@ -23,6 +23,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub(crate) use body::{full, ProxyBody};
 pub use error::Reject;
 pub use pipeline::Proxy;
 
@@ -147,9 +148,18 @@ pub async fn serve(
             };
             Arc::new((handle, sources))
         });
+        // The admin API is off unless [admin] token is set; when on, /admin/ paths are its.
+        let admin_api = cfg
+            .admin
+            .token
+            .as_ref()
+            .map(|token| Arc::new(crate::admin::AdminApi::new(token, pool.clone(), cfg.database.clone())));
         let handler = move |req: http::Request<hyper::body::Incoming>, _peer| {
-            let (h, metrics) = (admin_health.clone(), metrics.clone());
+            let (h, metrics, api) = (admin_health.clone(), metrics.clone(), admin_api.clone());
             async move {
+                if let Some(api) = api.filter(|_| crate::admin::owns(req.uri().path())) {
+                    return api.handle(req).await;
+                }
                 if req.uri().path() == "/metrics" {
                     if let Some(m) = metrics {
                         return health::metrics(crate::telemetry::render(&m.0, &m.1));
@@ -163,6 +173,8 @@ pub async fn serve(
         let (cfg_server, stop) = (cfg.server.clone(), background.clone());
         tracing::info!(addr = %admin.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()), "admin listener up");
         tracker.spawn(async move { listener::serve(admin, &cfg_server, handler, stop, grace).await });
+    } else if cfg.admin.token.is_some() {
+        tracing::warn!("[admin] token is set but server.admin_listen is off: the admin API is not served");
     }
     {
         let (stop, draining) = (stop.clone(), draining.clone());
@@ -183,7 +195,15 @@ pub async fn serve(
 
     background.cancel();
     tracker.close();
-    tracker.wait().await;
+    // Every task flushes once more; a database that is frozen rather than down could
+    // hold a flush forever, so shutdown waits a bounded time (the usage writer spools
+    // what it cannot write well within this).
+    if tokio::time::timeout(grace + std::time::Duration::from_secs(5), tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("background tasks did not finish in time; exiting anyway");
+    }
     tracing::info!("shutdown complete");
     Ok(())
 }
