@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs every check and test: formatting, clippy, unit and integration tests against a
-# real PostgreSQL (the harness starts a throwaway cluster, or uses DATABASE_URL).
+# Runs every check and test: formatting, clippy (which also builds the benches), unit
+# and integration tests against a real PostgreSQL (the harness starts throwaway
+# clusters, or uses DATABASE_URL). Ends with one "N passed, N failed" line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -8,4 +9,10 @@ PATH="$(pg_bindir):$PATH"
 export PATH
 cargo fmt --all -- --check
 cargo clippy --all-targets --quiet -- -D warnings
-cargo test --all-targets --no-fail-fast
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --lib --bins --tests --no-fail-fast 2>&1 | tee "$log" || status=$?
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"
