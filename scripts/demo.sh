@@ -11,7 +11,7 @@ ADMIN_PORT=${KEYGATE_ADMIN_PORT:-9090}
 UPSTREAM_PORT=${DEMO_UPSTREAM_PORT:-8000}
 PG_PORT=${DEMO_PG_PORT:-55432}
 
-cargo build --release --quiet
+cargo build --release --locked --bin keygate
 BIN=target/release/keygate
 
 WORK=$(mktemp -d /tmp/keygate-demo.XXXXXX)

@@ -36,6 +36,8 @@ fn cfg(ttl: Duration, negative_ttl: Duration, max_lookups: usize) -> AuthConfig 
         preload: false,
         listen_notify: true,
         fail_open: false,
+        failed_auth_per_minute: 0,
+        lookup_timeout: Duration::from_secs(2),
     }
 }
 

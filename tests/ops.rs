@@ -208,3 +208,38 @@ async fn metrics_parse_and_move_with_traffic() {
     );
     assert_eq!(sample(&after, "keygate_notify_listener_connected"), 1.0, "{text}");
 }
+
+#[tokio::test]
+async fn serve_with_migrate_brings_up_a_fresh_database() {
+    let db = fresh_db().await;
+    let up = Upstream::start(&[]).await;
+    let dir = tempfile::tempdir().expect("tmp");
+    let (port, admin) = (free_port(), free_port());
+    let cfg = dir.path().join("k.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n\
+             [upstream]\nurl = \"http://127.0.0.1:{}\"\n[usage]\nspool_dir = \"{}\"\n",
+            up.port,
+            dir.path().join("spool").display()
+        ),
+    )
+    .expect("config");
+    let child = db
+        .command(&["serve", "--migrate", "--config", cfg.to_str().expect("path")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let _proc = Proc { child, name: "keygate" };
+    wait_for_port(port, Duration::from_secs(20)).await;
+    let key = db.ok(&["seed"]);
+    let r = post(
+        &format!("http://127.0.0.1:{port}/chat"),
+        &[("authorization", &bearer(&key))],
+        r#"{"message": "hi"}"#,
+    )
+    .await;
+    assert_eq!(r.status, 200);
+}

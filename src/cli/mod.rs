@@ -50,7 +50,12 @@ pub enum Format {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the proxy.
-    Serve,
+    Serve {
+        /// Apply pending migrations first (under the advisory lock, so replicas that
+        /// all do this are safe); for single-replica and compose setups.
+        #[arg(long, env = "KEYGATE_MIGRATE")]
+        migrate: bool,
+    },
     /// Run the OpenAI-compatible demo chat upstream (for the quick start and tests).
     DemoUpstream(crate::demo::DemoArgs),
     /// Probe a running keygate: exit 0 if /healthz (or /readyz) answers 200.
@@ -155,7 +160,7 @@ pub fn main(cli: Cli) -> ExitCode {
 
 async fn dispatch(cli: Cli) -> Result<(), CliError> {
     match &cli.command {
-        Command::Serve => {
+        Command::Serve { migrate } => {
             let cfg = cli.load_config()?;
             let format = match cli.log_format {
                 Some(LogFormatArg::Json) => crate::config::LogFormat::Json,
@@ -163,6 +168,12 @@ async fn dispatch(cli: Cli) -> Result<(), CliError> {
                 None => cfg.log.format,
             };
             init_logging(format, &cfg.log.level);
+            if *migrate {
+                let mut client = crate::db::connect(&cfg.database).await?;
+                for step in crate::db::migrate::up(&mut client).await? {
+                    tracing::info!(version = step.version, name = step.name, outcome = ?step.outcome, "migration");
+                }
+            }
             crate::proxy::serve(cfg, crate::proxy::shutdown_signal())
                 .await
                 .map_err(CliError::Serve)

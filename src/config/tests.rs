@@ -275,3 +275,14 @@ fn admin_token_is_off_unless_set_and_never_shown() {
     let e = err("[admin]\ntoken = \"short-secret\"");
     assert!(!e.contains("short-secret"), "{e}");
 }
+
+#[test]
+fn the_compose_config_parses() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/compose.toml");
+    let cfg = Config::load_with_env(&path, &env_with_db).expect("compose config is valid");
+    assert_eq!(
+        cfg.upstream().expect("upstream").url.to_string(),
+        "http://upstream:8000/"
+    );
+    assert_eq!(cfg.server.admin_listen.map(|a| a.port()), Some(9090));
+}
