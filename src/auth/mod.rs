@@ -149,11 +149,13 @@ impl Authenticator {
     /// The cache's answer alone, without ever asking the database: `None` when the
     /// digest would need a lookup. Lets callers gate lookups without slowing hits.
     pub fn cached(&self, digest: &KeyDigest) -> Option<Result<Arc<AuthRecord>, AuthError>> {
-        match self.inner.cache.probe(digest, Instant::now()) {
-            Probe::Hit(record) => Some(Ok(record)),
-            Probe::Unknown => Some(Err(AuthError::Unknown)),
-            Probe::Miss => None,
-        }
+        let answer = match self.inner.cache.probe(digest, Instant::now()) {
+            Probe::Hit(record) => Ok(record),
+            Probe::Unknown => Err(AuthError::Unknown),
+            Probe::Miss => return None,
+        };
+        self.inner.counters.hits.fetch_add(1, Relaxed);
+        Some(answer)
     }
 
     pub fn invalidate_key(&self, key_id: Uuid) {
