@@ -1,6 +1,7 @@
 //! keygate: API-key authentication, rate limits, quotas and usage metering in front
 //! of an upstream chat service. See ARCHITECTURE.md for the map.
 
+pub mod admin;
 pub mod auth;
 pub mod cli;
 pub mod config;

@@ -98,7 +98,7 @@ pub enum KeysAction {
     /// Issue a successor key; the old one keeps working for the grace period.
     Rotate {
         id: Uuid,
-        #[arg(long, value_parser = parse_duration, default_value = "24h")]
+        #[arg(long, value_parser = parse_duration, default_value = db::keys::DEFAULT_ROTATION_GRACE)]
         grace: Duration,
     },
 }
@@ -202,11 +202,7 @@ pub async fn orgs(cfg: &Config, action: &OrgsAction) -> Result<(), CliError> {
             );
         }
         OrgsAction::Disable { slug } => {
-            let u = orgs::OrgUpdate {
-                is_active: Some(false),
-                ..Default::default()
-            };
-            orgs::update(&client, slug, &u).await?;
+            orgs::disable(&client, slug).await?;
             eprintln!("disabled organization `{slug}`: its keys are now refused");
         }
     }
@@ -226,14 +222,7 @@ pub async fn keys(cfg: &Config, action: &KeysAction) -> Result<(), CliError> {
             rate_limit,
             expires_in,
         } => {
-            let expires_at = expires_in
-                .map(|d| {
-                    chrono::Duration::from_std(d)
-                        .ok()
-                        .and_then(|d| now.checked_add_signed(d))
-                })
-                .map(|t| t.ok_or_else(|| CliError::Usage("--expires-in is too far in the future".into())))
-                .transpose()?;
+            let expires_at = db::keys::expiry(now, *expires_in)?;
             let spec = KeySpec {
                 name: name.clone(),
                 description: description.clone(),

@@ -2,7 +2,7 @@
 
 use std::io::Write;
 
-use chrono::{DateTime, Datelike, NaiveDate, TimeZone, Utc};
+use chrono::{DateTime, Utc};
 use clap::{Subcommand, ValueEnum};
 
 use super::{CliError, Format as ListFormat};
@@ -31,11 +31,11 @@ pub enum UsageAction {
         #[arg(long)]
         org: String,
         /// First day (UTC, YYYY-MM-DD or RFC 3339). Default: the start of this month.
-        #[arg(long, value_parser = parse_from)]
+        #[arg(long, value_parser = report::parse_from)]
         from: Option<DateTime<Utc>>,
         /// Last day, inclusive (UTC, YYYY-MM-DD), or an RFC 3339 instant (exclusive).
         /// Default: now.
-        #[arg(long, value_parser = parse_to)]
+        #[arg(long, value_parser = report::parse_to)]
         to: Option<DateTime<Utc>>,
         #[arg(long, value_enum, default_value = "day")]
         by: By,
@@ -45,36 +45,12 @@ pub enum UsageAction {
     /// Delete usage rows older than a date (whole months are dropped as partitions).
     Prune {
         /// UTC date (YYYY-MM-DD) or RFC 3339 instant; rows before it go.
-        #[arg(long, value_parser = parse_from)]
+        #[arg(long, value_parser = report::parse_from)]
         before: DateTime<Utc>,
         /// Report what would be removed, remove nothing.
         #[arg(long)]
         dry_run: bool,
     },
-}
-
-fn parse_day(s: &str) -> Option<DateTime<Utc>> {
-    let d = NaiveDate::parse_from_str(s, "%Y-%m-%d").ok()?;
-    Some(Utc.from_utc_datetime(&d.and_hms_opt(0, 0, 0)?))
-}
-
-fn parse_from(s: &str) -> Result<DateTime<Utc>, String> {
-    parse_day(s)
-        .or_else(|| DateTime::parse_from_rfc3339(s).ok().map(|t| t.with_timezone(&Utc)))
-        .ok_or_else(|| format!("`{s}` is not a date (YYYY-MM-DD) or RFC 3339 time"))
-}
-
-fn parse_to(s: &str) -> Result<DateTime<Utc>, String> {
-    match parse_day(s) {
-        Some(day) => Ok(day + chrono::Duration::days(1)),
-        None => parse_from(s),
-    }
-}
-
-fn month_start(now: DateTime<Utc>) -> DateTime<Utc> {
-    Utc.with_ymd_and_hms(now.year(), now.month(), 1, 0, 0, 0)
-        .single()
-        .unwrap_or(now)
 }
 
 pub async fn run(cfg: &Config, action: &UsageAction) -> Result<(), CliError> {
@@ -89,14 +65,7 @@ pub async fn run(cfg: &Config, action: &UsageAction) -> Result<(), CliError> {
             format,
         } => {
             let o = orgs::get_by_slug(&client, org).await?;
-            let now = Utc::now();
-            let (from, to) = (
-                from.unwrap_or_else(|| month_start(now)),
-                to.unwrap_or(now + chrono::Duration::seconds(1)),
-            );
-            if from >= to {
-                return Err(CliError::Usage("--from must be before --to".into()));
-            }
+            let (from, to) = report::period(*from, *to, Utc::now())?;
             let group = match by {
                 By::Day => report::GroupBy::Day,
                 By::Key => report::GroupBy::Key,

@@ -23,6 +23,23 @@ pub struct KeySpec {
     pub expires_at: Option<DateTime<Utc>>,
 }
 
+/// How long a rotated key keeps working when the caller names no grace period (the
+/// CLI's `--grace` default and the admin API's `grace` default).
+pub const DEFAULT_ROTATION_GRACE: &str = "24h";
+
+/// The instant a key created at `now` with a lifetime of `expires_in` expires; `None`
+/// for a key that never does. Refuses lifetimes past what a timestamp can hold.
+pub fn expiry(now: DateTime<Utc>, expires_in: Option<std::time::Duration>) -> Result<Option<DateTime<Utc>>, DbError> {
+    expires_in
+        .map(|d| {
+            chrono::Duration::from_std(d)
+                .ok()
+                .and_then(|d| now.checked_add_signed(d))
+                .ok_or_else(|| DbError::Invalid("expires_in is too far in the future".into()))
+        })
+        .transpose()
+}
+
 fn scopes_from(v: serde_json::Value) -> Vec<String> {
     match v {
         serde_json::Value::Array(items) => items

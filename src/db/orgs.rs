@@ -176,3 +176,13 @@ pub async fn update(c: &impl GenericClient, slug: &str, u: &OrgUpdate) -> Result
         .transpose()?
         .ok_or_else(|| DbError::OrgNotFound(slug.to_string()))
 }
+
+/// Disables an organisation: every one of its keys is refused (403) from then on. The
+/// CLI's `orgs disable` and the admin API's `POST /orgs/{slug}/disable` both land here.
+pub async fn disable(c: &impl GenericClient, slug: &str) -> Result<Organization, DbError> {
+    let u = OrgUpdate {
+        is_active: Some(false),
+        ..Default::default()
+    };
+    update(c, slug, &u).await
+}

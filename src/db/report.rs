@@ -1,7 +1,7 @@
 //! The usage report's query: requests, errors, rate-limited, tokens, cost and latency
 //! percentiles over `api_key_usage`, grouped by day, key or endpoint.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Datelike, NaiveDate, TimeZone, Utc};
 use serde::Serialize;
 use tokio_postgres::GenericClient;
 use uuid::Uuid;
@@ -13,6 +13,74 @@ pub enum GroupBy {
     Day,
     Key,
     Endpoint,
+}
+
+impl std::str::FromStr for GroupBy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "day" => Ok(GroupBy::Day),
+            "key" => Ok(GroupBy::Key),
+            "endpoint" => Ok(GroupBy::Endpoint),
+            other => Err(format!("`{other}` is not a grouping (expected day, key or endpoint)")),
+        }
+    }
+}
+
+impl GroupBy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GroupBy::Day => "day",
+            GroupBy::Key => "key",
+            GroupBy::Endpoint => "endpoint",
+        }
+    }
+}
+
+fn parse_day(s: &str) -> Option<DateTime<Utc>> {
+    let d = NaiveDate::parse_from_str(s, "%Y-%m-%d").ok()?;
+    Some(Utc.from_utc_datetime(&d.and_hms_opt(0, 0, 0)?))
+}
+
+/// The start of a report period: a UTC day (`YYYY-MM-DD`, its midnight) or an RFC 3339
+/// instant. Shared by `keygate usage report --from` and the admin API's `from`.
+pub fn parse_from(s: &str) -> Result<DateTime<Utc>, String> {
+    parse_day(s)
+        .or_else(|| DateTime::parse_from_rfc3339(s).ok().map(|t| t.with_timezone(&Utc)))
+        .ok_or_else(|| format!("`{s}` is not a date (YYYY-MM-DD) or RFC 3339 time"))
+}
+
+/// The end of a report period: a UTC day is inclusive (its end is the next midnight);
+/// an RFC 3339 instant is exclusive.
+pub fn parse_to(s: &str) -> Result<DateTime<Utc>, String> {
+    match parse_day(s) {
+        Some(day) => Ok(day + chrono::Duration::days(1)),
+        None => parse_from(s),
+    }
+}
+
+fn month_start(now: DateTime<Utc>) -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(now.year(), now.month(), 1, 0, 0, 0)
+        .single()
+        .unwrap_or(now)
+}
+
+/// The `[from, to)` a report covers: by default from the start of this month (UTC) to
+/// just past `now`, so a row written this second is included.
+pub fn period(
+    from: Option<DateTime<Utc>>,
+    to: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> Result<(DateTime<Utc>, DateTime<Utc>), DbError> {
+    let from = from.unwrap_or_else(|| month_start(now));
+    let to = to.unwrap_or(now + chrono::Duration::seconds(1));
+    if from >= to {
+        return Err(DbError::Invalid(
+            "the period's start (from) must be before its end (to)".into(),
+        ));
+    }
+    Ok((from, to))
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
