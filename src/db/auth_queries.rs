@@ -1,9 +1,9 @@
 //! Bulk and by-id loads of authentication records, for the auth cache's preload and
 //! its targeted reloads after a change notification.
 //!
-//! Owns these three SELECTs and their row mapping, which has the same shape as
-//! `db::keys::lookup` (key joined with its organisation). It does not own the lookup by
-//! digest (that stays in `db::keys`), caching, or deciding when to reload.
+//! Owns the SELECT of an authentication record (a key joined with its organisation)
+//! and its row mapping, shared with `db::keys::lookup`, and the three loads built on
+//! it. It does not own the lookup by digest (`db::keys`), caching, or when to reload.
 
 use futures_util::TryStreamExt;
 use tokio_postgres::{GenericClient, Row};
@@ -13,8 +13,8 @@ use super::DbError;
 use crate::keys::KeyDigest;
 use crate::model::AuthRecord;
 
-/// The columns of `db::keys::lookup`, in the same order, so the two mappings agree.
-const SELECT: &str = "SELECT k.key_hash, k.id, k.organization_id, k.key_prefix, k.key_hint, k.is_active,
+/// The columns of an authentication record; `db::keys::lookup` adds its WHERE.
+pub(super) const SELECT: &str = "SELECT k.key_hash, k.id, k.organization_id, k.key_prefix, k.key_hint, k.is_active,
         k.expires_at, k.revoked_at, k.scopes, k.custom_rate_limit::bigint, o.is_active, o.plan,
         o.rate_limit_per_minute::bigint, o.monthly_request_limit::bigint
      FROM api_keys k JOIN organizations o ON o.id = k.organization_id";
@@ -59,7 +59,7 @@ pub async fn for_each_record(
 }
 
 /// Maps one row of [`SELECT`]; `None` when the stored hash is malformed.
-fn record_from_row(r: &Row) -> Result<Option<(KeyDigest, AuthRecord)>, DbError> {
+pub(super) fn record_from_row(r: &Row) -> Result<Option<(KeyDigest, AuthRecord)>, DbError> {
     let stored: String = r.try_get(0)?;
     let Some(digest) = KeyDigest::from_hex(&stored) else {
         return Ok(None);
@@ -73,7 +73,7 @@ fn record_from_row(r: &Row) -> Result<Option<(KeyDigest, AuthRecord)>, DbError> 
         key_active: r.try_get(5)?,
         expires_at: r.try_get(6)?,
         revoked_at: r.try_get(7)?,
-        scopes: scopes_from(r.try_get(8)?),
+        scopes: super::keys::scopes_from(r.try_get(8)?),
         custom_rate_limit: r.try_get(9)?,
         org_active: r.try_get(10)?,
         plan: plan.parse().map_err(DbError::Invalid)?,
@@ -81,15 +81,4 @@ fn record_from_row(r: &Row) -> Result<Option<(KeyDigest, AuthRecord)>, DbError> 
         monthly_request_limit: r.try_get(13)?,
     };
     Ok(Some((digest, record)))
-}
-
-/// Same rule as `db::keys`: a JSON array of strings; anything else means no scopes.
-fn scopes_from(v: serde_json::Value) -> Vec<String> {
-    match v {
-        serde_json::Value::Array(items) => items
-            .into_iter()
-            .filter_map(|i| i.as_str().map(str::to_owned))
-            .collect(),
-        _ => Vec::new(),
-    }
 }

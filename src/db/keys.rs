@@ -40,7 +40,8 @@ pub fn expiry(now: DateTime<Utc>, expires_in: Option<std::time::Duration>) -> Re
         .transpose()
 }
 
-fn scopes_from(v: serde_json::Value) -> Vec<String> {
+/// A JSON array of strings; anything else (the seed allowed any JSON) means no scopes.
+pub(super) fn scopes_from(v: serde_json::Value) -> Vec<String> {
     match v {
         serde_json::Value::Array(items) => items
             .into_iter()
@@ -242,39 +243,16 @@ pub async fn rotate(
     Ok((old, new, key))
 }
 
-/// The authentication lookup: one indexed query by hash, joined with the organisation.
-/// The stored hash is compared with the computed one in constant time before the row is
-/// trusted.
+/// The authentication lookup: one indexed query by hash, joined with the organisation,
+/// in the same shape as the auth cache's bulk loads (`db::auth_queries`). The stored hash
+/// is compared with the computed one in constant time before the row is trusted.
 pub async fn lookup(c: &impl GenericClient, digest: &KeyDigest) -> Result<Option<AuthRecord>, DbError> {
-    let row = c
-        .query_opt(
-            "SELECT k.key_hash, k.id, k.organization_id, k.key_prefix, k.key_hint, k.is_active, k.expires_at,
-                    k.revoked_at, k.scopes, k.custom_rate_limit::bigint, o.is_active, o.plan,
-                    o.rate_limit_per_minute::bigint, o.monthly_request_limit::bigint
-             FROM api_keys k JOIN organizations o ON o.id = k.organization_id
-             WHERE k.key_hash = $1",
-            &[&digest.to_hex()],
-        )
-        .await?;
-    let Some(r) = row else { return Ok(None) };
-    let stored: String = r.try_get(0)?;
-    if !KeyDigest::from_hex(&stored).is_some_and(|d| d.ct_eq(digest)) {
+    let sql = format!("{} WHERE k.key_hash = $1", super::auth_queries::SELECT);
+    let Some(row) = c.query_opt(&sql, &[&digest.to_hex()]).await? else {
         return Ok(None);
+    };
+    match super::auth_queries::record_from_row(&row)? {
+        Some((stored, record)) if stored.ct_eq(digest) => Ok(Some(record)),
+        _ => Ok(None),
     }
-    let plan: String = r.try_get(11)?;
-    Ok(Some(AuthRecord {
-        key_id: r.try_get(1)?,
-        organization_id: r.try_get(2)?,
-        key_prefix: r.try_get(3)?,
-        key_hint: r.try_get(4)?,
-        key_active: r.try_get(5)?,
-        expires_at: r.try_get(6)?,
-        revoked_at: r.try_get(7)?,
-        scopes: scopes_from(r.try_get(8)?),
-        custom_rate_limit: r.try_get(9)?,
-        org_active: r.try_get(10)?,
-        plan: plan.parse().map_err(DbError::Invalid)?,
-        org_rate_limit_per_minute: r.try_get(12)?,
-        monthly_request_limit: r.try_get(13)?,
-    }))
 }
