@@ -1,0 +1,111 @@
+//! The usage meter's body scan per MiB: `TokenMeter::feed` over a 1 MiB JSON chat
+//! completion and over 1 MiB of OpenAI-style SSE chunks (each repeating `model` and
+//! `"usage": null`, the last one carrying usage), fed in 16 KiB frames and, for SSE,
+//! one event per frame as a streaming upstream sends them.
+//!
+//! Run: `cargo bench --bench meter`. Under `cargo test --all-targets` each case runs
+//! once (and the token counts read back are checked). No database, no network.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use http::HeaderValue;
+use keygate::usage::meter::TokenMeter;
+
+const MIB: usize = 1 << 20;
+const FRAME: usize = 16 * 1024;
+
+/// One chat completion whose assistant message makes the body about 1 MiB, with the
+/// escapes a JSON string scanner must step over.
+fn json_body() -> Vec<u8> {
+    let mut content = String::new();
+    while content.len() < MIB - 400 {
+        content.push_str(r#"The quick \"brown\" fox jumps over the lazy dog.\n"#);
+    }
+    format!(
+        r#"{{"id":"chatcmpl-bench","object":"chat.completion","created":1700000000,"model":"demo-1","choices":[{{"index":0,"message":{{"role":"assistant","content":"{content}"}},"finish_reason":"stop"}}],"usage":{{"prompt_tokens":12,"completion_tokens":34,"total_tokens":46}}}}"#
+    )
+    .into_bytes()
+}
+
+/// About 1 MiB of SSE events, one per token, then the usage chunk and `[DONE]`.
+fn sse_events() -> Vec<Vec<u8>> {
+    let mut events = Vec::new();
+    let mut size = 0;
+    while size < MIB - 600 {
+        let e = format!(
+            "data: {{\"id\":\"chatcmpl-bench\",\"object\":\"chat.completion.chunk\",\"created\":1700000000,\"model\":\"demo-1\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"token{} \"}},\"finish_reason\":null}}],\"usage\":null}}\n\n",
+            events.len()
+        );
+        size += e.len();
+        events.push(e.into_bytes());
+    }
+    events.push(
+        b"data: {\"id\":\"chatcmpl-bench\",\"object\":\"chat.completion.chunk\",\"created\":1700000000,\"model\":\"demo-1\",\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":34,\"total_tokens\":46}}\n\n".to_vec(),
+    );
+    events.push(b"data: [DONE]\n\n".to_vec());
+    events
+}
+
+fn meter_for(content_type: &'static str, frames: &[&[u8]]) -> TokenMeter {
+    let mut m = TokenMeter::new(Some(&HeaderValue::from_static(content_type)), None);
+    for f in frames {
+        m.feed(f);
+    }
+    m
+}
+
+fn meter(c: &mut Criterion) {
+    let json = json_body();
+    let sse: Vec<Vec<u8>> = sse_events();
+    let sse_flat: Vec<u8> = sse.concat();
+    let cases: [(&str, &'static str, Vec<&[u8]>, usize); 3] = [
+        (
+            "json_16k_frames",
+            "application/json",
+            json.chunks(FRAME).collect(),
+            json.len(),
+        ),
+        (
+            "sse_16k_frames",
+            "text/event-stream",
+            sse_flat.chunks(FRAME).collect(),
+            sse_flat.len(),
+        ),
+        (
+            "sse_event_frames",
+            "text/event-stream",
+            sse.iter().map(Vec::as_slice).collect(),
+            sse_flat.len(),
+        ),
+    ];
+    let mut g = c.benchmark_group("meter");
+    for (name, content_type, frames, len) in &cases {
+        let t = meter_for(content_type, frames).tokens();
+        assert_eq!(
+            (t.prompt, t.completion, t.total),
+            (Some(12), Some(34), Some(46)),
+            "{name}"
+        );
+        assert_eq!(t.model.as_deref(), Some("demo-1"), "{name}");
+        g.throughput(Throughput::Bytes(*len as u64));
+        g.bench_with_input(BenchmarkId::from_parameter(name), frames, |b, frames| {
+            b.iter(|| meter_for(content_type, frames).tokens())
+        });
+    }
+    g.finish();
+}
+
+fn config() -> Criterion {
+    Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3))
+}
+
+criterion_group! {
+    name = benches;
+    config = config();
+    targets = meter
+}
+criterion_main!(benches);
