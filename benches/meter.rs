@@ -1,7 +1,8 @@
 //! The usage meter's body scan per MiB: `TokenMeter::feed` over a 1 MiB JSON chat
 //! completion and over 1 MiB of OpenAI-style SSE chunks (each repeating `model` and
 //! `"usage": null`, the last one carrying usage), fed in 16 KiB frames and, for SSE,
-//! one event per frame as a streaming upstream sends them.
+//! one event per frame as a streaming upstream sends them; and the 305-byte body of
+//! benches/load.sh's upstream, the per-request cost of metering a small completion.
 //!
 //! Run: `cargo bench --bench meter`. Under `cargo test --all-targets` each case runs
 //! once (and the token counts read back are checked). No database, no network.
@@ -48,6 +49,9 @@ fn sse_events() -> Vec<Vec<u8>> {
     events
 }
 
+/// The body benches/load.sh's upstream answers: what the meter sees per proxied request.
+const SMALL_JSON: &str = r#"{"id":"chatcmpl-load","object":"chat.completion","created":1700000000,"model":"demo-1","choices":[{"index":0,"message":{"role":"assistant","content":"Hello! This is a fixed reply from the load-test upstream."},"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":34,"total_tokens":46}}"#;
+
 fn meter_for(content_type: &'static str, frames: &[&[u8]]) -> TokenMeter {
     let mut m = TokenMeter::new(Some(&HeaderValue::from_static(content_type)), None);
     for f in frames {
@@ -60,7 +64,9 @@ fn meter(c: &mut Criterion) {
     let json = json_body();
     let sse: Vec<Vec<u8>> = sse_events();
     let sse_flat: Vec<u8> = sse.concat();
-    let cases: [(&str, &'static str, Vec<&[u8]>, usize); 3] = [
+    let small = SMALL_JSON.as_bytes();
+    let cases: [(&str, &'static str, Vec<&[u8]>, usize); 4] = [
+        ("json_305_bytes", "application/json", vec![small], small.len()),
         (
             "json_16k_frames",
             "application/json",
