@@ -69,6 +69,8 @@ die() { log "load.sh: $*"; exit 1; }
 find_nginx() { command -v nginx 2>/dev/null || { [ -x /usr/sbin/nginx ] && echo /usr/sbin/nginx; } || true; }
 need=()
 command -v wrk >/dev/null 2>&1 || need+=(wrk)
+command -v curl >/dev/null 2>&1 || need+=(curl)
+command -v pgrep >/dev/null 2>&1 || need+=(procps)
 [ -n "$(find_nginx)" ] || need+=(nginx-light)
 if ((${#need[@]})); then
     log "installing ${need[*]} with apt-get"
