@@ -57,6 +57,11 @@ pub fn render(handle: &PrometheusHandle, s: &Sources) -> String {
     counter!("keygate_auth_db_reloads_total").absolute(a.db_reloads);
     counter!("keygate_auth_stale_served_total").absolute(a.stale_served);
     counter!("keygate_auth_invalidations_total").absolute(a.invalidations);
+    gauge!("keygate_auth_breaker_open").set(match a.breaker {
+        crate::auth::BreakerState::Closed => 0.0,
+        crate::auth::BreakerState::Open | crate::auth::BreakerState::HalfOpen => 1.0,
+    });
+    counter!("keygate_auth_breaker_opened_total").absolute(a.breaker_opened);
     gauge!("keygate_notify_listener_connected").set(if a.listener_connected { 1.0 } else { 0.0 });
     let t = s.limiter.tracked();
     gauge!("keygate_rate_limit_tracked", "kind" => "keys").set(t.keys as f64);

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use common::*;
-use keygate::auth::{AuthError, Authenticator};
+use keygate::auth::{AuthError, Authenticator, BreakerState};
 use keygate::config::{AuthConfig, KeySource};
 use keygate::db::keys::KeySpec;
 use keygate::keys::{Environment, KeyDigest};
@@ -38,6 +38,9 @@ fn cfg(ttl: Duration, negative_ttl: Duration, max_lookups: usize) -> AuthConfig 
         fail_open: false,
         failed_auth_per_minute: 0,
         lookup_timeout: Duration::from_secs(2),
+        serve_stale_for: Duration::from_secs(3600),
+        breaker_failures: 5,
+        breaker_cooldown: Duration::from_secs(2),
     }
 }
 
@@ -709,4 +712,137 @@ async fn expired_records_are_served_stale_while_the_store_is_down() {
         "no recovery"
     );
     assert!(auth.stats().db_lookups > lookups);
+}
+
+/// A "database" that accepts connections and never answers: what a frozen PostgreSQL
+/// looks like from outside. Counts the connections it was offered.
+async fn black_hole() -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((sock, _)) = listener.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            held.push(sock);
+        }
+    });
+    (port, accepted)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_breaker_stops_asking_a_frozen_database_and_probes_after_the_cooldown() {
+    let (port, accepted) = black_hole().await;
+    let mut db = keygate::config::Config::from_env(&|n| {
+        (n == "DATABASE_URL").then(|| format!("postgres://postgres@127.0.0.1:{port}/frozen"))
+    })
+    .expect("config")
+    .database;
+    db.connect_timeout = Duration::from_secs(5);
+    db.pool_wait_timeout = Duration::from_secs(5);
+    let mut c = default_cfg();
+    c.lookup_timeout = Duration::from_millis(200);
+    c.breaker_failures = 3;
+    c.breaker_cooldown = Duration::from_secs(1);
+    let auth = Authenticator::new(&c, keygate::db::pool(&db, 4).expect("pool"));
+
+    for _ in 0..3 {
+        assert_eq!(
+            auth.authenticate(&random_digest()).await.err(),
+            Some(AuthError::StoreUnavailable)
+        );
+    }
+    assert_eq!(auth.stats().breaker, BreakerState::Open);
+    let asked = accepted.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(asked >= 3, "each failed lookup tried the database ({asked})");
+
+    // Open: 200 uncached keys are answered at once, and the database hears of none.
+    let started = Instant::now();
+    for _ in 0..200 {
+        assert_eq!(
+            auth.authenticate(&random_digest()).await.err(),
+            Some(AuthError::StoreUnavailable)
+        );
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), asked);
+
+    // After the cooldown one probe goes out (and fails: still frozen), reopening it.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(auth.stats().breaker, BreakerState::HalfOpen);
+    let probes: Vec<_> = (0..20).map(|_| random_digest()).collect();
+    let answers = futures_util::future::join_all(probes.iter().map(|d| auth.authenticate(d))).await;
+    assert!(answers
+        .iter()
+        .all(|a| a.as_ref().err() == Some(&AuthError::StoreUnavailable)));
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        asked + 1,
+        "exactly one probe"
+    );
+    assert_eq!(auth.stats().breaker, BreakerState::Open);
+    assert_eq!(auth.stats().breaker_opened, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_live_database_closes_the_breaker_with_one_probe() {
+    let f = fixture().await;
+    let mut c = cfg(Duration::from_secs(60), Duration::from_secs(5), 16);
+    c.breaker_failures = 2;
+    c.breaker_cooldown = Duration::from_millis(300);
+    let auth = f.authenticator(&c);
+    f.allow_connections(false).await;
+    f.exec("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        .await;
+    for _ in 0..10 {
+        assert!(auth.authenticate(&random_digest()).await.is_err());
+        if auth.stats().breaker == BreakerState::Open {
+            break;
+        }
+    }
+    assert_eq!(auth.stats().breaker, BreakerState::Open);
+    f.allow_connections(true).await;
+    // Recovery: within the cooldown plus one lookup, the real key authenticates again.
+    let started = Instant::now();
+    assert!(
+        eventually(DEADLINE, async || auth.authenticate(&f.digest).await.is_ok()).await,
+        "no recovery"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "recovery took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(auth.stats().breaker, BreakerState::Closed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stale_records_are_served_only_up_to_the_ceiling() {
+    let f = fixture().await;
+    let mut c = cfg(Duration::from_millis(200), Duration::from_secs(5), 16);
+    c.serve_stale_for = Duration::from_millis(1500);
+    c.breaker_failures = 0;
+    let auth = f.authenticator(&c);
+    auth.authenticate(&f.digest).await.expect("key");
+    let loaded = Instant::now();
+    f.allow_connections(false).await;
+    f.exec("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        auth.authenticate(&f.digest).await.is_ok(),
+        "within the ceiling: served stale"
+    );
+    tokio::time::sleep(Duration::from_millis(1700).saturating_sub(loaded.elapsed())).await;
+    assert_eq!(
+        auth.authenticate(&f.digest).await.err(),
+        Some(AuthError::StoreUnavailable),
+        "past fresh + serve_stale_for the record is no longer trusted"
+    );
+    f.allow_connections(true).await;
 }

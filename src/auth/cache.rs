@@ -18,7 +18,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
@@ -121,15 +121,15 @@ impl Cache {
         }
     }
 
-    /// A record whose freshness ran out but that no invalidation touched: what may be
-    /// served while the database is unreachable.
-    pub(crate) fn stale(&self, digest: &KeyDigest) -> Option<Arc<AuthRecord>> {
+    /// A record whose freshness ran out less than `ceiling` ago and that no invalidation
+    /// touched: what may be served while the database is unreachable.
+    pub(crate) fn stale(&self, digest: &KeyDigest, now: Instant, ceiling: Duration) -> Option<Arc<AuthRecord>> {
         match self.map.get(digest).as_deref().map(|s| &s.state) {
             Some(State::Found {
                 record,
+                fresh_until,
                 invalidated: false,
-                ..
-            }) => Some(record.clone()),
+            }) if now < *fresh_until + ceiling => Some(record.clone()),
             _ => None,
         }
     }

@@ -12,6 +12,7 @@ use std::time::Instant;
 use dashmap::mapref::entry::Entry;
 use tokio::sync::watch;
 
+use super::breaker::{Breaker, Permit};
 use super::{AuthError, Inner, Outcome, Scope};
 use crate::db::auth_queries::{self, Selector};
 use crate::db::DbError;
@@ -86,7 +87,7 @@ impl Inner {
                 self.cache.store_unknown(*digest, start, fresh_until);
                 Err(AuthError::Unknown)
             }
-            Err(e) => match self.cache.stale(digest) {
+            Err(e) => match self.cache.stale(digest, Instant::now(), self.serve_stale_for) {
                 Some(record) => {
                     tracing::debug!(error = %e, "key store unavailable; serving a stale record");
                     self.counters.stale_served.fetch_add(1, Relaxed);
@@ -100,7 +101,25 @@ impl Inner {
         }
     }
 
+    /// One lookup, unless the breaker is open. Every outcome is reported to the breaker:
+    /// "no such key" is a healthy answer, any error (pool, connection, timeout) is not.
     async fn fetch_one(&self, digest: &KeyDigest) -> Result<Option<AuthRecord>, DbError> {
+        // Dropping the guard after the report is harmless: the report already settled
+        // the probe slot (closed, or open again for a cooldown).
+        let _probe = match self.breaker.permit(Instant::now()) {
+            Permit::Refused => return Err(DbError::Pool("circuit breaker open".into())),
+            Permit::Probe => Some(ProbeGuard(&self.breaker)),
+            Permit::Go => None,
+        };
+        let result = self.ask(digest).await;
+        match &result {
+            Ok(_) => self.breaker.succeeded(),
+            Err(_) => self.breaker.failed(Instant::now()),
+        }
+        result
+    }
+
+    async fn ask(&self, digest: &KeyDigest) -> Result<Option<AuthRecord>, DbError> {
         let _permit = self
             .lookups
             .acquire()
@@ -143,5 +162,15 @@ impl Inner {
         if let Some(hook) = self.on_load.get() {
             hook(record);
         }
+    }
+}
+
+/// Frees the half-open probe slot if the probing lookup never reports (its task was
+/// dropped mid-await), so the breaker cannot stay refusing forever.
+struct ProbeGuard<'a>(&'a Breaker);
+
+impl Drop for ProbeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.abandon_probe();
     }
 }

@@ -10,6 +10,7 @@
 //! is evaluated at use time), parse keys from requests, or talk SQL itself: queries live
 //! in `db`.
 
+mod breaker;
 mod cache;
 mod load;
 mod sync;
@@ -28,6 +29,8 @@ use crate::config::{AuthConfig, DatabaseConfig};
 use crate::db::DbError;
 use crate::keys::KeyDigest;
 use crate::model::AuthRecord;
+use breaker::Breaker;
+pub use breaker::BreakerState;
 use cache::{Cache, Probe, Scope};
 use load::Flight;
 
@@ -62,6 +65,9 @@ pub struct AuthStats {
     /// Full resyncs after the listener (re)connected.
     pub resyncs: u64,
     pub listener_connected: bool,
+    pub breaker: BreakerState,
+    /// Times the circuit breaker opened.
+    pub breaker_opened: u64,
 }
 
 /// A hook run on every record read from the database, before it is cached.
@@ -90,6 +96,9 @@ struct Inner {
     /// The whole budget of one lookup, pool checkout included: a frozen database
     /// (no error, no answer) must not hold requests forever.
     lookup_timeout: Duration,
+    /// How long past freshness a record may be served while the database is down.
+    serve_stale_for: Duration,
+    breaker: Breaker,
     listen_notify: bool,
     on_load: OnceLock<OnLoad>,
     counters: Counters,
@@ -112,6 +121,8 @@ impl Authenticator {
                 ttl: cfg.cache_ttl,
                 negative_ttl: cfg.negative_cache_ttl,
                 lookup_timeout: cfg.lookup_timeout,
+                serve_stale_for: cfg.serve_stale_for,
+                breaker: Breaker::new(cfg.breaker_failures, cfg.breaker_cooldown),
                 listen_notify: cfg.listen_notify,
                 on_load: OnceLock::new(),
                 counters: Counters::default(),
@@ -200,6 +211,8 @@ impl Authenticator {
             invalidations: c.invalidations.load(Relaxed),
             resyncs: c.resyncs.load(Relaxed),
             listener_connected: self.inner.listener_connected.load(Relaxed),
+            breaker: self.inner.breaker.state(Instant::now()),
+            breaker_opened: self.inner.breaker.times_opened(),
         }
     }
 

@@ -69,6 +69,8 @@ pub struct ServerConfig {
     pub max_body_bytes: u64,
     pub max_connections: usize,
     pub shutdown_grace: Duration,
+    /// The whole exchange, response streaming included: past it the response is cut off.
+    pub request_timeout: Duration,
     /// Peers whose `X-Forwarded-For` is believed when recording the client's address.
     pub trusted_proxies: Vec<ipnet::IpNet>,
 }
@@ -128,6 +130,14 @@ pub struct AuthConfig {
     pub failed_auth_per_minute: u32,
     /// Budget for one key lookup (pool wait included); past it the request gets 503.
     pub lookup_timeout: Duration,
+    /// How long past its freshness a cached record may still be served while the
+    /// database cannot be asked; zero never serves stale. Also how long readiness
+    /// tolerates an unreachable database.
+    pub serve_stale_for: Duration,
+    /// Consecutive failed lookups that open the circuit breaker; 0 turns it off.
+    pub breaker_failures: u32,
+    /// How long an open breaker answers without asking the database, before one probe.
+    pub breaker_cooldown: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -136,6 +146,8 @@ pub struct LimitsConfig {
     pub flush_interval: Duration,
     /// Minute windows in `rate_limit_tracking` older than this are pruned.
     pub tracking_retention: Duration,
+    /// Requests one key may have in flight (streams included); 0 is unlimited.
+    pub max_concurrent_per_key: u32,
 }
 
 #[derive(Debug, Clone)]

@@ -46,6 +46,7 @@ pub struct RawServer {
     pub max_body_bytes: Option<String>,
     pub max_connections: Option<i64>,
     pub shutdown_grace: Option<String>,
+    pub request_timeout: Option<String>,
     pub trusted_proxies: Option<Vec<String>>,
 }
 
@@ -84,6 +85,9 @@ pub struct RawAuth {
     pub fail_open: Option<bool>,
     pub failed_auth_per_minute: Option<i64>,
     pub lookup_timeout: Option<String>,
+    pub serve_stale_for: Option<String>,
+    pub breaker_failures: Option<i64>,
+    pub breaker_cooldown: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -92,6 +96,7 @@ pub struct RawLimits {
     pub enabled: Option<bool>,
     pub flush_interval: Option<String>,
     pub tracking_retention: Option<String>,
+    pub max_concurrent_per_key: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

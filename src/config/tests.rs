@@ -174,6 +174,11 @@ fn each_rule_names_its_key() {
         ("[auth]\nmax_concurrent_lookups = 0", "auth.max_concurrent_lookups"),
         ("[auth]\nfailed_auth_per_minute = -1", "auth.failed_auth_per_minute"),
         ("[auth]\nlookup_timeout = \"0s\"", "auth.lookup_timeout"),
+        ("[auth]\nserve_stale_for = \"soon\"", "auth.serve_stale_for"),
+        ("[auth]\nbreaker_failures = -2", "auth.breaker_failures"),
+        ("[auth]\nbreaker_cooldown = \"0s\"", "auth.breaker_cooldown"),
+        ("[server]\nrequest_timeout = \"0s\"", "server.request_timeout"),
+        ("[limits]\nmax_concurrent_per_key = -1", "limits.max_concurrent_per_key"),
         ("[limits]\nflush_interval = \"10ms\"", "limits.flush_interval"),
         ("[identity_headers]\nplan = \"x-api-key\"", "identity_headers.plan"),
         (

@@ -51,6 +51,7 @@ fn server(s: RawServer) -> R<ServerConfig> {
         max_body_bytes: size_in("server.max_body_bytes", s.max_body_bytes, "10MiB", 1, u64::MAX)?,
         max_connections: count("server.max_connections", s.max_connections, 10_000)?,
         shutdown_grace: duration("server.shutdown_grace", s.shutdown_grace, "30s")?,
+        request_timeout: positive("server.request_timeout", s.request_timeout, "10m")?,
         trusted_proxies: s
             .trusted_proxies
             .unwrap_or_default()
@@ -168,11 +169,10 @@ fn auth(a: RawAuth) -> R<AuthConfig> {
         listen_notify: a.listen_notify.unwrap_or(true),
         fail_open: a.fail_open.unwrap_or(false),
         lookup_timeout: positive("auth.lookup_timeout", a.lookup_timeout, "2s")?,
-        failed_auth_per_minute: match a.failed_auth_per_minute {
-            None => 60,
-            Some(n) => u32::try_from(n)
-                .map_err(|_| ConfigError::invalid("auth.failed_auth_per_minute", "must be between 0 and 4294967295"))?,
-        },
+        failed_auth_per_minute: small("auth.failed_auth_per_minute", a.failed_auth_per_minute, 60)?,
+        serve_stale_for: duration("auth.serve_stale_for", a.serve_stale_for, "1h")?,
+        breaker_failures: small("auth.breaker_failures", a.breaker_failures, 5)?,
+        breaker_cooldown: positive("auth.breaker_cooldown", a.breaker_cooldown, "2s")?,
     })
 }
 
@@ -188,6 +188,7 @@ fn limits(l: RawLimits) -> R<LimitsConfig> {
         enabled: l.enabled.unwrap_or(true),
         flush_interval,
         tracking_retention: positive("limits.tracking_retention", l.tracking_retention, "1d")?,
+        max_concurrent_per_key: small("limits.max_concurrent_per_key", l.max_concurrent_per_key, 0)?,
     })
 }
 
@@ -305,6 +306,14 @@ fn count(key: &str, v: Option<i64>, default: usize) -> R<usize> {
         None => Ok(default),
         Some(n) if n >= 1 => usize::try_from(n).map_err(|_| ConfigError::invalid(key, "is too large")),
         Some(_) => Err(ConfigError::invalid(key, "must be at least 1")),
+    }
+}
+
+/// A count where 0 means "off".
+fn small(key: &str, v: Option<i64>, default: u32) -> R<u32> {
+    match v {
+        None => Ok(default),
+        Some(n) => u32::try_from(n).map_err(|_| ConfigError::invalid(key, "must be between 0 and 4294967295")),
     }
 }
 

@@ -1,8 +1,11 @@
-//! `/healthz` (the process is alive) and `/readyz` (it can do its job: the database
-//! answers and the background machinery is keeping up), on both listeners.
+//! `/healthz` (the process is alive) and `/readyz` (it can do its job), on both listeners.
+//!
+//! Ready means: not draining, and the database answers or has been unreachable for less
+//! than `auth.serve_stale_for` (cached keys keep working through a short outage, so
+//! pulling every replica out of rotation at once would turn a blip into an outage).
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
@@ -19,6 +22,10 @@ pub struct Health {
     pub listen_notify: bool,
     /// Set when shutdown begins, so load balancers stop sending before we stop accepting.
     pub draining: Arc<std::sync::atomic::AtomicBool>,
+    /// How long readiness tolerates an unreachable database.
+    pub stale_budget: Duration,
+    /// When readiness first saw the database unreachable, since it last answered.
+    pub down_since: Mutex<Option<Instant>>,
 }
 
 impl Health {
@@ -41,10 +48,13 @@ impl Health {
         let stats = self.auth.stats();
         let listener_ok = !self.listen_notify || stats.listener_connected;
         let draining = self.draining.load(std::sync::atomic::Ordering::Relaxed);
-        let ready = db_ok && !draining;
+        let down_for = self.down_for(db_ok);
+        let ready = !draining && down_for.is_none_or(|d| d < self.stale_budget);
         let body = serde_json::json!({
             "status": if draining { "draining" } else if ready { "ready" } else { "not_ready" },
             "database": if db_ok { "ok" } else { "unreachable" },
+            "database_down_secs": down_for.map(|d| d.as_secs()),
+            "breaker": stats.breaker.as_str(),
             "cache": {
                 "keys": stats.cached,
                 "negative": stats.negative,
@@ -63,6 +73,20 @@ impl Health {
             },
             body.to_string(),
         )
+    }
+}
+
+impl Health {
+    fn down_for(&self, db_ok: bool) -> Option<Duration> {
+        let mut since = self
+            .down_since
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if db_ok {
+            *since = None;
+            return None;
+        }
+        Some(since.get_or_insert_with(Instant::now).elapsed())
     }
 }
 
