@@ -21,6 +21,7 @@
 //! bookkeeping, no I/O), `flush` (the flush's I/O), `background` (flush task, seeding).
 
 mod background;
+mod concurrency;
 mod flush;
 mod reconcile;
 mod state;
@@ -36,6 +37,7 @@ use uuid::Uuid;
 
 pub use crate::db::counters::Snapshot;
 use crate::model::AuthRecord;
+pub use concurrency::{Concurrency, Slot};
 pub use flush::FlushStats;
 use state::{KeyState, OrgState, Orphan};
 

@@ -51,7 +51,7 @@ enum BodyError {
 }
 
 /// A request body on its way to the upstream, cut off when it grows past `limit` bytes
-/// or sends nothing for `idle`.
+/// or sends nothing for `idle`; its trailers are not passed on.
 pub struct LimitedBody<B> {
     inner: B,
     remaining: u64,
@@ -82,7 +82,16 @@ where
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
+        let polled = loop {
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                // Request trailers are dropped: they arrive after every check has run, so
+                // an identity header or key in one would reach the upstream unexamined,
+                // and chat APIs have no use for them.
+                Poll::Ready(Some(Ok(frame))) if frame.is_trailers() => continue,
+                other => break other,
+            }
+        };
+        match polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     let len = data.len() as u64;
@@ -148,6 +157,25 @@ mod tests {
         );
         assert!(body.collect().await.is_err());
         assert!(verdict.too_large());
+    }
+
+    #[tokio::test]
+    async fn trailers_are_not_passed_on() {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("x-keygate-organization-id", http::HeaderValue::from_static("evil"));
+        let frames: Vec<Result<Frame<Bytes>, std::convert::Infallible>> = vec![
+            Ok(Frame::data(Bytes::from_static(b"ab"))),
+            Ok(Frame::trailers(trailers)),
+        ];
+        let body = LimitedBody::new(
+            StreamBody::new(futures_util::stream::iter(frames)),
+            10,
+            Duration::from_secs(5),
+            Arc::new(BodyVerdict::default()),
+        );
+        let collected = body.collect().await.expect("body");
+        assert!(collected.trailers().is_none());
+        assert_eq!(&collected.to_bytes()[..], b"ab");
     }
 
     #[tokio::test]

@@ -33,6 +33,8 @@ pub enum Reject {
     RateLimited { retry_after_secs: u64 },
     #[error("monthly quota exceeded")]
     QuotaExceeded { retry_after_secs: u64 },
+    #[error("too many concurrent requests")]
+    TooManyConcurrent,
     #[error("too many failed authentications")]
     TooManyFailures { retry_after_secs: u64 },
     #[error("API key in query string")]
@@ -57,7 +59,9 @@ impl Reject {
         match self {
             MissingKey | InvalidKey | KeyRevoked | KeyExpired | KeyDisabled => StatusCode::UNAUTHORIZED,
             OrganizationDisabled | MissingScope => StatusCode::FORBIDDEN,
-            RateLimited { .. } | QuotaExceeded { .. } | TooManyFailures { .. } => StatusCode::TOO_MANY_REQUESTS,
+            RateLimited { .. } | QuotaExceeded { .. } | TooManyFailures { .. } | TooManyConcurrent => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             KeyInQuery => StatusCode::BAD_REQUEST,
             BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -82,6 +86,7 @@ impl Reject {
             RateLimited { .. } => "rate_limit_exceeded",
             QuotaExceeded { .. } => "monthly_quota_exceeded",
             TooManyFailures { .. } => "too_many_failed_authentications",
+            TooManyConcurrent => "too_many_concurrent_requests",
             KeyInQuery => "api_key_in_query",
             BodyTooLarge => "payload_too_large",
             HeadersTooLarge => "headers_too_large",
@@ -105,6 +110,7 @@ impl Reject {
             RateLimited { .. } => "Too many requests for this API key; retry after the time in Retry-After.",
             QuotaExceeded { .. } => "The organization's monthly request quota is used up.",
             TooManyFailures { .. } => "Too many requests with invalid API keys from this client; retry later.",
+            TooManyConcurrent => "This API key has too many requests in flight; retry when one finishes.",
             KeyInQuery => "Send the API key in a header, never in the URL; rotate a key that was sent in one.",
             BodyTooLarge => "The request body is larger than this gateway accepts.",
             HeadersTooLarge => "The request headers are larger than this gateway accepts.",
@@ -120,7 +126,7 @@ impl Reject {
             Reject::RateLimited { retry_after_secs }
             | Reject::QuotaExceeded { retry_after_secs }
             | Reject::TooManyFailures { retry_after_secs } => Some(retry_after_secs.max(1)),
-            Reject::StoreUnavailable => Some(1),
+            Reject::StoreUnavailable | Reject::TooManyConcurrent => Some(1),
             _ => None,
         }
     }
@@ -167,6 +173,7 @@ mod tests {
             Reject::RateLimited { retry_after_secs: 3 },
             Reject::QuotaExceeded { retry_after_secs: 0 },
             Reject::TooManyFailures { retry_after_secs: 9 },
+            Reject::TooManyConcurrent,
             Reject::KeyInQuery,
             Reject::BodyTooLarge,
             Reject::HeadersTooLarge,

@@ -17,6 +17,7 @@ use http::{header, HeaderMap, Request, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 
 use super::body::{BoxError, ProxyBody};
+use super::bounded::DeadlineExceeded;
 use crate::config::Pricing;
 use crate::model::AuthRecord;
 use crate::usage::meter::{cost_micros, TokenMeter};
@@ -54,6 +55,17 @@ impl PendingUsage {
                 error_message: None,
             },
         }
+    }
+
+    /// The client went away before the response began (the request's future was
+    /// dropped): the row still goes in, as 499 the way nginx logs it.
+    pub fn abandoned(mut self, sink: &UsageSink) {
+        self.record.status_code = 499;
+        self.record.response_time_ms = i32::try_from(self.started.elapsed().as_millis()).unwrap_or(i32::MAX);
+        if self.record.error_code.is_none() {
+            self.set_error("client_disconnected", "the client went away before the response began");
+        }
+        sink.record(self.record);
     }
 
     /// keygate refused or failed the request itself.
@@ -187,6 +199,10 @@ impl Body for Metered {
                     this.finish(None);
                 }
             }
+            Poll::Ready(Some(Err(e))) if e.is::<DeadlineExceeded>() => this.finish(Some((
+                "request_timeout",
+                "the response ran past the request's total deadline",
+            ))),
             Poll::Ready(Some(Err(_))) => this.finish(Some((
                 "upstream_stream_error",
                 "the upstream broke off the response body",

@@ -6,6 +6,7 @@
 //! Nothing on the request path lives here; see `pipeline`.
 
 mod body;
+mod bounded;
 mod error;
 mod forward;
 mod guard;
@@ -118,6 +119,8 @@ pub async fn serve(
         auth: auth.clone(),
         listen_notify: cfg.auth.listen_notify,
         draining: draining.clone(),
+        stale_budget: cfg.auth.serve_stale_for,
+        down_since: std::sync::Mutex::new(None),
     };
     let proxy = Arc::new(Proxy {
         server: cfg.server.clone(),
@@ -127,6 +130,8 @@ pub async fn serve(
         limits_enabled: cfg.limits.enabled,
         auth: auth.clone(),
         limiter: limiter.clone(),
+        concurrency: crate::limits::Concurrency::default(),
+        max_concurrent_per_key: cfg.limits.max_concurrent_per_key,
         pool: pool.clone(),
         upstream,
         health: health(&pool),

@@ -12,6 +12,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use super::body::{BodyVerdict, LimitedBody, ProxyBody};
+use super::bounded::Bounded;
 use super::error::Reject;
 use super::forward::{SendError, Upstream};
 use super::guard::{key_in_query, FailedAuth};
@@ -23,7 +24,7 @@ use super::trace::Trace;
 use crate::auth::{AuthError, Authenticator};
 use crate::config::{AuthConfig, IdentityHeaders, Pricing, ServerConfig};
 use crate::keys::PresentedKey;
-use crate::limits::{Decision, KeyLimits, LimitKind, Limiter};
+use crate::limits::{Concurrency, Decision, KeyLimits, LimitKind, Limiter, Slot};
 use crate::model::{AuthRecord, KeyStatus};
 use crate::usage::writer::UsageSink;
 
@@ -35,6 +36,9 @@ pub struct Proxy {
     pub limits_enabled: bool,
     pub auth: Arc<Authenticator>,
     pub limiter: Arc<Limiter>,
+    /// In-flight requests per key, for `limits.max_concurrent_per_key` (0: not counted).
+    pub concurrency: Concurrency,
+    pub max_concurrent_per_key: u32,
     /// For seeding a key's counters the first time this process sees it.
     pub pool: deadpool_postgres::Pool,
     pub upstream: Upstream,
@@ -67,12 +71,13 @@ impl Proxy {
         let mut trace = Trace::begin(req.headers_mut());
         let method = req.method().clone();
         let path = self.access_log.then(|| req.uri().path().to_owned());
-        // Set once the key is identified: from then on every exit records a usage row.
-        let mut pending = None;
-        let (mut resp, from_upstream, error) = match self.proxy(req, peer, &mut trace, &mut pending).await {
+        // Set once the key is identified: from then on every exit records a usage row,
+        // including the client going away while this future waits (the guard's drop).
+        let mut pending = Unanswered(None, self.usage.as_ref());
+        let (mut resp, from_upstream, error) = match self.proxy(req, peer, &mut trace, &mut pending.0).await {
             Ok(resp) => (resp, true, None),
             Err(f) => {
-                if let Some(p) = pending.as_mut() {
+                if let Some(p) = pending.0.as_mut() {
                     p.set_error(f.reject.code(), f.reject.message());
                 }
                 (f.reject.into_response(f.rate.as_ref()), false, Some(f.reject.code()))
@@ -89,7 +94,7 @@ impl Proxy {
         if let Some(path) = &path {
             trace.log(&method, path, resp.status(), error, now);
         }
-        match (pending, &self.usage) {
+        match (pending.0.take(), &self.usage) {
             (Some(p), Some(sink)) => Metered::wrap(
                 resp,
                 p,
@@ -117,7 +122,7 @@ impl Proxy {
         let record = self.identify(req.headers(), ip).await?;
         let Some(record) = record else {
             // Fail-open: the store is down and the operator chose availability.
-            return Ok(self.forward(req, None, peer, trace).await?);
+            return Ok(self.forward(req, None, peer, trace, None).await?);
         };
         trace.record = Some(record.clone());
         if self.usage.is_some() {
@@ -125,9 +130,11 @@ impl Proxy {
         }
         authorise(&record, &req, &self.routes)?;
         check_content_length(req.headers(), self.server.max_body_bytes)?;
+        // Before the rate check, so a request refused here consumes no rate budget.
+        let slot = self.take_slot(&record)?;
         let rate = self.limit(&record).await?;
         let mut resp = self
-            .forward(req, Some(&record), peer, trace)
+            .forward(req, Some(&record), peer, trace, slot)
             .await
             .map_err(|reject| Failure { reject, rate })?;
         if let Some(rate) = rate {
@@ -166,6 +173,16 @@ impl Proxy {
                 Ok(None)
             }
             Err(AuthError::StoreUnavailable) => Err(Reject::StoreUnavailable),
+        }
+    }
+
+    fn take_slot(&self, rec: &AuthRecord) -> Result<Option<Slot>, Reject> {
+        if self.max_concurrent_per_key == 0 {
+            return Ok(None);
+        }
+        match self.concurrency.acquire(rec.key_id, self.max_concurrent_per_key) {
+            Some(slot) => Ok(Some(slot)),
+            None => Err(Reject::TooManyConcurrent),
         }
     }
 
@@ -212,6 +229,7 @@ impl Proxy {
         rec: Option<&AuthRecord>,
         peer: SocketAddr,
         trace: &mut Trace,
+        slot: Option<Slot>,
     ) -> Result<Response<ProxyBody>, Reject> {
         let (mut parts, body) = req.into_parts();
         let host = parts.headers.get(header::HOST).cloned().or_else(|| {
@@ -258,7 +276,23 @@ impl Proxy {
         })?;
         let (mut parts, body) = resp.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers);
-        Ok(Response::from_parts(parts, body.map_err(Into::into).boxed_unsync()))
+        let deadline = tokio::time::Instant::from_std(trace.started + self.server.request_timeout);
+        Ok(Response::from_parts(
+            parts,
+            Bounded::new(body, deadline, slot).boxed_unsync(),
+        ))
+    }
+}
+
+/// The usage row of a request whose future may be dropped mid-await (the client went
+/// away): whatever is still here when it drops is recorded as abandoned.
+struct Unanswered<'a>(Option<PendingUsage>, Option<&'a UsageSink>);
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if let (Some(p), Some(sink)) = (self.0.take(), self.1) {
+            p.abandoned(sink);
+        }
     }
 }
 
