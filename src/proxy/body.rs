@@ -22,13 +22,14 @@ pub fn full(bytes: Bytes) -> ProxyBody {
     Full::new(bytes).map_err(|never| match never {}).boxed_unsync()
 }
 
-/// Why a request body was cut off (0 while it has not been); read by the pipeline when the upstream call fails,
-/// to answer 413 or 408 rather than 502.
+/// Why a request body was cut off (0 while it has not been); read by the pipeline when
+/// the upstream call fails, to answer 413, 408 or 400 rather than 502.
 #[derive(Debug, Default)]
 pub struct BodyVerdict(AtomicU8);
 
 const TOO_LARGE: u8 = 1;
 const IDLE: u8 = 2;
+const MALFORMED: u8 = 3;
 
 impl BodyVerdict {
     pub fn too_large(&self) -> bool {
@@ -36,6 +37,10 @@ impl BodyVerdict {
     }
     pub fn idle(&self) -> bool {
         self.0.load(Ordering::Relaxed) == IDLE
+    }
+    /// The client's body itself failed (bad chunk framing, or the client went away).
+    pub fn malformed(&self) -> bool {
+        self.0.load(Ordering::Relaxed) == MALFORMED
     }
     fn set(&self, v: u8) {
         self.0.store(v, Ordering::Relaxed);
@@ -105,7 +110,10 @@ where
                 this.deadline.as_mut().reset(next);
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(Some(Err(e))) => {
+                this.verdict.set(MALFORMED);
+                Poll::Ready(Some(Err(e.into())))
+            }
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => {
                 ready!(this.deadline.as_mut().poll(cx));

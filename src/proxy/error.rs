@@ -45,6 +45,8 @@ pub enum Reject {
     HeadersTooLarge,
     #[error("request body timed out")]
     BodyTimeout,
+    #[error("malformed request body")]
+    BodyMalformed,
     #[error("key store unavailable")]
     StoreUnavailable,
     #[error("upstream unavailable")]
@@ -62,7 +64,7 @@ impl Reject {
             RateLimited { .. } | QuotaExceeded { .. } | TooManyFailures { .. } | TooManyConcurrent => {
                 StatusCode::TOO_MANY_REQUESTS
             }
-            KeyInQuery => StatusCode::BAD_REQUEST,
+            KeyInQuery | BodyMalformed => StatusCode::BAD_REQUEST,
             BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             BodyTimeout => StatusCode::REQUEST_TIMEOUT,
@@ -91,6 +93,7 @@ impl Reject {
             BodyTooLarge => "payload_too_large",
             HeadersTooLarge => "headers_too_large",
             BodyTimeout => "request_timeout",
+            BodyMalformed => "malformed_request_body",
             StoreUnavailable => "key_store_unavailable",
             UpstreamUnavailable => "upstream_unavailable",
             UpstreamTimeout => "upstream_timeout",
@@ -115,6 +118,7 @@ impl Reject {
             BodyTooLarge => "The request body is larger than this gateway accepts.",
             HeadersTooLarge => "The request headers are larger than this gateway accepts.",
             BodyTimeout => "The request body stopped arriving.",
+            BodyMalformed => "The request body is not valid HTTP framing.",
             StoreUnavailable => "Keys cannot be verified right now; retry shortly.",
             UpstreamUnavailable => "The upstream service could not be reached.",
             UpstreamTimeout => "The upstream service did not answer in time.",
@@ -178,6 +182,7 @@ mod tests {
             Reject::BodyTooLarge,
             Reject::HeadersTooLarge,
             Reject::BodyTimeout,
+            Reject::BodyMalformed,
             Reject::StoreUnavailable,
             Reject::UpstreamUnavailable,
             Reject::UpstreamTimeout,

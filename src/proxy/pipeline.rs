@@ -268,6 +268,8 @@ impl Proxy {
                 Reject::BodyTooLarge
             } else if verdict.idle() {
                 Reject::BodyTimeout
+            } else if verdict.malformed() {
+                Reject::BodyMalformed
             } else if e == SendError::Timeout {
                 Reject::UpstreamTimeout
             } else {
