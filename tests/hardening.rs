@@ -4,6 +4,7 @@ mod common;
 
 use common::net::*;
 use common::*;
+use std::time::Duration;
 
 /// A well-formed key that no database holds.
 fn random_key(i: u32) -> String {
@@ -81,4 +82,154 @@ async fn keys_in_query_strings_are_refused_and_never_logged() {
     assert!(!String::from_utf8_lossy(&r.body).contains(&key[8..]));
     let _ = gw.proc.terminate(std::time::Duration::from_secs(10));
     assert!(!gw.logs().contains(&key[8..]), "the key leaked into the logs");
+}
+
+/// Header names of a rejection, without the ones that differ per request by design.
+fn rejection_shape(r: &Reply) -> (u16, Vec<String>, bytes::Bytes) {
+    let mut names: Vec<String> = r
+        .headers
+        .keys()
+        .map(|n| n.as_str().to_string())
+        .filter(|n| n != "date")
+        .collect();
+    names.sort();
+    (r.status.as_u16(), names, r.body.clone())
+}
+
+/// One key, the canary, is pushed through every path that could echo it: success,
+/// malformed and wrong-scheme variants, rate limit, oversized body, key in the URL,
+/// upstream down, revocation, PostgreSQL down (spool). It must appear in no response,
+/// no log line (text and JSON), no spool file, and never reach the upstream.
+#[tokio::test]
+async fn the_canary_key_never_leaks() {
+    let cluster = Cluster::start();
+    let db = cluster.fresh_db().await;
+    db.migrate();
+    db.ok(&[
+        "orgs",
+        "create",
+        "--name",
+        "Canary",
+        "--slug",
+        "canary",
+        "--rate-limit",
+        "8",
+    ]);
+    let canary = db
+        .ok(&["keys", "create", "--org", "canary", "--name", "canary"])
+        .trim()
+        .to_string();
+    let body_part = canary[8..].to_string();
+    let rec = common::recorder::Recorder::start().await;
+    let spool = tempfile::tempdir().expect("spool");
+    let extra = format!(
+        "[server]\nmax_body_bytes = \"1KiB\"\n[log]\nformat = \"json\"\n\
+         [database]\nconnect_timeout = \"300ms\"\npool_wait_timeout = \"300ms\"\n\
+         [auth]\nlookup_timeout = \"500ms\"\n[usage]\nflush_interval = \"100ms\"\nspool_dir = \"{}\"\n",
+        spool.path().display()
+    );
+    let gw = Gateway::start(&db, rec.port, &extra).await;
+    let dead = Gateway::start(&db, common::free_port(), "[log]\nformat = \"text\"\n").await;
+    let auth = bearer(&canary);
+    let mut replies = Vec::new();
+    for _ in 0..3 {
+        replies.push(get(&gw.url("/ok"), &[("authorization", &auth)]).await);
+    }
+    replies.push(post(&gw.url("/big"), &[("authorization", &auth)], &"x".repeat(4096)).await);
+    let truncated = bearer(&canary[..canary.len() - 1]);
+    let flipped = {
+        let mut k = canary.clone().into_bytes();
+        k[20] = if k[20] == b'A' { b'B' } else { b'A' };
+        bearer(&String::from_utf8(k).expect("ascii"))
+    };
+    let malformed = get(&gw.url("/m"), &[("authorization", &truncated)]).await;
+    let unknown = get(&gw.url("/u"), &[("authorization", &flipped)]).await;
+    let wrong_scheme = get(&gw.url("/w"), &[("authorization", &format!("Basic {canary}"))]).await;
+    let (m, u, w) = (
+        rejection_shape(&malformed),
+        rejection_shape(&unknown),
+        rejection_shape(&wrong_scheme),
+    );
+    assert_eq!(m.0, 401);
+    assert_eq!(m, u, "malformed and unknown keys must be indistinguishable");
+    assert_eq!(m, w, "a wrong scheme must look like an unknown key");
+    replies.extend([malformed, unknown, wrong_scheme]);
+    replies.push(get(&gw.url(&format!("/q?key={canary}")), &[]).await);
+    replies.push(get(&gw.url("/both"), &[("authorization", &auth), ("x-api-key", &canary)]).await);
+    for _ in 0..6 {
+        replies.push(get(&gw.url("/limit"), &[("authorization", &auth)]).await);
+    }
+    assert!(
+        replies.iter().any(|r| r.status == 429),
+        "the rate limit was never reached"
+    );
+    replies.push(get(&dead.url("/dead"), &[("authorization", &auth)]).await);
+    assert_eq!(replies.last().map(|r| r.status.as_u16()), Some(502));
+
+    // PostgreSQL down: the cached canary still works and its rows go to the spool.
+    cluster.stop();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    replies.push(get(&gw.url("/spooled"), &[("x-api-key", &canary)]).await);
+    replies.push(get(&gw.url("/unknown-down"), &[("authorization", &flipped)]).await);
+    assert!(
+        eventually(Duration::from_secs(10), async || !gw
+            .spool_texts()
+            .iter()
+            .all(|t| t.is_empty()))
+        .await,
+        "nothing was spooled"
+    );
+    cluster.restart();
+    let key_id: String = {
+        let list = db.ok(&["keys", "list", "--org", "canary", "--format", "json"]);
+        let v: serde_json::Value = serde_json::from_str(&list).expect("json");
+        v[0]["id"].as_str().expect("id").to_string()
+    };
+    db.ok(&["keys", "revoke", &key_id]);
+    assert!(
+        eventually(Duration::from_secs(10), async || get(
+            &gw.url("/revoked"),
+            &[("authorization", &auth)]
+        )
+        .await
+        .status
+            == 401)
+        .await,
+        "the revocation never arrived"
+    );
+    replies.push(get(&gw.url("/revoked"), &[("authorization", &auth)]).await);
+
+    for r in &replies {
+        let text = format!("{:?} {}", r.headers, String::from_utf8_lossy(&r.body));
+        assert!(!text.contains(&body_part), "a response carried the canary: {text}");
+    }
+    for s in rec.log.seen() {
+        let text = format!("{} {:?} {}", s.path, s.headers, String::from_utf8_lossy(&s.body));
+        assert!(!text.contains(&body_part), "the upstream received the canary: {text}");
+    }
+    for (name, text) in [("json log", gw.logs()), ("text log", dead.logs())] {
+        assert!(!text.is_empty(), "{name} is empty: nothing was checked");
+        assert!(!text.contains(&body_part), "the canary is in the {name}");
+        // Even a long piece of it would be a leak.
+        for w in body_part.as_bytes().windows(12) {
+            let piece = std::str::from_utf8(w).expect("ascii");
+            assert!(
+                !text.contains(piece),
+                "a piece of the canary ({piece}) is in the {name}"
+            );
+        }
+    }
+    for text in gw.spool_texts() {
+        assert!(!text.contains(&body_part), "the canary is in a spool file");
+    }
+    for line in gw.logs().lines().filter(|l| l.starts_with('{')) {
+        serde_json::from_str::<serde_json::Value>(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+    }
+    eprintln!(
+        "canary: {} responses, {} upstream requests, {} log bytes, {} spool files checked",
+        replies.len(),
+        rec.log.seen().len(),
+        gw.logs().len() + dead.logs().len(),
+        gw.spool_texts().len()
+    );
 }

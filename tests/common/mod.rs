@@ -6,6 +6,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod net;
+pub mod recorder;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

@@ -91,19 +91,65 @@ pub struct Gateway {
     pub admin_port: u16,
     pub config: std::path::PathBuf,
     pub log: std::path::PathBuf,
+    /// Where this gateway spools usage rows.
+    pub spool: Option<std::path::PathBuf>,
     _dir: tempfile::TempDir,
+}
+
+/// Every gateway a test starts is swept when dropped: no plaintext key may appear in its
+/// log or its spool files, whatever the test sent it.
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return;
+        }
+        if let Some(found) = find_plaintext_key(&self.logs()) {
+            panic!("a plaintext key reached keygate's log: {found}");
+        }
+        for text in self.spool_texts() {
+            if let Some(found) = find_plaintext_key(&text) {
+                panic!("a plaintext key reached the spool: {found}");
+            }
+        }
+    }
+}
+
+/// The first thing in `text` shaped like a whole key (prefix and at least 16 characters
+/// of its body); hints (prefix, ellipsis, 4 characters) do not match.
+pub fn find_plaintext_key(text: &str) -> Option<String> {
+    for prefix in ["pk_live_", "pk_test_"] {
+        for (i, _) in text.match_indices(prefix) {
+            let body: String = text[i + prefix.len()..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+                .collect();
+            if body.len() >= 16 {
+                return Some(format!("{prefix}{body}"));
+            }
+        }
+    }
+    None
 }
 
 impl Gateway {
     /// Starts `keygate serve` on `db` in front of `upstream_port`, with `extra` TOML
-    /// appended (sections not already present), and waits until it is ready.
+    /// appended (a leading `[server]` section is merged; other sections must not repeat
+    /// `[upstream]`), and waits until it is ready.
     pub async fn start(db: &TestDb, upstream_port: u16, extra: &str) -> Gateway {
         let dir = tempfile::tempdir().expect("tmp");
         let config = dir.path().join("keygate.toml");
         let (port, admin_port) = (free_port(), free_port());
+        // A leading [server] section in `extra` is merged into the one written here.
+        let (server_extra, extra) = match extra.strip_prefix("[server]\n") {
+            Some(rest) => match rest.find("\n[") {
+                Some(i) => (&rest[..=i], &rest[i + 1..]),
+                None => (rest, ""),
+            },
+            None => ("", extra),
+        };
         let mut text = format!(
             "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\nshutdown_grace = \"10s\"\n\
-             [upstream]\nurl = \"http://127.0.0.1:{upstream_port}\"\n{extra}\n"
+             {server_extra}\n[upstream]\nurl = \"http://127.0.0.1:{upstream_port}\"\n{extra}\n"
         );
         private_spool(&mut text, dir.path());
         std::fs::write(&config, text).expect("write config");
@@ -135,6 +181,12 @@ impl Gateway {
         } else {
             Stdio::from(std::fs::File::create(&log).expect("log file"))
         };
+        let spool = std::fs::read_to_string(&config).ok().and_then(|t| {
+            t.lines()
+                .find_map(|l| l.trim().strip_prefix("spool_dir"))
+                .and_then(|rest| rest.split('"').nth(1))
+                .map(std::path::PathBuf::from)
+        });
         let child = db
             .command(&["serve", "--config", config.to_str().expect("utf8 path")])
             .stdout(Stdio::null())
@@ -147,6 +199,7 @@ impl Gateway {
             admin_port,
             config,
             log,
+            spool,
             _dir: dir,
         };
         wait_for_port(port, Duration::from_secs(20)).await;
@@ -167,6 +220,20 @@ impl Gateway {
 
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The contents of every file in this gateway's spool directory.
+    pub fn spool_texts(&self) -> Vec<String> {
+        let Some(dir) = &self.spool else { return Vec::new() };
+        std::fs::read_dir(dir)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter_map(|e| std::fs::read(e.path()).ok())
+                    .map(|b| String::from_utf8_lossy(&b).into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     pub fn url(&self, path: &str) -> String {

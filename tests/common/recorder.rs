@@ -1,0 +1,217 @@
+//! Upstreams that tell the test what reached them: a hyper server recording every request
+//! (head, body, trailers, connection), with paths that hang, stall mid-stream or answer
+//! with hop-by-hop headers; and a raw TCP server that answers garbage. Real sockets.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub trailers: Option<HeaderMap>,
+    pub conn: usize,
+}
+
+#[derive(Default)]
+pub struct Log {
+    pub seen: Mutex<Vec<Seen>>,
+    pub connections: AtomicUsize,
+    /// Requests whose handling was dropped before it answered (the proxy hung up).
+    pub cancelled: AtomicUsize,
+    /// Requests currently being handled.
+    pub in_flight: AtomicUsize,
+}
+
+impl Log {
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+    pub fn paths(&self) -> Vec<String> {
+        self.seen().into_iter().map(|s| s.path).collect()
+    }
+}
+
+pub struct Recorder {
+    pub port: u16,
+    pub log: Arc<Log>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+struct CancelGuard(Arc<Log>, bool);
+
+impl Drop for CancelGuard {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, SeqCst);
+        if !self.1 {
+            self.0.cancelled.fetch_add(1, SeqCst);
+        }
+    }
+}
+
+type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+async fn handle(log: Arc<Log>, conn: usize, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    log.in_flight.fetch_add(1, SeqCst);
+    let mut guard = CancelGuard(log.clone(), false);
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path().to_string();
+    let collected = body.collect().await.ok();
+    let trailers = collected.as_ref().and_then(|c| c.trailers().cloned());
+    let body = collected.map(|c| c.to_bytes()).unwrap_or_default();
+    log.seen.lock().unwrap().push(Seen {
+        method: parts.method.to_string(),
+        path: path.clone(),
+        headers: parts.headers,
+        body,
+        trailers,
+        conn,
+    });
+    let resp = match path.as_str() {
+        "/hang" => {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            Response::new(Full::new(Bytes::new()).boxed())
+        }
+        "/stall" => {
+            // Headers and one chunk, then nothing, ever: a stream the deadline must cut.
+            let frames = futures_util::stream::iter(vec![Ok::<_, Infallible>(Frame::data(Bytes::from_static(
+                b"data: first\n\n",
+            )))])
+            .chain(futures_util::stream::pending());
+            let mut r = Response::new(BodyExt::boxed(StreamBody::new(frames)));
+            r.headers_mut()
+                .insert("content-type", "text/event-stream".parse().unwrap());
+            r
+        }
+        "/hop" => Response::builder()
+            .header("connection", "x-internal-secret")
+            .header("x-internal-secret", "do-not-leak")
+            .header("keep-alive", "timeout=5")
+            .header("proxy-authenticate", "Basic realm=inner")
+            .header("x-fine", "kept")
+            .body(Full::new(Bytes::from_static(b"{\"ok\":true}")).boxed())
+            .unwrap(),
+        _ => Response::new(Full::new(Bytes::from_static(b"{\"ok\":true}")).boxed()),
+    };
+    guard.1 = true;
+    Ok(resp)
+}
+
+use futures_util::StreamExt as _;
+
+impl Recorder {
+    pub async fn start() -> Recorder {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let log = Arc::new(Log::default());
+        let l = log.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((sock, _)) = listener.accept().await {
+                let conn = l.connections.fetch_add(1, SeqCst) + 1;
+                let l = l.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| handle(l.clone(), conn, req));
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(sock), svc)
+                        .await;
+                });
+            }
+        });
+        Recorder { port, log, task }
+    }
+}
+
+/// An upstream whose first connection answers bytes that are not HTTP, and whose later
+/// connections answer properly: the proxy must not reuse the broken one.
+pub struct Malformed {
+    pub port: u16,
+    pub connections: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Malformed {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Malformed {
+    pub async fn start(garbage: &'static [u8]) -> Malformed {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let count = connections.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let n = count.fetch_add(1, SeqCst) + 1;
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 65536];
+                    loop {
+                        // One read per request is enough for the small GETs the tests send.
+                        match sock.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(_) => {}
+                        }
+                        let answer: &[u8] = if n == 1 {
+                            garbage
+                        } else {
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 11\r\n\r\n{\"ok\":true}"
+                        };
+                        if sock.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Malformed {
+            port,
+            connections,
+            task,
+        }
+    }
+}
+
+/// Writes `bytes` on a fresh connection to `port` and reads until the peer closes or
+/// `quiet` passes without a byte.
+pub async fn raw_exchange(port: u16, bytes: &[u8], quiet: Duration) -> Vec<u8> {
+    let mut sock = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    sock.write_all(bytes).await.expect("write");
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        match tokio::time::timeout(quiet, sock.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return out,
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// The status codes of every response in a raw HTTP/1.1 byte stream, in order.
+pub fn statuses(raw: &[u8]) -> Vec<u16> {
+    let text = String::from_utf8_lossy(raw);
+    text.match_indices("HTTP/1.1 ")
+        .filter_map(|(i, _)| text.get(i + 9..i + 12)?.parse().ok())
+        .collect()
+}

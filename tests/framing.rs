@@ -1,0 +1,286 @@
+//! Hostile framing and headers on raw sockets: a request-smuggling matrix, identity and
+//! hop-by-hop spoofing in both directions (Connection-listed names, trailers, odd
+//! spellings), and an upstream that answers garbage.
+
+mod common;
+
+use std::time::Duration;
+
+use common::net::*;
+use common::recorder::*;
+use common::*;
+
+const QUIET: Duration = Duration::from_millis(700);
+
+async fn gateway_on_recorder(extra: &str) -> (TestDb, String, Recorder, Gateway) {
+    let (db, key) = seeded_db().await;
+    let rec = Recorder::start().await;
+    let gw = Gateway::start(&db, rec.port, extra).await;
+    (db, key, rec, gw)
+}
+
+/// Each case: an outer request carrying a valid key, then (in its body or after it) a
+/// request to /smuggled without one. Whatever keygate makes of the bytes, the upstream
+/// must never see /smuggled: that would be a request that skipped authentication.
+fn matrix(key: &str) -> Vec<(&'static str, String)> {
+    let auth = format!("Authorization: Bearer {key}");
+    let smuggled = "GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n";
+    let head = |extra: &str| format!("POST /outer HTTP/1.1\r\nHost: x\r\n{auth}\r\n{extra}\r\n");
+    vec![
+        (
+            "CL.TE",
+            format!(
+                "{}0\r\n\r\n{smuggled}",
+                head("Content-Length: 6\r\nTransfer-Encoding: chunked\r\n")
+            ),
+        ),
+        (
+            "TE.CL",
+            format!(
+                "{}{:x}\r\n{smuggled}\r\n0\r\n\r\n",
+                head("Transfer-Encoding: chunked\r\nContent-Length: 4\r\n"),
+                smuggled.len()
+            ),
+        ),
+        (
+            "CL.CL differing",
+            format!("{}hello{smuggled}", head("Content-Length: 5\r\nContent-Length: 41\r\n")),
+        ),
+        (
+            "TE obfuscated (xchunked)",
+            format!(
+                "{}0\r\n\r\n{smuggled}",
+                head("Transfer-Encoding: xchunked\r\nContent-Length: 5\r\n")
+            ),
+        ),
+        (
+            "TE with space before colon",
+            format!(
+                "{}0\r\n\r\n{smuggled}",
+                head("Transfer-Encoding : chunked\r\nContent-Length: 5\r\n")
+            ),
+        ),
+        (
+            "TE chunked, identity",
+            format!(
+                "{}0\r\n\r\n{smuggled}",
+                head("Transfer-Encoding: chunked, identity\r\n")
+            ),
+        ),
+        (
+            "TE identity, chunked twice",
+            format!(
+                "{}0\r\n\r\n{smuggled}",
+                head("Transfer-Encoding: identity\r\nTransfer-Encoding: chunked\r\n")
+            ),
+        ),
+        (
+            "negative chunk size",
+            format!(
+                "{}-1\r\n{smuggled}\r\n0\r\n\r\n",
+                head("Transfer-Encoding: chunked\r\n")
+            ),
+        ),
+        (
+            "overflowing chunk size",
+            format!(
+                "{}fffffffffffffffff1\r\nab\r\n0\r\n\r\n{smuggled}",
+                head("Transfer-Encoding: chunked\r\n")
+            ),
+        ),
+        (
+            "0x chunk size",
+            format!(
+                "{}0x3\r\nabc\r\n0\r\n\r\n{smuggled}",
+                head("Transfer-Encoding: chunked\r\n")
+            ),
+        ),
+        (
+            "chunk longer than its size",
+            format!(
+                "{}3\r\nabcdef\r\n0\r\n\r\n{smuggled}",
+                head("Transfer-Encoding: chunked\r\n")
+            ),
+        ),
+        (
+            "chunk extension with bare LF",
+            format!(
+                "{}3;x\nabc\r\n0\r\n\r\n{smuggled}",
+                head("Transfer-Encoding: chunked\r\n")
+            ),
+        ),
+        (
+            "obs-fold header",
+            format!(
+                "{}0\r\n\r\n{smuggled}",
+                head("X-Folded: a\r\n b\r\nTransfer-Encoding: chunked\r\n")
+            ),
+        ),
+        (
+            "obs-fold Transfer-Encoding",
+            format!(
+                "{}0\r\n\r\n{smuggled}",
+                head("Transfer-Encoding: identity\r\n chunked\r\nContent-Length: 3\r\n")
+            ),
+        ),
+        (
+            "bare LF line endings",
+            format!("POST /outer HTTP/1.1\nHost: x\n{auth}\nContent-Length: 0\n\n{smuggled}"),
+        ),
+        (
+            "bare CR in a header",
+            format!("{}{smuggled}", head("X-Evil: a\rContent-Length: 0\r\n")),
+        ),
+        (
+            "NUL in a header",
+            format!("{}{smuggled}", head("X-Evil: a\0b\r\nContent-Length: 0\r\n")),
+        ),
+        (
+            "Content-Length with sign",
+            format!("{}{smuggled}", head("Content-Length: +0\r\n")),
+        ),
+        (
+            "HTTP/1.0 with TE",
+            format!(
+                "POST /outer HTTP/1.0\r\nHost: x\r\n{auth}\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{smuggled}"
+            ),
+        ),
+    ]
+}
+
+#[tokio::test]
+async fn smuggled_requests_never_reach_the_upstream() {
+    let (_db, key, rec, gw) = gateway_on_recorder("").await;
+    let mut table = Vec::new();
+    for (name, bytes) in matrix(&key) {
+        let raw = raw_exchange(gw.port, bytes.as_bytes(), QUIET).await;
+        let codes = statuses(&raw);
+        assert!(
+            !codes.is_empty() || raw.is_empty(),
+            "{name}: not HTTP: {:?}",
+            String::from_utf8_lossy(&raw)
+        );
+        assert!(
+            codes
+                .iter()
+                .all(|c| matches!(c, 200 | 400 | 401 | 408 | 411 | 413 | 501)),
+            "{name}: unexpected statuses {codes:?}"
+        );
+        table.push(format!("{name}: {codes:?}"));
+    }
+    // Nothing reached the upstream except /outer, and each /outer came with keygate's own
+    // framing: never both Content-Length and Transfer-Encoding.
+    let seen = rec.log.seen();
+    for s in &seen {
+        assert_eq!(s.path, "/outer", "the upstream saw {} ({table:?})", s.path);
+        assert!(
+            !(s.headers.contains_key("content-length") && s.headers.contains_key("transfer-encoding")),
+            "conflicting framing reached the upstream: {:?}",
+            s.headers
+        );
+        assert!(
+            !String::from_utf8_lossy(&s.body).contains("Bearer"),
+            "a key travelled in a body"
+        );
+    }
+    println!(
+        "smuggling matrix ({} upstream requests):\n  {}",
+        seen.len(),
+        table.join("\n  ")
+    );
+    // keygate is still healthy after all that.
+    assert_eq!(
+        get(&gw.url("/after"), &[("authorization", &bearer(&key))]).await.status,
+        200
+    );
+}
+
+#[tokio::test]
+async fn identity_and_hop_by_hop_headers_are_stripped_both_ways() {
+    let (db, key, rec, gw) = gateway_on_recorder("").await;
+    let org_id = db.ok(&["orgs", "list", "--format", "json"]);
+    let orgs: serde_json::Value = serde_json::from_str(&org_id).expect("json");
+    let org_id = orgs[0]["id"].as_str().expect("org id").to_string();
+    // Raw bytes, because a well-behaved client library would not send half of this.
+    let req = format!(
+        "POST /in HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\
+         Connection: keep-alive, X-Keygate-Organization-Id, x-hop-listed\r\n\
+         X-Keygate-Organization-Id: evil-listed\r\nx-hop-listed: 1\r\n\
+         X_Keygate_Key_Id: evil-underscore\r\nX-KEYGATE-PLAN: enterprise\r\nx-keygate-plan: enterprise\r\n\
+         x-keygate-scopes: admin\r\nKeep-Alive: timeout=99\r\nProxy-Authorization: Basic eDp5\r\n\
+         TE: trailers\r\nTrailer: x-keygate-key-id\r\nTransfer-Encoding: chunked\r\n\r\n\
+         4\r\nbody\r\n0\r\nx-keygate-key-id: evil-trailer\r\nauthorization: Bearer {key}\r\n\r\n"
+    );
+    let raw = raw_exchange(gw.port, req.as_bytes(), QUIET).await;
+    assert_eq!(statuses(&raw), vec![200], "{}", String::from_utf8_lossy(&raw));
+    let seen = rec.log.seen();
+    let s = seen.iter().find(|s| s.path == "/in").expect("forwarded");
+    let one = |name: &str| -> Vec<String> {
+        s.headers
+            .get_all(name)
+            .iter()
+            .map(|v| v.to_str().unwrap_or("?").to_string())
+            .collect()
+    };
+    assert_eq!(one("x-keygate-organization-id"), vec![org_id]);
+    assert_eq!(one("x-keygate-key-id").len(), 1);
+    assert_ne!(one("x-keygate-key-id")[0], "evil-underscore");
+    assert_eq!(one("x-keygate-plan"), vec!["free".to_string()]);
+    assert_eq!(one("x-keygate-scopes"), vec!["chat".to_string()]);
+    for gone in [
+        "x_keygate_key_id",
+        "x-hop-listed",
+        "keep-alive",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "authorization",
+    ] {
+        assert!(
+            !s.headers.contains_key(gone),
+            "{gone} reached the upstream: {:?}",
+            s.headers
+        );
+    }
+    assert_eq!(&s.body[..], b"body");
+    assert!(
+        s.trailers.is_none(),
+        "request trailers reached the upstream: {:?}",
+        s.trailers
+    );
+    let text = format!("{:?}", s.headers);
+    assert!(!text.contains("evil") && !text.contains(&key), "{text}");
+
+    // The other direction: the upstream's hop-by-hop headers stop at keygate.
+    let r = get(&gw.url("/hop"), &[("authorization", &bearer(&key))]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-fine"), Some("kept"));
+    for gone in ["x-internal-secret", "keep-alive", "proxy-authenticate"] {
+        assert!(r.header(gone).is_none(), "{gone} reached the client: {:?}", r.headers);
+    }
+}
+
+#[tokio::test]
+async fn a_malformed_upstream_answer_is_502_and_its_connection_is_not_reused() {
+    let (db, key) = seeded_db().await;
+    let bad = Malformed::start(b"HTTP/1.1 2OO NOT OK\r\nX-Upstream-Secret: s3cr3t\r\n\r\n").await;
+    let gw = Gateway::start(&db, bad.port, "").await;
+    let auth = bearer(&key);
+    let first = get(&gw.url("/a"), &[("authorization", &auth)]).await;
+    assert_eq!(
+        (first.status.as_u16(), first.error_code().as_str()),
+        (502, "upstream_unavailable")
+    );
+    let text = String::from_utf8_lossy(&first.body);
+    assert!(
+        !text.contains("s3cr3t") && !text.contains("2OO"),
+        "upstream text leaked: {text}"
+    );
+    let second = get(&gw.url("/b"), &[("authorization", &auth)]).await;
+    assert_eq!(second.status, 200, "{:?}", second.body);
+    assert_eq!(
+        bad.connections.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "the broken connection was reused, or more were opened than needed"
+    );
+}
