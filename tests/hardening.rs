@@ -64,6 +64,7 @@ async fn a_random_key_flood_bounds_lookups_and_valid_keys_keep_working() {
         "{codes:?}"
     );
     assert_eq!(codes.values().sum::<u32>(), 300);
+    eprintln!("random-key flood: 300 random keys → {lookups} database lookups, {codes:?}; valid key 50/50 ok");
     let r = get(&url, &[("authorization", &bearer(&random_key(9999)))]).await;
     if r.status == 429 {
         assert!(r.header("retry-after").is_some());
