@@ -7,12 +7,15 @@
 pub mod auth_queries;
 pub mod counters;
 pub mod keys;
+mod mask;
 pub mod migrate;
 pub mod notify;
 pub mod orgs;
 pub mod report;
 pub mod retention;
 pub mod usage;
+
+pub use mask::mask_url;
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -68,34 +71,6 @@ impl From<deadpool_postgres::PoolError> for DbError {
     fn from(e: deadpool_postgres::PoolError) -> Self {
         DbError::Pool(e.to_string())
     }
-}
-
-/// Replaces the password in a connection string with `***`, for messages and logs.
-pub fn mask_url(url: &str) -> String {
-    if let Some(scheme_end) = url.find("://") {
-        let rest = &url[scheme_end + 3..];
-        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-        if let Some(at) = rest[..authority_end].rfind('@') {
-            if let Some(colon) = rest[..at].find(':') {
-                return format!("{}{}:***{}", &url[..scheme_end + 3], &rest[..colon], &rest[at..]);
-            }
-        }
-        // Passwords can also ride in the query string.
-        return mask_kv(url, '&');
-    }
-    mask_kv(url, ' ')
-}
-
-fn mask_kv(s: &str, sep: char) -> String {
-    s.split(sep)
-        .map(|part| match part.split_once('=') {
-            Some((k, _)) if k.trim_start_matches('?').ends_with("password") || k.contains("?password") => {
-                format!("{k}=***")
-            }
-            _ => part.to_string(),
-        })
-        .collect::<Vec<_>>()
-        .join(&sep.to_string())
 }
 
 fn pg_config(cfg: &DatabaseConfig) -> Result<tokio_postgres::Config, DbError> {
@@ -192,24 +167,4 @@ pub async fn ping(pool: &Pool) -> Result<(), DbError> {
     let client = pool.get().await?;
     client.simple_query("SELECT 1").await?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::mask_url;
-
-    #[test]
-    fn masks_passwords_in_every_url_form() {
-        assert_eq!(mask_url("postgres://u:secret@h:5432/db"), "postgres://u:***@h:5432/db");
-        assert_eq!(mask_url("postgresql://u@h/db"), "postgresql://u@h/db");
-        assert_eq!(
-            mask_url("postgres://h/db?user=u&password=secret"),
-            "postgres://h/db?user=u&password=***"
-        );
-        assert_eq!(
-            mask_url("host=h user=u password=secret dbname=d"),
-            "host=h user=u password=*** dbname=d"
-        );
-        assert_eq!(mask_url("postgres://u:p%40ss@h/db"), "postgres://u:***@h/db");
-    }
 }
