@@ -241,7 +241,12 @@ async fn dispatch(cli: Cli) -> Result<(), CliError> {
 /// their stdout stays machine-readable.
 fn init_logging(format: crate::config::LogFormat, level: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    // RUST_LOG goes through the same regex-free parser as the config's level.
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| crate::config::log_filter(&v).ok())
+        .or_else(|| crate::config::log_filter(level).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
     use std::io::IsTerminal;
     // Colour codes only for a person at a terminal, never in files or log pipelines.
     let builder = tracing_subscriber::fmt()

@@ -15,6 +15,7 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue, Method, Uri};
 
 pub use raw::RawConfig;
+pub use validate::log_filter;
 
 /// The environment variable that overrides `[database] url`.
 pub const DATABASE_URL_ENV: &str = "DATABASE_URL";

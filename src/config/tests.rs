@@ -291,3 +291,17 @@ fn the_compose_config_parses() {
     );
     assert_eq!(cfg.server.admin_listen.map(|a| a.port()), Some(9090));
 }
+
+/// Found by the config-loader fuzz target: a field-value filter used to compile a regex
+/// DFA exponential in its dots.
+#[test]
+fn a_pathological_log_filter_parses_quickly() {
+    let started = std::time::Instant::now();
+    let dots = ".".repeat(40);
+    let _ = parse(&format!("[log]\nlevel = \"[{{x=a{dots}}}]\""));
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+}
