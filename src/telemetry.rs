@@ -18,6 +18,7 @@ pub const REQUESTS: &str = "keygate_requests_total";
 pub const OVERHEAD: &str = "keygate_overhead_seconds";
 pub const UPSTREAM: &str = "keygate_upstream_seconds";
 pub const RATE_DECISIONS: &str = "keygate_rate_limit_decisions_total";
+pub const TLS_HANDSHAKE_FAILURES: &str = "keygate_tls_handshake_failures_total";
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
@@ -93,6 +94,12 @@ pub fn rate_decision(allowed: bool, limit: i64, remaining: i64) {
         (true, false) => "allowed",
     };
     counter!(RATE_DECISIONS, "decision" => decision).increment(1);
+}
+
+/// A client connection that never completed its TLS handshake: `timeout` (silent past
+/// `server.header_read_timeout`) or `error` (not TLS, no shared cipher, bad hello).
+pub fn tls_handshake_failed(reason: &'static str) {
+    counter!(TLS_HANDSHAKE_FAILURES, "reason" => reason).increment(1);
 }
 
 fn status_label(status: u16) -> &'static str {

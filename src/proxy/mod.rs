@@ -188,6 +188,7 @@ pub async fn serve(
     tracing::info!(
         addr = %main_listener.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()),
         upstream = %cfg.upstream()?.url,
+        tls = cfg.server.tls.is_some(),
         "keygate listening"
     );
     let handler = move |req, peer| proxy.clone().handle(req, peer);
