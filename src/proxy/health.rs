@@ -19,6 +19,8 @@ pub struct Health {
     pub listen_notify: bool,
     /// Set when shutdown begins, so load balancers stop sending before we stop accepting.
     pub draining: Arc<std::sync::atomic::AtomicBool>,
+    /// For the config generation and load time.
+    pub live: super::reload::Live,
 }
 
 impl Health {
@@ -42,6 +44,7 @@ impl Health {
         let listener_ok = !self.listen_notify || stats.listener_connected;
         let draining = self.draining.load(std::sync::atomic::Ordering::Relaxed);
         let ready = db_ok && !draining;
+        let config = self.live.load();
         let body = serde_json::json!({
             "status": if draining { "draining" } else if ready { "ready" } else { "not_ready" },
             "database": if db_ok { "ok" } else { "unreachable" },
@@ -54,6 +57,10 @@ impl Health {
                 "stale_served": stats.stale_served,
             },
             "notify_listener": if listener_ok { "ok" } else { "disconnected" },
+            "config": {
+                "generation": config.generation,
+                "loaded_at": config.loaded_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            },
         });
         json(
             if ready {
