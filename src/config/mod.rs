@@ -278,4 +278,6 @@ impl Config {
 }
 
 #[cfg(test)]
+mod reference_tests;
+#[cfg(test)]
 mod tests;
