@@ -136,6 +136,10 @@ async fn a_tls_client_reaches_the_upstream_and_plain_http_is_refused() {
         answer.map(|r| r.status())
     );
     assert!(gw.logs().contains("tls=true"), "{}", gw.logs());
+    // Probes, scrapers and `keygate healthcheck` keep speaking plain HTTP to the admin listener.
+    assert_eq!(gw.ready_json().await["status"], "ready");
+    let probe = db.keygate(&["healthcheck", "--config", gw.config.to_str().expect("utf8")]);
+    assert!(probe.status.success(), "{}", stderr(&probe));
 }
 
 #[tokio::test]

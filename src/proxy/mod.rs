@@ -176,8 +176,13 @@ pub async fn serve(
             }
         };
         // The admin listener outlives the main one, so /readyz can say "draining" to
-        // probes while in-flight requests finish.
-        let (cfg_server, stop) = (cfg.server.clone(), background.clone());
+        // probes while in-flight requests finish. It stays plain HTTP under
+        // [server.tls]: probes, scrapers and `keygate healthcheck` speak plain HTTP.
+        let cfg_server = crate::config::ServerConfig {
+            tls: None,
+            ..cfg.server.clone()
+        };
+        let stop = background.clone();
         tracing::info!(addr = %admin.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()), "admin listener up");
         tracker.spawn(async move { listener::serve(admin, &cfg_server, handler, stop, grace).await });
     } else if cfg.admin.token.is_some() {
