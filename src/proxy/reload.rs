@@ -99,76 +99,79 @@ impl Reloadable {
     }
 }
 
+/// Pushes `section.field` for each listed field that differs. Config keys are the
+/// typed fields' names, so the key reported cannot drift from the field compared.
+macro_rules! changed {
+    ($out:ident, $section:literal, $old:expr, $new:expr, [$($field:ident),+ $(,)?]) => {
+        $(if $old.$field != $new.$field {
+            $out.push(concat!($section, ".", stringify!($field)));
+        })+
+    };
+}
+
 /// The restart-only keys whose values differ between the running config and `new`.
 pub fn restart_needed(running: &Config, new: &Config) -> Vec<&'static str> {
     let mut out = Vec::new();
-    let mut check = |key: &'static str, changed: bool| {
-        if changed {
-            out.push(key);
-        }
-    };
     let (o, n) = (&running.server, &new.server);
-    check("server.listen", o.listen != n.listen);
-    check("server.admin_listen", o.admin_listen != n.admin_listen);
-    check("server.http2", o.http2 != n.http2);
-    check("server.keepalive", o.keepalive != n.keepalive);
-    check(
-        "server.header_read_timeout",
-        o.header_read_timeout != n.header_read_timeout,
+    changed!(
+        out,
+        "server",
+        o,
+        n,
+        [listen, admin_listen, http2, keepalive, header_read_timeout]
     );
-    check("server.max_header_bytes", o.max_header_bytes != n.max_header_bytes);
-    check("server.max_connections", o.max_connections != n.max_connections);
-    check("server.shutdown_grace", o.shutdown_grace != n.shutdown_grace);
-    check("server.tls", o.tls != n.tls);
+    changed!(
+        out,
+        "server",
+        o,
+        n,
+        [max_header_bytes, max_connections, shutdown_grace, tls]
+    );
     if let (Some(o), Some(n)) = (&running.upstream, &new.upstream) {
-        check("upstream.url", o.url != n.url);
-        check("upstream.connect_timeout", o.connect_timeout != n.connect_timeout);
-        check("upstream.response_timeout", o.response_timeout != n.response_timeout);
-        check("upstream.pool_idle_timeout", o.pool_idle_timeout != n.pool_idle_timeout);
-        check(
-            "upstream.pool_max_idle_per_host",
-            o.pool_max_idle_per_host != n.pool_max_idle_per_host,
-        );
+        changed!(out, "upstream", o, n, [url, connect_timeout, response_timeout]);
+        changed!(out, "upstream", o, n, [pool_idle_timeout, pool_max_idle_per_host]);
     }
     let (o, n) = (&running.database, &new.database);
-    check("database.url", o.url != n.url);
-    check("database.pool_size", o.pool_size != n.pool_size);
-    check("database.connect_timeout", o.connect_timeout != n.connect_timeout);
-    check("database.pool_wait_timeout", o.pool_wait_timeout != n.pool_wait_timeout);
-    check("database.statement_timeout", o.statement_timeout != n.statement_timeout);
+    changed!(
+        out,
+        "database",
+        o,
+        n,
+        [url, pool_size, connect_timeout, pool_wait_timeout, statement_timeout]
+    );
     let (o, n) = (&running.auth, &new.auth);
-    check("auth.cache_ttl", o.cache_ttl != n.cache_ttl);
-    check("auth.negative_cache_ttl", o.negative_cache_ttl != n.negative_cache_ttl);
-    check(
-        "auth.max_concurrent_lookups",
-        o.max_concurrent_lookups != n.max_concurrent_lookups,
+    changed!(
+        out,
+        "auth",
+        o,
+        n,
+        [cache_ttl, negative_cache_ttl, max_concurrent_lookups, preload]
     );
-    check("auth.preload", o.preload != n.preload);
-    check("auth.listen_notify", o.listen_notify != n.listen_notify);
-    check(
-        "auth.failed_auth_per_minute",
-        o.failed_auth_per_minute != n.failed_auth_per_minute,
+    changed!(
+        out,
+        "auth",
+        o,
+        n,
+        [listen_notify, failed_auth_per_minute, lookup_timeout]
     );
-    check("auth.lookup_timeout", o.lookup_timeout != n.lookup_timeout);
-    check(
-        "limits.flush_interval",
-        running.limits.flush_interval != new.limits.flush_interval,
-    );
-    check(
-        "limits.tracking_retention",
-        running.limits.tracking_retention != new.limits.tracking_retention,
+    changed!(
+        out,
+        "limits",
+        running.limits,
+        new.limits,
+        [flush_interval, tracking_retention]
     );
     let (o, n) = (&running.usage, &new.usage);
-    check("usage.enabled", o.enabled != n.enabled);
-    check("usage.queue_capacity", o.queue_capacity != n.queue_capacity);
-    check("usage.batch_size", o.batch_size != n.batch_size);
-    check("usage.flush_interval", o.flush_interval != n.flush_interval);
-    check("usage.pool_size", o.pool_size != n.pool_size);
-    check("usage.spool_dir", o.spool_dir != n.spool_dir);
-    check("usage.max_spool_bytes", o.max_spool_bytes != n.max_spool_bytes);
-    check("log.format", running.log.format != new.log.format);
-    check("log.level", running.log.level != new.log.level);
-    check("admin.token", running.admin.token != new.admin.token);
+    changed!(
+        out,
+        "usage",
+        o,
+        n,
+        [enabled, queue_capacity, batch_size, flush_interval]
+    );
+    changed!(out, "usage", o, n, [pool_size, spool_dir, max_spool_bytes]);
+    changed!(out, "log", running.log, new.log, [format, level]);
+    changed!(out, "admin", running.admin, new.admin, [token]);
     // The two lists must not overlap, or the docs would promise what a reload skips.
     debug_assert!(out.iter().all(|k| !is_reloadable(k)), "{out:?}");
     out
