@@ -18,6 +18,8 @@ pub const REQUESTS: &str = "keygate_requests_total";
 pub const OVERHEAD: &str = "keygate_overhead_seconds";
 pub const UPSTREAM: &str = "keygate_upstream_seconds";
 pub const RATE_DECISIONS: &str = "keygate_rate_limit_decisions_total";
+pub const CONFIG_RELOADS: &str = "keygate_config_reloads_total";
+pub const TLS_HANDSHAKE_FAILURES: &str = "keygate_tls_handshake_failures_total";
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
@@ -98,6 +100,24 @@ pub fn rate_decision(allowed: bool, limit: i64, remaining: i64) {
         (true, false) => "allowed",
     };
     counter!(RATE_DECISIONS, "decision" => decision).increment(1);
+}
+
+/// A SIGHUP reload: applied (`ok`) or refused and the old config kept (`error`).
+pub fn config_reload(ok: bool) {
+    counter!(CONFIG_RELOADS, "result" => if ok { "ok" } else { "error" }).increment(1);
+}
+
+/// Both series exist from start-up, so an alert on `error` sees a zero before the first
+/// failure rather than no series at all.
+pub fn config_reload_series() {
+    counter!(CONFIG_RELOADS, "result" => "ok").increment(0);
+    counter!(CONFIG_RELOADS, "result" => "error").increment(0);
+}
+
+/// A client connection that never completed its TLS handshake: `timeout` (silent past
+/// `server.header_read_timeout`) or `error` (not TLS, no shared cipher, bad hello).
+pub fn tls_handshake_failed(reason: &'static str) {
+    counter!(TLS_HANDSHAKE_FAILURES, "reason" => reason).increment(1);
 }
 
 fn status_label(status: u16) -> &'static str {

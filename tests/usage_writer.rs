@@ -541,3 +541,35 @@ async fn a_refused_batch_leaves_the_session_usable() {
     let ids: Vec<Uuid> = refused.iter().chain(&good).map(|r| r.id).collect();
     assert_eq!(f.stored(&ids).await, 20);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_without_a_cost_stores_no_cost_and_a_huge_one_is_clamped() {
+    let f = fixture().await;
+    // A refusal (429 before the upstream) has no tokens and so no cost: NULL, not a
+    // clamp bound, or every refused request would bill almost minus a million dollars.
+    let mut refused = f.record(0);
+    refused.status_code = 429;
+    (
+        refused.prompt_tokens,
+        refused.completion_tokens,
+        refused.tokens_used,
+        refused.cost_micros,
+    ) = (None, None, None, None);
+    let mut huge = f.record(1);
+    huge.cost_micros = Some(i64::MAX);
+    db::usage::write_batch(&f.pool(), &[refused.clone(), huge.clone()], Duration::from_secs(10))
+        .await
+        .unwrap();
+    let cost = |id: Uuid| {
+        let client = &f.client;
+        async move {
+            client
+                .query_one("SELECT cost_usd::text FROM api_key_usage WHERE id = $1", &[&id])
+                .await
+                .unwrap()
+                .get::<_, Option<String>>(0)
+        }
+    };
+    assert_eq!(cost(refused.id).await, None);
+    assert_eq!(cost(huge.id).await.as_deref(), Some("999999.999999"));
+}

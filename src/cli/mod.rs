@@ -180,7 +180,7 @@ async fn dispatch(cli: Cli) -> Result<(), CliError> {
                     tracing::info!(version = step.version, name = step.name, outcome = ?step.outcome, "migration");
                 }
             }
-            crate::proxy::serve(cfg, crate::proxy::shutdown_signal())
+            crate::proxy::serve(cfg, cli.config.clone(), crate::proxy::shutdown_signal())
                 .await
                 .map_err(CliError::Serve)
         }

@@ -5,6 +5,7 @@
 
 mod interpolate;
 mod raw;
+mod tls;
 pub mod units;
 mod validate;
 
@@ -15,6 +16,7 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue, Method, Uri};
 
 pub use raw::RawConfig;
+pub use tls::TlsSettings;
 pub use validate::log_filter;
 
 /// The environment variable that overrides `[database] url`.
@@ -74,6 +76,8 @@ pub struct ServerConfig {
     pub request_timeout: Duration,
     /// Peers whose `X-Forwarded-For` is believed when recording the client's address.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// `Some`: the main listener speaks TLS only (the admin listener stays plain).
+    pub tls: Option<TlsSettings>,
 }
 
 #[derive(Debug, Clone)]
@@ -286,5 +290,7 @@ impl Config {
     }
 }
 
+#[cfg(test)]
+mod reference_tests;
 #[cfg(test)]
 mod tests;

@@ -48,6 +48,14 @@ pub struct RawServer {
     pub shutdown_grace: Option<String>,
     pub request_timeout: Option<String>,
     pub trusted_proxies: Option<Vec<String>>,
+    pub tls: Option<RawTls>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub cert_path: Option<String>,
+    pub key_path: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -219,6 +219,41 @@ fn each_rule_names_its_key() {
         let e = err(text);
         assert!(e.starts_with(&format!("config key `{key}`")), "{text:?} gave {e:?}");
     }
+    // The TLS rules read files: a real pair made here, and files that are not what is asked.
+    let dir = tempfile::tempdir().expect("tmp");
+    let file = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).expect("write");
+        p.display().to_string()
+    };
+    let (a, b) = (self_signed(), self_signed());
+    let (cert, key) = (
+        file("c.pem", &a.cert.pem()),
+        file("k.pem", &a.signing_key.serialize_pem()),
+    );
+    let (other_key, junk) = (
+        file("o.pem", &b.signing_key.serialize_pem()),
+        file("j.pem", "not pem\n"),
+    );
+    let tls = |c: &str, k: &str| format!("[server.tls]\ncert_path = \"{c}\"\nkey_path = \"{k}\"");
+    parse(&tls(&cert, &key)).expect("a matching pair is valid");
+    let tls_cases = [
+        ("[server.tls]\nkey_path = \"k.pem\"".to_string(), "server.tls.cert_path"),
+        (format!("[server.tls]\ncert_path = \"{cert}\""), "server.tls.key_path"),
+        (tls("/nonexistent/cert.pem", &key), "server.tls.cert_path"),
+        (tls(&junk, &key), "server.tls.cert_path"),
+        (tls(&cert, "/nonexistent/key.pem"), "server.tls.key_path"),
+        (tls(&cert, &cert), "server.tls.key_path"),
+        (tls(&cert, &other_key), "server.tls.key_path"),
+    ];
+    for (text, key) in &tls_cases {
+        let e = err(text);
+        assert!(e.starts_with(&format!("config key `{key}`")), "{text:?} gave {e:?}");
+    }
+}
+
+fn self_signed() -> rcgen::CertifiedKey<rcgen::KeyPair> {
+    rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("test certificate")
 }
 
 #[test]

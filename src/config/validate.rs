@@ -40,10 +40,11 @@ fn server(s: RawServer) -> R<ServerConfig> {
         Some("") => None,
         other => Some(addr("server.admin_listen", other.unwrap_or("127.0.0.1:9090"))?),
     };
+    let http2 = s.http2.unwrap_or(false);
     Ok(ServerConfig {
         listen: addr("server.listen", s.listen.as_deref().unwrap_or("0.0.0.0:8080"))?,
         admin_listen,
-        http2: s.http2.unwrap_or(false),
+        http2,
         keepalive: s.keepalive.unwrap_or(true),
         header_read_timeout: positive("server.header_read_timeout", s.header_read_timeout, "10s")?,
         body_idle_timeout: positive("server.body_idle_timeout", s.body_idle_timeout, "30s")?,
@@ -65,6 +66,7 @@ fn server(s: RawServer) -> R<ServerConfig> {
                 })
             })
             .collect::<R<_>>()?,
+        tls: super::tls::tls(s.tls, http2)?,
     })
 }
 

@@ -65,7 +65,8 @@ const COPY_TYPES: [Type; 17] = [
 /// `ON CONFLICT DO NOTHING` skips rows a previous attempt already committed, and only
 /// the rows `RETURNING` reports as new reach the key's counter. The cost is clamped to
 /// what `numeric(12,6)` holds, for the same reason: a value the column refuses would
-/// fail the batch on every retry. Several batches may be in flight on several
+/// fail the batch on every retry. `GREATEST` skips NULLs, so a row without a cost is
+/// kept NULL explicitly rather than clamped to the lower bound. Several batches may be in flight on several
 /// connections: `locked` takes the keys' row locks in id order, so two batches that
 /// touch the same keys queue behind each other instead of deadlocking.
 const INSERT: &str = "WITH ins AS (
@@ -74,7 +75,8 @@ const INSERT: &str = "WITH ins AS (
         error_code, error_message)
     SELECT id, api_key_id, organization_id, \"timestamp\", endpoint, method, status_code,
         response_time_ms, prompt_tokens, completion_tokens, tokens_used,
-        round(least(greatest(cost_micros, -999999999999), 999999999999)::numeric / 1000000, 6),
+        CASE WHEN cost_micros IS NOT NULL
+            THEN round(least(greatest(cost_micros, -999999999999), 999999999999)::numeric / 1000000, 6) END,
         model, ip_address, user_agent, error_code, error_message
     FROM keygate_usage_staging s
     WHERE EXISTS (SELECT 1 FROM api_keys k WHERE k.id = s.api_key_id)

@@ -26,8 +26,6 @@ pub struct Upstream {
     /// Base path without a trailing slash; empty for the root.
     base_path: String,
     response_timeout: Duration,
-    pub extra_headers: Vec<(http::HeaderName, http::HeaderValue)>,
-    pub forward_api_key: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,8 +65,6 @@ impl Upstream {
                 .ok_or_else(|| UpstreamSetupError::Tls("upstream has no host".into()))?,
             base_path: base,
             response_timeout: cfg.response_timeout,
-            extra_headers: cfg.headers.clone(),
-            forward_api_key: cfg.forward_api_key,
         })
     }
 

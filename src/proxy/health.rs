@@ -26,6 +26,8 @@ pub struct Health {
     pub stale_budget: Duration,
     /// When readiness first saw the database unreachable, since it last answered.
     pub down_since: Mutex<Option<Instant>>,
+    /// For the config generation and load time.
+    pub live: super::reload::Live,
 }
 
 impl Health {
@@ -50,6 +52,7 @@ impl Health {
         let draining = self.draining.load(std::sync::atomic::Ordering::Relaxed);
         let down_for = self.down_for(db_ok);
         let ready = !draining && down_for.is_none_or(|d| d < self.stale_budget);
+        let config = self.live.load();
         let body = serde_json::json!({
             "status": if draining { "draining" } else if ready { "ready" } else { "not_ready" },
             "database": if db_ok { "ok" } else { "unreachable" },
@@ -64,6 +67,10 @@ impl Health {
                 "stale_served": stats.stale_served,
             },
             "notify_listener": if listener_ok { "ok" } else { "disconnected" },
+            "config": {
+                "generation": config.generation,
+                "loaded_at": config.loaded_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            },
         });
         json(
             if ready {

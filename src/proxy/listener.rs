@@ -1,8 +1,10 @@
 //! Accepting and serving client connections: the connection cap, the HTTP/1.1 (and
-//! optional h2c) settings with a real timer so the header-read timeout fires, and a
-//! graceful stop that lets in-flight requests, streams included, finish.
+//! optional h2c) settings with a real timer so the header-read timeout fires, the TLS
+//! handshake when `[server.tls]` is set (bounded by the same timeout), and a graceful
+//! stop that lets in-flight requests, streams included, finish.
 //!
 //! It knows nothing about keys or upstreams: each request goes to the handler it is given.
+//! Certificates are loaded by `config::tls`, never here.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -18,6 +20,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use super::body::ProxyBody;
@@ -55,7 +58,8 @@ pub async fn serve<H, F>(
     H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
-    let builder = builder(cfg);
+    let builder = Arc::new(builder(cfg));
+    let tls = cfg.tls.as_ref().map(|t| TlsAcceptor::from(t.server_config.clone()));
     let graceful = GracefulShutdown::new();
     // Connections live in a JoinSet so that any still open when the grace period ends
     // are aborted and dropped *here*, before shutdown moves on: dropping a response body
@@ -88,10 +92,42 @@ pub async fn serve<H, F>(
             let fut = handler(req, peer);
             async move { Ok::<_, Infallible>(fut.await) }
         });
-        let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
-        let watched = graceful.watch(conn);
+        let Some(acceptor) = tls.clone() else {
+            let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
+            let watched = graceful.watch(conn);
+            conns.spawn(async move {
+                if let Err(e) = watched.await {
+                    tracing::debug!(error = %e, %peer, "connection ended with an error");
+                }
+                drop(permit);
+            });
+            continue;
+        };
+        // The handshake runs in the connection's own task, holding its slot, so a slow or
+        // silent client delays nobody else and counts against the cap; the header-read
+        // timeout bounds it, or a slowloris could park in the handshake instead.
+        let (builder, watcher, cancel) = (builder.clone(), graceful.watcher(), cancel.clone());
+        let timeout = cfg.header_read_timeout;
         conns.spawn(async move {
-            if let Err(e) = watched.await {
+            let handshake = tokio::time::timeout(timeout, acceptor.accept(stream));
+            let stream = tokio::select! {
+                r = handshake => match r {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        crate::telemetry::tls_handshake_failed("error");
+                        tracing::debug!(error = %e, %peer, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        crate::telemetry::tls_handshake_failed("timeout");
+                        tracing::debug!(%peer, "TLS handshake timed out");
+                        return;
+                    }
+                },
+                () = cancel.cancelled() => return,
+            };
+            let conn = builder.serve_connection(TokioIo::new(stream), svc);
+            if let Err(e) = watcher.watch(conn).await {
                 tracing::debug!(error = %e, %peer, "connection ended with an error");
             }
             drop(permit);

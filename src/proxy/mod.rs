@@ -1,5 +1,6 @@
 //! `keygate serve`: wires the pipeline, the listeners and the background tasks, and
-//! runs them until SIGTERM/SIGINT, then shuts down in order.
+//! runs them until SIGTERM/SIGINT, then shuts down in order. SIGHUP reloads what can
+//! change safely (`reload`).
 //!
 //! Shutdown order matters: stop accepting → let in-flight requests finish (within the
 //! grace period) → stop background tasks, each of which flushes once more → exit.
@@ -15,9 +16,11 @@ mod health;
 mod listener;
 mod metering;
 mod pipeline;
+pub(crate) mod reload;
 mod routes;
 mod trace;
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
@@ -49,10 +52,18 @@ pub enum ServeError {
 }
 
 /// Runs the proxy until `shutdown` resolves (the CLI passes the signal handler).
+/// `config_path` is the file `cfg` came from, re-read on SIGHUP.
 pub async fn serve(
     cfg: Config,
+    config_path: Option<PathBuf>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    // Before anything can be ready: SIGHUP's default action would kill the process.
+    #[cfg(unix)]
+    let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(|e| tracing::warn!(error = %e, "cannot handle SIGHUP; config reload is off"))
+        .ok();
+    let live = reload::Reloadable::live(&cfg)?;
     let upstream = forward::Upstream::new(cfg.upstream()?)?;
     let pool = db::pool(&cfg.database, cfg.database.pool_size)?;
     {
@@ -105,13 +116,13 @@ pub async fn serve(
         }
         None => None,
     };
-    if cfg.limits.enabled {
-        tracker.spawn(
-            limiter
-                .clone()
-                .run_flusher(pool.clone(), cfg.limits.flush_interval, background.clone()),
-        );
-    }
+    // Always running, because a reload may turn limits on; with nothing counted a
+    // flush touches no database.
+    tracker.spawn(
+        limiter
+            .clone()
+            .run_flusher(pool.clone(), cfg.limits.flush_interval, background.clone()),
+    );
 
     let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let health = |pool: &deadpool_postgres::Pool| health::Health {
@@ -121,13 +132,11 @@ pub async fn serve(
         draining: draining.clone(),
         stale_budget: cfg.auth.serve_stale_for,
         down_since: std::sync::Mutex::new(None),
+        live: live.clone(),
     };
     let proxy = Arc::new(Proxy {
         server: cfg.server.clone(),
-        auth_cfg: cfg.auth.clone(),
-        identity: cfg.identity_headers.clone(),
-        routes: routes::Routes::new(cfg.routes.clone()),
-        limits_enabled: cfg.limits.enabled,
+        live: live.clone(),
         auth: auth.clone(),
         limiter: limiter.clone(),
         concurrency: crate::limits::Concurrency::default(),
@@ -136,9 +145,6 @@ pub async fn serve(
         upstream,
         health: health(&pool),
         usage: usage_sink,
-        pricing: Arc::new(cfg.pricing.clone()),
-        tokens_header: cfg.usage.tokens_header.clone(),
-        access_log: cfg.log.access_log,
         failed_auth: guard::FailedAuth::new(cfg.auth.failed_auth_per_minute),
     });
 
@@ -146,6 +152,7 @@ pub async fn serve(
     if let Some(admin) = admin_listener {
         let admin_health = Arc::new(health(&pool));
         let metrics = crate::telemetry::install().map(|handle| {
+            crate::telemetry::config_reload_series();
             let sources = crate::telemetry::Sources {
                 auth: auth.clone(),
                 limiter: limiter.clone(),
@@ -174,13 +181,25 @@ pub async fn serve(
             }
         };
         // The admin listener outlives the main one, so /readyz can say "draining" to
-        // probes while in-flight requests finish.
-        let (cfg_server, stop) = (cfg.server.clone(), background.clone());
+        // probes while in-flight requests finish. It stays plain HTTP under
+        // [server.tls]: probes, scrapers and `keygate healthcheck` speak plain HTTP.
+        let cfg_server = crate::config::ServerConfig {
+            tls: None,
+            ..cfg.server.clone()
+        };
+        let stop = background.clone();
         tracing::info!(addr = %admin.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()), "admin listener up");
         tracker.spawn(async move { listener::serve(admin, &cfg_server, handler, stop, grace).await });
     } else if cfg.admin.token.is_some() {
         tracing::warn!("[admin] token is set but server.admin_listen is off: the admin API is not served");
     }
+    #[cfg(unix)]
+    if let Some(hangup) = hangup {
+        let running = Arc::new(cfg.clone());
+        tracker.spawn(reload::run(hangup, config_path, running, live, stop.clone()));
+    }
+    #[cfg(not(unix))]
+    let _ = (config_path, live);
     {
         let (stop, draining) = (stop.clone(), draining.clone());
         tokio::spawn(async move {
@@ -193,6 +212,7 @@ pub async fn serve(
     tracing::info!(
         addr = %main_listener.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()),
         upstream = %cfg.upstream()?.url,
+        tls = cfg.server.tls.is_some(),
         "keygate listening"
     );
     let handler = move |req, peer| proxy.clone().handle(req, peer);

@@ -19,21 +19,20 @@ use super::guard::{key_in_query, FailedAuth};
 use super::headers::{self, RateHeaders};
 use super::health::Health;
 use super::metering::{client_ip, Metered, PendingUsage};
+use super::reload::{Live, Reloadable};
 use super::routes::{covers, Routes};
 use super::trace::Trace;
 use crate::auth::{AuthError, Authenticator};
-use crate::config::{AuthConfig, IdentityHeaders, Pricing, ServerConfig};
+use crate::config::ServerConfig;
 use crate::keys::PresentedKey;
 use crate::limits::{Concurrency, Decision, KeyLimits, LimitKind, Limiter, Slot};
 use crate::model::{AuthRecord, KeyStatus};
 use crate::usage::writer::UsageSink;
 
 pub struct Proxy {
+    /// Restart-only settings; what a SIGHUP may change is in `live`.
     pub server: ServerConfig,
-    pub auth_cfg: AuthConfig,
-    pub identity: IdentityHeaders,
-    pub routes: Routes,
-    pub limits_enabled: bool,
+    pub live: Live,
     pub auth: Arc<Authenticator>,
     pub limiter: Arc<Limiter>,
     /// In-flight requests per key, for `limits.max_concurrent_per_key` (0: not counted).
@@ -45,9 +44,6 @@ pub struct Proxy {
     pub health: Health,
     /// `None` when usage metering is off.
     pub usage: Option<UsageSink>,
-    pub pricing: Arc<Pricing>,
-    pub tokens_header: Option<http::HeaderName>,
-    pub access_log: bool,
     pub failed_auth: FailedAuth,
 }
 
@@ -69,12 +65,14 @@ impl Proxy {
             return resp;
         }
         let mut trace = Trace::begin(req.headers_mut());
+        // One snapshot for the whole request: a reload mid-request cannot mix two configs.
+        let live = self.live.load_full();
         let method = req.method().clone();
-        let path = self.access_log.then(|| req.uri().path().to_owned());
+        let path = live.access_log.then(|| req.uri().path().to_owned());
         // Set once the key is identified: from then on every exit records a usage row,
         // including the client going away while this future waits (the guard's drop).
         let mut pending = Unanswered(None, self.usage.as_ref());
-        let (mut resp, from_upstream, error) = match self.proxy(req, peer, &mut trace, &mut pending.0).await {
+        let (mut resp, from_upstream, error) = match self.proxy(req, peer, &live, &mut trace, &mut pending.0).await {
             Ok(resp) => (resp, true, None),
             Err(f) => {
                 if let Some(p) = pending.0.as_mut() {
@@ -99,9 +97,9 @@ impl Proxy {
                 resp,
                 p,
                 from_upstream,
-                self.tokens_header.as_ref(),
+                live.tokens_header.as_ref(),
                 sink.clone(),
-                self.pricing.clone(),
+                live.pricing.clone(),
             ),
             _ => resp,
         }
@@ -111,6 +109,7 @@ impl Proxy {
         &self,
         req: Request<Incoming>,
         peer: SocketAddr,
+        live: &Reloadable,
         trace: &mut Trace,
         pending: &mut Option<PendingUsage>,
     ) -> Result<Response<ProxyBody>, Failure> {
@@ -118,23 +117,23 @@ impl Proxy {
         if key_in_query(req.uri().query()) {
             return Err(Reject::KeyInQuery.into());
         }
-        let ip = client_ip(peer, req.headers(), &self.server.trusted_proxies);
-        let record = self.identify(req.headers(), ip).await?;
+        let ip = client_ip(peer, req.headers(), &live.trusted_proxies);
+        let record = self.identify(req.headers(), ip, live).await?;
         let Some(record) = record else {
             // Fail-open: the store is down and the operator chose availability.
-            return Ok(self.forward(req, None, peer, trace, None).await?);
+            return Ok(self.forward(req, None, peer, live, trace, None).await?);
         };
         trace.record = Some(record.clone());
         if self.usage.is_some() {
             *pending = Some(PendingUsage::new(&req, &record, ip, trace.started, Utc::now()));
         }
-        authorise(&record, &req, &self.routes)?;
-        check_content_length(req.headers(), self.server.max_body_bytes)?;
+        authorise(&record, &req, &live.routes)?;
+        check_content_length(req.headers(), live.max_body_bytes)?;
         // Before the rate check, so a request refused here consumes no rate budget.
         let slot = self.take_slot(&record)?;
-        let rate = self.limit(&record).await?;
+        let rate = self.limit(&record, live.limits_enabled).await?;
         let mut resp = self
-            .forward(req, Some(&record), peer, trace, slot)
+            .forward(req, Some(&record), peer, live, trace, slot)
             .await
             .map_err(|reject| Failure { reject, rate })?;
         if let Some(rate) = rate {
@@ -147,14 +146,19 @@ impl Proxy {
     /// presented too many invalid keys this minute gets no further database lookups
     /// (keys already cached still work, so a flood behind a shared address does not
     /// lock out its legitimate neighbours).
-    async fn identify(&self, h: &HeaderMap, ip: std::net::IpAddr) -> Result<Option<Arc<AuthRecord>>, Reject> {
+    async fn identify(
+        &self,
+        h: &HeaderMap,
+        ip: std::net::IpAddr,
+        live: &Reloadable,
+    ) -> Result<Option<Arc<AuthRecord>>, Reject> {
         let now = Utc::now().timestamp();
         let minute = now.div_euclid(60);
         let invalid = || {
             self.failed_auth.record(ip, minute);
             Reject::InvalidKey
         };
-        let raw = headers::extract_key(h, &self.auth_cfg.key_sources)?;
+        let raw = headers::extract_key(h, &live.key_sources)?;
         let presented = PresentedKey::parse(raw).map_err(|_| invalid())?;
         let digest = presented.digest();
         let answer = match self.auth.cached(&digest) {
@@ -168,7 +172,7 @@ impl Proxy {
         match answer {
             Ok(rec) => Ok(Some(rec)),
             Err(AuthError::Unknown) => Err(invalid()),
-            Err(AuthError::StoreUnavailable) if self.auth_cfg.fail_open => {
+            Err(AuthError::StoreUnavailable) if live.fail_open => {
                 tracing::warn!(key = %presented.hint(), "key store unavailable; failing open");
                 Ok(None)
             }
@@ -186,8 +190,8 @@ impl Proxy {
         }
     }
 
-    async fn limit(&self, rec: &AuthRecord) -> Result<Option<RateHeaders>, Failure> {
-        if !self.limits_enabled {
+    async fn limit(&self, rec: &AuthRecord, enabled: bool) -> Result<Option<RateHeaders>, Failure> {
+        if !enabled {
             return Ok(None);
         }
         let limits = KeyLimits::from_auth(rec);
@@ -228,6 +232,7 @@ impl Proxy {
         req: Request<Incoming>,
         rec: Option<&AuthRecord>,
         peer: SocketAddr,
+        live: &Reloadable,
         trace: &mut Trace,
         slot: Option<Slot>,
     ) -> Result<Response<ProxyBody>, Reject> {
@@ -242,24 +247,19 @@ impl Proxy {
         let h = &mut parts.headers;
         headers::strip_hop_by_hop(h);
         h.remove(header::HOST);
-        headers::strip_identity(h, &self.identity);
-        if !self.upstream.forward_api_key {
-            headers::strip_key(h, &self.auth_cfg.key_sources);
+        headers::strip_identity(h, &live.identity);
+        if !live.forward_api_key {
+            headers::strip_key(h, &live.key_sources);
         }
         headers::set_forwarded(h, peer.ip(), host);
-        for (name, value) in &self.upstream.extra_headers {
+        for (name, value) in &live.upstream_headers {
             h.insert(name.clone(), value.clone());
         }
         if let Some(rec) = rec {
-            headers::add_identity(h, &self.identity, rec);
+            headers::add_identity(h, &live.identity, rec);
         }
         let verdict = Arc::new(BodyVerdict::default());
-        let body = LimitedBody::new(
-            body,
-            self.server.max_body_bytes,
-            self.server.body_idle_timeout,
-            verdict.clone(),
-        );
+        let body = LimitedBody::new(body, live.max_body_bytes, live.body_idle_timeout, verdict.clone());
         trace.forwarded = Some(Instant::now());
         let sent = self.upstream.send(Request::from_parts(parts, body)).await;
         trace.answered = Some(Instant::now());

@@ -206,13 +206,19 @@ impl Gateway {
         // Ready means the change listener has connected and done its first resync, which
         // invalidates the cache: traffic before that would race it.
         let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(20) {
+        loop {
             let url = format!("http://127.0.0.1:{}/readyz", gw.admin_port);
             if let Ok(Ok(resp)) = tokio::time::timeout(Duration::from_secs(2), try_get(&url)).await {
                 if resp.contains("\"notify_listener\":\"ok\"") {
                     break;
                 }
             }
+            // Fail here, not 20 s later in a confusing assertion.
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "keygate never became ready; its log:\n{}",
+                gw.logs()
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         gw
