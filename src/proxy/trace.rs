@@ -84,14 +84,8 @@ impl Trace {
     pub fn log(&self, method: &Method, path: &str, status: StatusCode, error: Option<&'static str>, now: Instant) {
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         let id = self.id.to_str().unwrap_or("-");
-        let (org, key, hint) = match &self.record {
-            Some(r) => (
-                Some(r.organization_id),
-                Some(r.key_id),
-                Some(format!("{}…{}", r.key_prefix, r.key_hint)),
-            ),
-            None => (None, None, None),
-        };
+        let rec = self.record.as_deref();
+        let (org, key) = (rec.map(|r| r.organization_id), rec.map(|r| r.key_id));
         tracing::info!(
             target: "keygate::access",
             request_id = id,
@@ -101,11 +95,21 @@ impl Trace {
             error,
             org = org.map(tracing::field::display),
             key_id = key.map(tracing::field::display),
-            key = hint.as_deref(),
+            key = rec.map(|r| tracing::field::display(Hint(r))),
             total_ms = ms(now - self.started),
             upstream_ms = self.upstream().map(ms),
             overhead_ms = ms(self.overhead(now)),
         );
+    }
+}
+
+/// `pk_test_…zh3g`, written straight into the log line rather than into a `String`
+/// first.
+struct Hint<'a>(&'a AuthRecord);
+
+impl std::fmt::Display for Hint<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}…{}", self.0.key_prefix, self.0.key_hint)
     }
 }
 
