@@ -26,16 +26,23 @@ use keygate::usage::{self, UsageRecord, UsageSink};
 /// Rows enqueued per fresh queue in the usage benches.
 const CHUNK: usize = 256;
 
-/// The row `proxy::metering::PendingUsage::new` builds for a request (same allocations:
-/// UUID v7, endpoint, method, client address and user agent as owned strings).
+/// The row `proxy::metering::PendingUsage::new` builds for a request (same work: one
+/// clock read for the timestamp and the UUID v7, endpoint and user agent as owned
+/// strings, the method borrowed, the client address kept as an `IpAddr`).
 fn usage_row(rec: &AuthRecord, ip: IpAddr) -> UsageRecord {
+    let at = Utc::now();
+    let secs = u64::try_from(at.timestamp()).unwrap_or(0);
     UsageRecord {
-        id: uuid::Uuid::now_v7(),
+        id: uuid::Uuid::new_v7(uuid::Timestamp::from_unix(
+            uuid::NoContext,
+            secs,
+            at.timestamp_subsec_nanos(),
+        )),
         api_key_id: rec.key_id,
         organization_id: rec.organization_id,
-        timestamp: Utc::now(),
+        timestamp: at,
         endpoint: usage::truncate("/v1/chat/completions", usage::ENDPOINT_MAX).to_string(),
-        method: usage::truncate("POST", usage::METHOD_MAX).to_string(),
+        method: "POST".into(),
         status_code: 0,
         response_time_ms: 0,
         prompt_tokens: None,
@@ -43,7 +50,7 @@ fn usage_row(rec: &AuthRecord, ip: IpAddr) -> UsageRecord {
         tokens_used: None,
         cost_micros: None,
         model: None,
-        ip_address: Some(ip.to_string()),
+        ip_address: Some(ip),
         user_agent: Some(usage::truncate("wrk/4.1.0", usage::USER_AGENT_MAX).to_string()),
         error_code: None,
         error_message: None,
@@ -132,6 +139,14 @@ fn hot_path(c: &mut Criterion) {
     g.bench_function("instant_now", |b| b.iter(Instant::now));
     g.bench_function("utc_now", |b| b.iter(Utc::now));
     g.bench_function("uuid_now_v7", |b| b.iter(uuid::Uuid::now_v7));
+    g.bench_function("uuid_v7_no_context", |b| {
+        // What `PendingUsage::new` does: the row's own timestamp, no shared context lock.
+        let at = Utc::now();
+        b.iter(|| {
+            let ts = uuid::Timestamp::from_unix(uuid::NoContext, black_box(1_700_000_000), at.timestamp_subsec_nanos());
+            uuid::Uuid::new_v7(ts)
+        })
+    });
     g.bench_function("uuid_v7_caller_random", |b| {
         // A v7 UUID from the same clock with random bits from a cheap per-thread
         // generator: what `uuid`'s `fast-rng` feature would buy (no syscall per id).
