@@ -185,6 +185,41 @@ fn hot_path(c: &mut Criterion) {
     g.finish();
 }
 
+/// The response's request id and timing headers (`proxy::Trace::stamp`), against the
+/// float `format!` it replaced, kept here as the reference.
+fn response_headers(c: &mut Criterion) {
+    let mut g = c.benchmark_group("response_headers");
+    let mut req = http::HeaderMap::new();
+    let mut t = keygate::proxy::Trace::begin(&mut req);
+    t.forwarded = Some(t.started + Duration::from_micros(180));
+    t.answered = Some(t.started + Duration::from_micros(1_350));
+    let now = t.started + Duration::from_micros(1_420);
+    g.bench_function("stamp", |b| {
+        b.iter(|| {
+            let mut h = http::HeaderMap::new();
+            t.stamp(&mut h, black_box(now));
+            h
+        })
+    });
+    g.bench_function("stamp_float_format", |b| {
+        b.iter(|| {
+            let mut h = http::HeaderMap::new();
+            h.insert("x-request-id", t.id.clone());
+            let overhead = t.overhead(black_box(now)).as_secs_f64() * 1000.0;
+            if let Ok(v) = http::HeaderValue::from_str(&format!("{overhead:.3}")) {
+                h.insert("x-keygate-overhead-ms", v);
+            }
+            let up = t.upstream().unwrap_or_default().as_secs_f64() * 1000.0;
+            let timing = format!("keygate;dur={overhead:.3}, upstream;dur={up:.3}");
+            if let Ok(v) = http::HeaderValue::from_str(&timing) {
+                h.append("server-timing", v);
+            }
+            h
+        })
+    });
+    g.finish();
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .warm_up_time(Duration::from_secs(1))
@@ -194,6 +229,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = hot_path
+    targets = hot_path, response_headers
 }
 criterion_main!(benches);
