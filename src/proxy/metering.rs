@@ -193,8 +193,8 @@ impl Metered {
             record.error_code = Some(Cow::Borrowed(code));
             record.error_message = Some(Cow::Borrowed(message));
         }
-        if let Some(meter) = &self.meter {
-            let tokens = meter.tokens();
+        if let Some(meter) = self.meter.take() {
+            let tokens = meter.into_tokens();
             record.cost_micros = cost_micros(&self.pricing, &tokens);
             record.prompt_tokens = tokens.prompt.and_then(|n| i32::try_from(n).ok());
             record.completion_tokens = tokens.completion.and_then(|n| i32::try_from(n).ok());
