@@ -159,6 +159,16 @@ fn hot_path(c: &mut Criterion) {
         })
     });
     g.bench_function("ip_to_string", |b| b.iter(|| black_box(ip).to_string()));
+    g.bench_function("boxed_sleep", |b| {
+        // What `proxy::body::LimitedBody::new` did for every request, bodyless or not,
+        // before its idle timer was made on the first wait.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let _in_runtime = rt.enter();
+        b.iter(|| Box::pin(tokio::time::sleep(black_box(Duration::from_secs(30)))))
+    });
     g.bench_function("usage_row_build", |b| b.iter(|| usage_row(&rec, ip)));
     g.bench_function("usage_record_prebuilt", |b| {
         b.iter_custom(|iters| {
