@@ -3,8 +3,8 @@
 //! Owns what operators type and read. It holds no business rules: handlers call `db`
 //! and the proxy, and every failure comes back as one [`CliError`] printed on one line.
 
-/// Opt-in (`--features mimalloc`): about 9% less CPU per proxied request than glibc's
-/// malloc in benches/load.sh, for about 9 MB more RSS (docs/performance.md).
+/// Opt-in (`--features mimalloc`): 7–9% less CPU per proxied request than glibc's
+/// malloc in benches/load.sh, for about 10 MB more RSS (docs/performance.md).
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
