@@ -26,16 +26,23 @@ use keygate::usage::{self, UsageRecord, UsageSink};
 /// Rows enqueued per fresh queue in the usage benches.
 const CHUNK: usize = 256;
 
-/// The row `proxy::metering::PendingUsage::new` builds for a request (same allocations:
-/// UUID v7, endpoint, method, client address and user agent as owned strings).
+/// The row `proxy::metering::PendingUsage::new` builds for a request (same work: one
+/// clock read for the timestamp and the UUID v7, endpoint and user agent as owned
+/// strings, the method borrowed, the client address kept as an `IpAddr`).
 fn usage_row(rec: &AuthRecord, ip: IpAddr) -> UsageRecord {
+    let at = Utc::now();
+    let secs = u64::try_from(at.timestamp()).unwrap_or(0);
     UsageRecord {
-        id: uuid::Uuid::now_v7(),
+        id: uuid::Uuid::new_v7(uuid::Timestamp::from_unix(
+            uuid::NoContext,
+            secs,
+            at.timestamp_subsec_nanos(),
+        )),
         api_key_id: rec.key_id,
         organization_id: rec.organization_id,
-        timestamp: Utc::now(),
+        timestamp: at,
         endpoint: usage::truncate("/v1/chat/completions", usage::ENDPOINT_MAX).to_string(),
-        method: usage::truncate("POST", usage::METHOD_MAX).to_string(),
+        method: "POST".into(),
         status_code: 0,
         response_time_ms: 0,
         prompt_tokens: None,
@@ -43,7 +50,7 @@ fn usage_row(rec: &AuthRecord, ip: IpAddr) -> UsageRecord {
         tokens_used: None,
         cost_micros: None,
         model: None,
-        ip_address: Some(ip.to_string()),
+        ip_address: Some(ip),
         user_agent: Some(usage::truncate("wrk/4.1.0", usage::USER_AGENT_MAX).to_string()),
         error_code: None,
         error_message: None,
@@ -132,6 +139,14 @@ fn hot_path(c: &mut Criterion) {
     g.bench_function("instant_now", |b| b.iter(Instant::now));
     g.bench_function("utc_now", |b| b.iter(Utc::now));
     g.bench_function("uuid_now_v7", |b| b.iter(uuid::Uuid::now_v7));
+    g.bench_function("uuid_v7_no_context", |b| {
+        // What `PendingUsage::new` does: the row's own timestamp, no shared context lock.
+        let at = Utc::now();
+        b.iter(|| {
+            let ts = uuid::Timestamp::from_unix(uuid::NoContext, black_box(1_700_000_000), at.timestamp_subsec_nanos());
+            uuid::Uuid::new_v7(ts)
+        })
+    });
     g.bench_function("uuid_v7_caller_random", |b| {
         // A v7 UUID from the same clock with random bits from a cheap per-thread
         // generator: what `uuid`'s `fast-rng` feature would buy (no syscall per id).
@@ -144,6 +159,16 @@ fn hot_path(c: &mut Criterion) {
         })
     });
     g.bench_function("ip_to_string", |b| b.iter(|| black_box(ip).to_string()));
+    g.bench_function("boxed_sleep", |b| {
+        // What `proxy::body::LimitedBody::new` did for every request, bodyless or not,
+        // before its idle timer was made on the first wait.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let _in_runtime = rt.enter();
+        b.iter(|| Box::pin(tokio::time::sleep(black_box(Duration::from_secs(30)))))
+    });
     g.bench_function("usage_row_build", |b| b.iter(|| usage_row(&rec, ip)));
     g.bench_function("usage_record_prebuilt", |b| {
         b.iter_custom(|iters| {
@@ -170,6 +195,41 @@ fn hot_path(c: &mut Criterion) {
     g.finish();
 }
 
+/// The response's request id and timing headers (`proxy::Trace::stamp`), against the
+/// float `format!` it replaced, kept here as the reference.
+fn response_headers(c: &mut Criterion) {
+    let mut g = c.benchmark_group("response_headers");
+    let mut req = http::HeaderMap::new();
+    let mut t = keygate::proxy::Trace::begin(&mut req);
+    t.forwarded = Some(t.started + Duration::from_micros(180));
+    t.answered = Some(t.started + Duration::from_micros(1_350));
+    let now = t.started + Duration::from_micros(1_420);
+    g.bench_function("stamp", |b| {
+        b.iter(|| {
+            let mut h = http::HeaderMap::new();
+            t.stamp(&mut h, black_box(now));
+            h
+        })
+    });
+    g.bench_function("stamp_float_format", |b| {
+        b.iter(|| {
+            let mut h = http::HeaderMap::new();
+            h.insert("x-request-id", t.id.clone());
+            let overhead = t.overhead(black_box(now)).as_secs_f64() * 1000.0;
+            if let Ok(v) = http::HeaderValue::from_str(&format!("{overhead:.3}")) {
+                h.insert("x-keygate-overhead-ms", v);
+            }
+            let up = t.upstream().unwrap_or_default().as_secs_f64() * 1000.0;
+            let timing = format!("keygate;dur={overhead:.3}, upstream;dur={up:.3}");
+            if let Ok(v) = http::HeaderValue::from_str(&timing) {
+                h.append("server-timing", v);
+            }
+            h
+        })
+    });
+    g.finish();
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .warm_up_time(Duration::from_secs(1))
@@ -179,6 +239,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = hot_path
+    targets = hot_path, response_headers
 }
 criterion_main!(benches);

@@ -125,7 +125,7 @@ fn make_records(key: Uuid, org: Uuid, n: usize) -> Vec<UsageRecord> {
             tokens_used: Some((i % 1000) as i32 + 25),
             cost_micros: Some((i % 5000) as i64 + 100),
             model: Some("gpt-4o-mini".into()),
-            ip_address: Some("203.0.113.42".into()),
+            ip_address: Some(std::net::Ipv4Addr::new(203, 0, 113, 42).into()),
             user_agent: Some("openai-python/1.40.0".into()),
             error_code: (i % 50 == 0).then(|| "rate_limit_exceeded".into()),
             error_message: None,
@@ -171,7 +171,7 @@ fn to_csv(records: &[UsageRecord]) -> String {
             r.cost_micros.map(|c| format!("{}.{:06}", c / 1_000_000, c % 1_000_000)),
         );
         text(&mut out, r.model.as_deref());
-        text(&mut out, r.ip_address.as_deref());
+        text(&mut out, r.ip_address.map(|ip| ip.to_string()).as_deref());
         text(&mut out, r.user_agent.as_deref());
         text(&mut out, r.error_code.as_deref());
         text(&mut out, r.error_message.as_deref());

@@ -240,7 +240,7 @@ async fn keys_are_created_listed_revoked_and_rotated() {
     // The CLI sees the API's keys; the log never saw a plaintext key or the token.
     let cli = db.ok(&["keys", "list", "--org", "default", "--format", "json"]);
     assert!(cli.contains(&new_id));
-    let logs = gw.logs();
+    let logs = gw.flushed_logs().await;
     for secret in [key.as_str(), successor.as_str(), TOKEN] {
         assert!(!logs.contains(secret), "a secret reached the log");
     }
@@ -426,7 +426,7 @@ async fn a_missing_or_wrong_token_is_refused() {
     let doc = call(&gw, Method::GET, "/admin/v1/openapi.json", Value::Null).await;
     assert_eq!(doc.status, 200);
     assert_eq!(&doc.body[..], keygate::admin::OPENAPI.as_bytes());
-    assert!(!gw.logs().contains(TOKEN), "the token reached the log");
+    assert!(!gw.flushed_logs().await.contains(TOKEN), "the token reached the log");
 }
 
 #[tokio::test]

@@ -527,6 +527,82 @@ async fn changes_reach_every_replica_within_a_second() {
     assert!(disabled, "organisation disablement not seen by both replicas within 1s");
 }
 
+/// The usage writer's batch bumps `total_requests` and `last_used_at` of every key it
+/// counts; migration 6 compares only what the cache holds for such updates. The batch
+/// must reach nobody, and scope and limit changes must still reach everyone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn usage_batches_notify_nobody_while_scope_and_limit_changes_do() {
+    let f = fixture().await;
+    let auth = f.authenticator(&default_cfg());
+    let _c = f.start_sync(&auth).await;
+    assert_eq!(status(&auth, &f.digest).await, Some(KeyStatus::Active));
+    let before = auth.stats().invalidations;
+
+    let pool = keygate::db::pool(&f.db.database_config(), 2).expect("pool");
+    let rows: Vec<_> = (0..3).map(|_| usage_row(f.key_id, f.org_id)).collect();
+    let outcome = keygate::db::usage::write_batch(&pool, &rows, DEADLINE)
+        .await
+        .expect("usage batch");
+    assert_eq!(outcome.inserted, 3);
+
+    // Notifications arrive in commit order: once a later change is seen, any
+    // notification the batch sent would have been seen before it.
+    let within = Duration::from_secs(1);
+    f.exec(&format!(
+        r#"UPDATE api_keys SET scopes = '["chat:write"]' WHERE id = '{}'"#,
+        f.key_id
+    ))
+    .await;
+    let rescoped = eventually(within, async || {
+        auth.authenticate(&f.digest)
+            .await
+            .is_ok_and(|r| r.scopes == ["chat:write"])
+    })
+    .await;
+    assert!(rescoped, "scope change not seen within 1s");
+    assert_eq!(
+        auth.stats().invalidations - before,
+        1,
+        "the usage batch invalidated the key"
+    );
+
+    f.exec(&format!(
+        "UPDATE api_keys SET custom_rate_limit = 7 WHERE id = '{}'",
+        f.key_id
+    ))
+    .await;
+    let limited = eventually(within, async || {
+        auth.authenticate(&f.digest)
+            .await
+            .is_ok_and(|r| r.custom_rate_limit == Some(7))
+    })
+    .await;
+    assert!(limited, "rate limit change not seen within 1s");
+    assert_eq!(auth.stats().invalidations - before, 2);
+}
+
+fn usage_row(key: Uuid, org: Uuid) -> keygate::usage::UsageRecord {
+    keygate::usage::UsageRecord {
+        id: Uuid::now_v7(),
+        api_key_id: key,
+        organization_id: org,
+        timestamp: Utc::now(),
+        endpoint: "/v1/chat/completions".into(),
+        method: "POST".into(),
+        status_code: 200,
+        response_time_ms: 1,
+        prompt_tokens: None,
+        completion_tokens: None,
+        tokens_used: None,
+        cost_micros: None,
+        model: None,
+        ip_address: None,
+        user_agent: None,
+        error_code: None,
+        error_message: None,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_lost_listener_reconnects_and_resyncs() {
     lost_listener(false).await;

@@ -69,7 +69,11 @@ async fn a_changed_route_applies_on_sighup() {
     assert!(metrics(&gw)
         .await
         .contains("keygate_config_reloads_total{result=\"ok\"} 1"));
-    assert!(gw.logs().contains("config reloaded"), "{}", gw.logs());
+    assert!(
+        gw.wait_log("config reloaded", Duration::from_secs(5)).await,
+        "{}",
+        gw.logs()
+    );
 }
 
 #[tokio::test]

@@ -135,7 +135,7 @@ async fn a_tls_client_reaches_the_upstream_and_plain_http_is_refused() {
         "plain HTTP on the TLS port got {:?}",
         answer.map(|r| r.status())
     );
-    assert!(gw.logs().contains("tls=true"), "{}", gw.logs());
+    assert!(gw.wait_log("tls=true", Duration::from_secs(5)).await, "{}", gw.logs());
     // Probes, scrapers and `keygate healthcheck` keep speaking plain HTTP to the admin listener.
     assert_eq!(gw.ready_json().await["status"], "ready");
     let probe = db.keygate(&["healthcheck", "--config", gw.config.to_str().expect("utf8")]);

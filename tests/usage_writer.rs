@@ -90,7 +90,7 @@ fn record_for(key: Uuid, org: Uuid, i: usize) -> UsageRecord {
         tokens_used: Some(30 + i as i32),
         cost_micros: Some(1_234 + i as i64),
         model: Some("gpt-test".into()),
-        ip_address: Some("192.0.2.7".into()),
+        ip_address: Some(std::net::Ipv4Addr::new(192, 0, 2, 7).into()),
         user_agent: Some("usage-writer-test".into()),
         error_code: None,
         error_message: None,

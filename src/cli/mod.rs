@@ -3,14 +3,15 @@
 //! Owns what operators type and read. It holds no business rules: handlers call `db`
 //! and the proxy, and every failure comes back as one [`CliError`] printed on one line.
 
-/// Opt-in (`--features mimalloc`): about 9% less CPU per proxied request than glibc's
-/// malloc in benches/load.sh, for about 9 MB more RSS (docs/performance.md).
+/// Opt-in (`--features mimalloc`): 7–9% less CPU per proxied request than glibc's
+/// malloc in benches/load.sh, for about 10 MB more RSS (docs/performance.md).
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod admin;
 mod healthcheck;
+mod logging;
 mod migrate;
 mod output;
 mod usage;
@@ -173,7 +174,8 @@ async fn dispatch(cli: Cli) -> Result<(), CliError> {
                 Some(LogFormatArg::Text) => crate::config::LogFormat::Text,
                 None => cfg.log.format,
             };
-            init_logging(format, &cfg.log.level);
+            // Held until serving is over: dropping it writes out the buffered lines.
+            let _log = logging::init(format, &cfg.log.level, true);
             if *migrate {
                 let mut client = crate::db::connect(&cfg.database).await?;
                 for step in crate::db::migrate::up(&mut client).await? {
@@ -185,13 +187,13 @@ async fn dispatch(cli: Cli) -> Result<(), CliError> {
                 .map_err(CliError::Serve)
         }
         Command::DemoUpstream(args) => {
-            init_logging(crate::config::LogFormat::Text, "info");
+            let _log = logging::init(crate::config::LogFormat::Text, "info", false);
             crate::demo::run(args.clone(), crate::proxy::shutdown_signal())
                 .await
                 .map_err(CliError::Io)
         }
         Command::Healthcheck { url, ready, timeout } => {
-            init_logging(crate::config::LogFormat::Text, "warn");
+            let _log = logging::init(crate::config::LogFormat::Text, "warn", false);
             // Without a config file the probe still works from --url, or the defaults.
             let cfg = match (&cli.config, url) {
                 (None, Some(_)) | (None, None) => Config::from_env(&|n| {
@@ -204,7 +206,7 @@ async fn dispatch(cli: Cli) -> Result<(), CliError> {
             healthcheck::run(&cfg, url.as_deref(), *ready, *timeout).await
         }
         Command::CheckConfig => {
-            init_logging(crate::config::LogFormat::Text, "warn");
+            let _log = logging::init(crate::config::LogFormat::Text, "warn", false);
             let path = cli
                 .config
                 .as_ref()
@@ -215,46 +217,24 @@ async fn dispatch(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Command::Migrate { action } => {
-            init_logging(crate::config::LogFormat::Text, "warn");
+            let _log = logging::init(crate::config::LogFormat::Text, "warn", false);
             migrate::run(&cli.load_config()?, action).await
         }
         Command::Seed { scopes } => {
-            init_logging(crate::config::LogFormat::Text, "warn");
+            let _log = logging::init(crate::config::LogFormat::Text, "warn", false);
             migrate::seed(&cli.load_config()?, scopes).await
         }
         Command::Orgs { action } => {
-            init_logging(crate::config::LogFormat::Text, "warn");
+            let _log = logging::init(crate::config::LogFormat::Text, "warn", false);
             admin::orgs(&cli.load_config()?, action).await
         }
         Command::Keys { action } => {
-            init_logging(crate::config::LogFormat::Text, "warn");
+            let _log = logging::init(crate::config::LogFormat::Text, "warn", false);
             admin::keys(&cli.load_config()?, action).await
         }
         Command::Usage { action } => {
-            init_logging(crate::config::LogFormat::Text, "warn");
+            let _log = logging::init(crate::config::LogFormat::Text, "warn", false);
             usage::run(&cli.load_config()?, action).await
         }
     }
-}
-
-/// Logs go to stderr; RUST_LOG overrides the level. Admin commands log at warn so
-/// their stdout stays machine-readable.
-fn init_logging(format: crate::config::LogFormat, level: &str) {
-    use tracing_subscriber::EnvFilter;
-    // RUST_LOG goes through the same regex-free parser as the config's level.
-    let filter = std::env::var("RUST_LOG")
-        .ok()
-        .and_then(|v| crate::config::log_filter(&v).ok())
-        .or_else(|| crate::config::log_filter(level).ok())
-        .unwrap_or_else(|| EnvFilter::new("info"));
-    use std::io::IsTerminal;
-    // Colour codes only for a person at a terminal, never in files or log pipelines.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    let _ = match format {
-        crate::config::LogFormat::Json => builder.json().try_init(),
-        crate::config::LogFormat::Text => builder.try_init(),
-    };
 }

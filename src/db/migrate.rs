@@ -35,6 +35,7 @@ pub static MIGRATIONS: &[Migration] = &[
     migration!(3, "quotas", "0003_quotas"),
     migration!(4, "notify", "0004_notify"),
     migration!(5, "usage_partitions", "0005_usage_partitions"),
+    migration!(6, "notify_columns", "0006_notify_columns"),
 ];
 
 pub fn latest_version() -> i32 {

@@ -23,6 +23,31 @@ use crate::usage::{self, UsageRecord};
 /// `api_key_usage.ip_address` is `varchar(45)`, long enough for any IPv6 text form.
 const IP_ADDRESS_MAX: usize = 45;
 
+/// A stack buffer for an address's text, so a row's address costs no allocation.
+struct IpText {
+    buf: [u8; IP_ADDRESS_MAX],
+}
+
+impl Default for IpText {
+    fn default() -> Self {
+        IpText {
+            buf: [0; IP_ADDRESS_MAX],
+        }
+    }
+}
+
+impl IpText {
+    /// The usual text form (`IpAddr`'s `Display`); never longer than the column.
+    fn format(&mut self, ip: std::net::IpAddr) -> &str {
+        use std::io::Write;
+        let mut out = &mut self.buf[..];
+        // Cannot fail: the longest form (eight full IPv6 groups) is 39 bytes.
+        let _ = write!(out, "{ip}");
+        let len = IP_ADDRESS_MAX - out.len();
+        std::str::from_utf8(&self.buf[..len]).unwrap_or_default()
+    }
+}
+
 /// The session's staging table. `ON COMMIT DELETE ROWS` empties it at every commit,
 /// so a pooled connection reuses it without any cleanup statement. Strings are `text`
 /// and cost is integer micro-dollars, so the COPY itself can never refuse a value; the
@@ -171,7 +196,8 @@ async fn write_in(client: &mut Object, rows: &[UsageRecord]) -> Result<BatchOutc
         let endpoint = clean(&r.endpoint, usage::ENDPOINT_MAX);
         let method = clean(&r.method, usage::METHOD_MAX);
         let model = r.model.as_deref().map(|s| clean(s, usage::MODEL_MAX));
-        let ip = r.ip_address.as_deref().map(|s| clean(s, IP_ADDRESS_MAX));
+        let mut ip_text = IpText::default();
+        let ip = r.ip_address.map(|ip| ip_text.format(ip));
         let agent = r.user_agent.as_deref().map(|s| clean(s, usage::USER_AGENT_MAX));
         let code = r.error_code.as_deref().map(|s| clean(s, usage::ERROR_CODE_MAX));
         let message = r.error_message.as_deref().map(|s| clean(s, usize::MAX));
@@ -250,5 +276,19 @@ mod tests {
         assert_eq!(clean("abc", 2), "ab");
         assert_eq!(clean("a\0b", 10), "ab");
         assert_eq!(clean("é", 1), "");
+    }
+
+    #[test]
+    fn addresses_are_written_as_text() {
+        let mut t = super::IpText::default();
+        for ip in [
+            "192.0.2.7",
+            "::1",
+            "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255",
+            "::ffff:203.0.113.9",
+        ] {
+            let parsed: std::net::IpAddr = ip.parse().expect("address");
+            assert_eq!(t.format(parsed), parsed.to_string());
+        }
     }
 }

@@ -57,21 +57,30 @@ enum BodyError {
 
 /// A request body on its way to the upstream, cut off when it grows past `limit` bytes
 /// or sends nothing for `idle`; its trailers are not passed on.
+///
+/// The idle timer is made on the first wait for a frame, not up front: a bodyless
+/// request is never polled, and most bodies arrive without a wait, so neither pays for
+/// a boxed timer (or, bodyless, a clock read) per request.
 pub struct LimitedBody<B> {
     inner: B,
     remaining: u64,
     idle: Duration,
-    deadline: Pin<Box<Sleep>>,
+    /// When the body was handed over or its last frame arrived: the idle time runs
+    /// from here. `None` for a body that was already complete.
+    since: Option<Instant>,
+    deadline: Option<Pin<Box<Sleep>>>,
     verdict: Arc<BodyVerdict>,
 }
 
-impl<B> LimitedBody<B> {
+impl<B: Body> LimitedBody<B> {
     pub fn new(inner: B, limit: u64, idle: Duration, verdict: Arc<BodyVerdict>) -> Self {
+        let since = (!inner.is_end_stream()).then(Instant::now);
         LimitedBody {
             inner,
             remaining: limit,
             idle,
-            deadline: Box::pin(tokio::time::sleep(idle)),
+            since,
+            deadline: None,
             verdict,
         }
     }
@@ -106,8 +115,8 @@ where
                     }
                     this.remaining -= len;
                 }
-                let next = Instant::now() + this.idle;
-                this.deadline.as_mut().reset(next);
+                // The timer, if any, is moved on at the next wait, not per frame.
+                this.since = Some(Instant::now());
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
@@ -116,7 +125,14 @@ where
             }
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => {
-                ready!(this.deadline.as_mut().poll(cx));
+                let due = this.since.unwrap_or_else(Instant::now) + this.idle;
+                let deadline = this
+                    .deadline
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+                if deadline.deadline() != due {
+                    deadline.as_mut().reset(due);
+                }
+                ready!(deadline.as_mut().poll(cx));
                 this.verdict.set(IDLE);
                 Poll::Ready(Some(Err(BodyError::Idle.into())))
             }
@@ -184,6 +200,40 @@ mod tests {
         let collected = body.collect().await.expect("body");
         assert!(collected.trailers().is_none());
         assert_eq!(&collected.to_bytes()[..], b"ab");
+    }
+
+    #[tokio::test]
+    async fn the_idle_time_restarts_with_every_frame() {
+        // Frames 100 ms apart never leave the body idle for 400 ms; the stall after the
+        // third does, 400 ms after it. Had the timer not restarted, 400 ms after the start.
+        let frames = futures_util::stream::unfold(0, |n| async move {
+            if n == 3 {
+                futures_util::future::pending::<()>().await;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            Some((
+                Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(b"x"))),
+                n + 1,
+            ))
+        });
+        let verdict = Arc::new(BodyVerdict::default());
+        let mut body = LimitedBody::new(
+            StreamBody::new(Box::pin(frames)),
+            10,
+            Duration::from_millis(400),
+            verdict.clone(),
+        );
+        let started = Instant::now();
+        for _ in 0..3 {
+            assert!(body.frame().await.is_some_and(|f| f.is_ok()));
+        }
+        assert!(body.frame().await.is_some_and(|f| f.is_err()));
+        assert!(verdict.idle());
+        assert!(
+            started.elapsed() >= Duration::from_millis(650),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     #[tokio::test]

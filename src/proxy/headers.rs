@@ -124,18 +124,24 @@ pub fn strip_key(h: &mut HeaderMap, sources: &[KeySource]) {
 /// `X-Forwarded-For` gains the peer; `-Proto` and `-Host` describe the client's view.
 pub fn set_forwarded(h: &mut HeaderMap, peer: IpAddr, host: Option<HeaderValue>) {
     const XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
-    let prior: Vec<String> = h
-        .get_all(&XFF)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .map(str::to_owned)
-        .collect();
-    let value = if prior.is_empty() {
-        peer.to_string()
+    // One allocation, the header value's own: this runs on every forwarded request.
+    let mut chain = String::new();
+    for prior in h.get_all(&XFF).iter().filter_map(|v| v.to_str().ok()) {
+        chain.push_str(prior);
+        chain.push_str(", ");
+    }
+    let value = if chain.is_empty() {
+        let mut buf = [0u8; 64];
+        let mut out = &mut buf[..];
+        // Cannot fail: an address's text is at most 39 bytes.
+        let _ = std::io::Write::write_fmt(&mut out, format_args!("{peer}"));
+        let len = 64 - out.len();
+        HeaderValue::from_bytes(buf.get(..len).unwrap_or_default())
     } else {
-        format!("{}, {peer}", prior.join(", "))
+        let _ = std::fmt::Write::write_fmt(&mut chain, format_args!("{peer}"));
+        HeaderValue::from_maybe_shared(bytes::Bytes::from(chain))
     };
-    if let Ok(v) = HeaderValue::from_str(&value) {
+    if let Ok(v) = value {
         h.insert(XFF, v);
     }
     h.insert(
@@ -160,16 +166,25 @@ pub struct RateHeaders {
 
 impl RateHeaders {
     pub fn apply(&self, h: &mut HeaderMap) {
-        let pairs: [(&'static str, i64); 6] = [
-            ("ratelimit-limit", self.limit),
-            ("ratelimit-remaining", self.remaining),
-            ("ratelimit-reset", i64::try_from(self.reset_secs).unwrap_or(i64::MAX)),
-            ("x-ratelimit-limit", self.limit),
-            ("x-ratelimit-remaining", self.remaining),
-            ("x-ratelimit-reset", self.reset_at_unix),
+        // Constants, so the names are checked at compile time, not on every response.
+        const NAMES: [HeaderName; 6] = [
+            HeaderName::from_static("ratelimit-limit"),
+            HeaderName::from_static("ratelimit-remaining"),
+            HeaderName::from_static("ratelimit-reset"),
+            HeaderName::from_static("x-ratelimit-limit"),
+            HeaderName::from_static("x-ratelimit-remaining"),
+            HeaderName::from_static("x-ratelimit-reset"),
         ];
-        for (name, value) in pairs {
-            h.insert(HeaderName::from_static(name), HeaderValue::from(value));
+        let values = [
+            self.limit,
+            self.remaining,
+            i64::try_from(self.reset_secs).unwrap_or(i64::MAX),
+            self.limit,
+            self.remaining,
+            self.reset_at_unix,
+        ];
+        for (name, value) in NAMES.into_iter().zip(values) {
+            h.insert(name, HeaderValue::from(value));
         }
     }
 }
@@ -263,5 +278,11 @@ mod tests {
         assert_eq!(h["x-forwarded-for"], "1.2.3.4, 10.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "api.example");
+        let mut h = map(&[("x-forwarded-for", "1.2.3.4"), ("x-forwarded-for", "5.6.7.8")]);
+        set_forwarded(&mut h, "2001:db8::1".parse().expect("ip"), None);
+        assert_eq!(h["x-forwarded-for"], "1.2.3.4, 5.6.7.8, 2001:db8::1");
+        let mut h = HeaderMap::new();
+        set_forwarded(&mut h, "192.0.2.1".parse().expect("ip"), None);
+        assert_eq!(h["x-forwarded-for"], "192.0.2.1");
     }
 }

@@ -5,6 +5,7 @@
 //! Owns what a row says about a request (client address, truncations, error class).
 //! It does not write rows (`usage::writer`) or read tokens (`usage::meter`).
 
+use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -13,7 +14,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use http::{header, HeaderMap, Request, StatusCode};
+use http::{header, HeaderMap, Method, Request, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 
 use super::body::{BoxError, ProxyBody};
@@ -31,17 +32,19 @@ pub struct PendingUsage {
 }
 
 impl PendingUsage {
+    /// Runs once per identified request: it copies only what must outlive the request
+    /// (path, user agent) and reads the clock once, for both the timestamp and the id.
     pub fn new<B>(req: &Request<B>, rec: &AuthRecord, ip: IpAddr, started: Instant, at: DateTime<Utc>) -> Self {
         let ua = req.headers().get(header::USER_AGENT).and_then(|v| v.to_str().ok());
         PendingUsage {
             started,
             record: UsageRecord {
-                id: uuid::Uuid::now_v7(),
+                id: usage_id(at),
                 api_key_id: rec.key_id,
                 organization_id: rec.organization_id,
                 timestamp: at,
                 endpoint: usage::truncate(req.uri().path(), usage::ENDPOINT_MAX).to_string(),
-                method: usage::truncate(req.method().as_str(), usage::METHOD_MAX).to_string(),
+                method: method_text(req.method()),
                 status_code: 0,
                 response_time_ms: 0,
                 prompt_tokens: None,
@@ -49,7 +52,7 @@ impl PendingUsage {
                 tokens_used: None,
                 cost_micros: None,
                 model: None,
-                ip_address: Some(ip.to_string()),
+                ip_address: Some(ip),
                 user_agent: ua.map(|u| usage::truncate(u, usage::USER_AGENT_MAX).to_string()),
                 error_code: None,
                 error_message: None,
@@ -70,8 +73,39 @@ impl PendingUsage {
 
     /// keygate refused or failed the request itself.
     pub fn set_error(&mut self, code: &'static str, message: &'static str) {
-        self.record.error_code = Some(code.to_string());
-        self.record.error_message = Some(message.to_string());
+        self.record.error_code = Some(Cow::Borrowed(code));
+        self.record.error_message = Some(Cow::Borrowed(message));
+    }
+}
+
+/// A UUID v7 from the request's own timestamp. No shared context: the process-wide
+/// one `Uuid::now_v7` uses is a lock every request thread would contend on, and ids
+/// need only be unique (74 random bits per millisecond), not ordered within one.
+fn usage_id(at: DateTime<Utc>) -> uuid::Uuid {
+    let secs = u64::try_from(at.timestamp()).unwrap_or(0);
+    uuid::Uuid::new_v7(uuid::Timestamp::from_unix(
+        uuid::NoContext,
+        secs,
+        at.timestamp_subsec_nanos(),
+    ))
+}
+
+/// The method as the column takes it; borrowed for every standard method.
+fn method_text(m: &Method) -> Cow<'static, str> {
+    const STANDARD: [(Method, &str); 9] = [
+        (Method::GET, "GET"),
+        (Method::POST, "POST"),
+        (Method::PUT, "PUT"),
+        (Method::DELETE, "DELETE"),
+        (Method::PATCH, "PATCH"),
+        (Method::HEAD, "HEAD"),
+        (Method::OPTIONS, "OPTIONS"),
+        (Method::CONNECT, "CONNECT"),
+        (Method::TRACE, "TRACE"),
+    ];
+    match STANDARD.iter().find(|(s, _)| s == m) {
+        Some((_, text)) => Cow::Borrowed(text),
+        None => Cow::Owned(usage::truncate(m.as_str(), usage::METHOD_MAX).to_owned()),
     }
 }
 
@@ -168,16 +202,20 @@ impl Metered {
         };
         record.response_time_ms = i32::try_from(started.elapsed().as_millis()).unwrap_or(i32::MAX);
         if let Some((code, message)) = failure {
-            record.error_code = Some(code.to_string());
-            record.error_message = Some(message.to_string());
+            record.error_code = Some(Cow::Borrowed(code));
+            record.error_message = Some(Cow::Borrowed(message));
         }
-        if let Some(meter) = &self.meter {
-            let tokens = meter.tokens();
+        if let Some(meter) = self.meter.take() {
+            let tokens = meter.into_tokens();
             record.cost_micros = cost_micros(&self.pricing, &tokens);
             record.prompt_tokens = tokens.prompt.and_then(|n| i32::try_from(n).ok());
             record.completion_tokens = tokens.completion.and_then(|n| i32::try_from(n).ok());
             record.tokens_used = tokens.total.and_then(|n| i32::try_from(n).ok());
-            record.model = tokens.model.map(|m| usage::truncate(&m, usage::MODEL_MAX).to_string());
+            record.model = tokens.model.map(|mut m| {
+                let keep = usage::truncate(&m, usage::MODEL_MAX).len();
+                m.truncate(keep);
+                m
+            });
         }
         self.sink.record(record);
     }

@@ -30,6 +30,8 @@ use tokio_util::task::TaskTracker;
 pub(crate) use body::{full, ProxyBody};
 pub use error::Reject;
 pub use pipeline::Proxy;
+/// Public for benches/hot_path.rs, which times its response headers.
+pub use trace::Trace;
 
 use crate::auth::Authenticator;
 use crate::config::{Config, ConfigError};

@@ -68,7 +68,8 @@ impl Proxy {
         // One snapshot for the whole request: a reload mid-request cannot mix two configs.
         let live = self.live.load_full();
         let method = req.method().clone();
-        let path = live.access_log.then(|| req.uri().path().to_owned());
+        // A clone shares the request line's bytes: no copy of the path per request.
+        let uri = live.access_log.then(|| req.uri().clone());
         // Set once the key is identified: from then on every exit records a usage row,
         // including the client going away while this future waits (the guard's drop).
         let mut pending = Unanswered(None, self.usage.as_ref());
@@ -89,8 +90,8 @@ impl Proxy {
             trace.overhead(now).as_secs_f64(),
             trace.upstream().map(|d| d.as_secs_f64()),
         );
-        if let Some(path) = &path {
-            trace.log(&method, path, resp.status(), error, now);
+        if let Some(uri) = &uri {
+            trace.log(&method, uri.path(), resp.status(), error, now);
         }
         match (pending.0.take(), &self.usage) {
             (Some(p), Some(sink)) => Metered::wrap(

@@ -14,14 +14,14 @@ mod sse;
 mod sse_tests;
 #[cfg(test)]
 mod tests;
+mod wire;
 
 use http::HeaderValue;
-use serde::Deserialize;
-use serde_json::Value;
 
 use crate::config::{Price, Pricing};
 use json_scan::{Field, JsonScan};
 use sse::SseScan;
+use wire::{ModelName, WireMessage, WireUsage};
 
 /// Token counts and model of one response, as far as they are known.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -85,6 +85,20 @@ impl TokenMeter {
     /// `total` is the body's `total_tokens`, else prompt + completion when both are known,
     /// else the header's total.
     pub fn tokens(&self) -> Tokens {
+        let mut t = self.counts();
+        t.model = self.seen.model.clone();
+        t
+    }
+
+    /// [`tokens`](Self::tokens) for a body that is done: the model name is moved out,
+    /// not copied.
+    pub fn into_tokens(self) -> Tokens {
+        let mut t = self.counts();
+        t.model = self.seen.model;
+        t
+    }
+
+    fn counts(&self) -> Tokens {
         let s = &self.seen;
         let derived = match (s.prompt, s.completion) {
             (Some(p), Some(c)) => p.checked_add(c),
@@ -94,7 +108,7 @@ impl TokenMeter {
             prompt: s.prompt,
             completion: s.completion,
             total: s.total.or(derived).or(self.header_total),
-            model: s.model.clone(),
+            model: None,
         }
     }
 
@@ -146,36 +160,6 @@ struct Seen {
     model_raw: Vec<u8>,
 }
 
-/// The usage fields we read; others (`*_details`, cache counts) are skipped unallocated.
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-struct WireUsage {
-    prompt_tokens: Option<Value>,
-    completion_tokens: Option<Value>,
-    total_tokens: Option<Value>,
-    input_tokens: Option<Value>,
-    output_tokens: Option<Value>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-struct WireMessage {
-    model: Option<Value>,
-    usage: Option<WireUsage>,
-}
-
-/// A token count: a non-negative integer (an integral float is accepted too).
-fn count(value: Option<&Value>) -> Option<i64> {
-    let value = value?;
-    let n = value.as_i64().or_else(|| {
-        value
-            .as_f64()
-            .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f < 9.0e18)
-            .map(|f| f as i64)
-    })?;
-    (n >= 0).then_some(n)
-}
-
 impl Seen {
     fn absorb(&mut self, field: Field, raw: &[u8]) {
         // `"usage": null` is on every OpenAI chunk once usage is requested: skip it cheaply.
@@ -190,7 +174,7 @@ impl Seen {
             }
             Field::Model => {
                 if raw != self.model_raw.as_slice() {
-                    if let Ok(Value::String(model)) = serde_json::from_slice::<Value>(raw) {
+                    if let Ok(ModelName(Some(model))) = serde_json::from_slice(raw) {
                         self.set_model(model);
                     }
                     self.model_raw.clear();
@@ -199,7 +183,7 @@ impl Seen {
             }
             Field::Message => {
                 if let Ok(message) = serde_json::from_slice::<WireMessage>(raw) {
-                    if let Some(Value::String(model)) = message.model {
+                    if let ModelName(Some(model)) = message.model {
                         self.set_model(model);
                     }
                     if let Some(usage) = &message.usage {
@@ -217,9 +201,9 @@ impl Seen {
     }
 
     fn merge(&mut self, usage: &WireUsage) {
-        let prompt = count(usage.prompt_tokens.as_ref()).or(count(usage.input_tokens.as_ref()));
-        let completion = count(usage.completion_tokens.as_ref()).or(count(usage.output_tokens.as_ref()));
-        let total = count(usage.total_tokens.as_ref());
+        let prompt = usage.prompt_tokens.0.or(usage.input_tokens.0);
+        let completion = usage.completion_tokens.0.or(usage.output_tokens.0);
+        let total = usage.total_tokens.0;
         if prompt.is_none() && completion.is_none() && total.is_none() {
             return;
         }

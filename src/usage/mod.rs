@@ -15,6 +15,9 @@ pub mod writer;
 
 pub use writer::{channel, UsageCounts, UsageSink, UsageStats, UsageWriter};
 
+use std::borrow::Cow;
+use std::net::IpAddr;
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -24,6 +27,10 @@ pub mod meter;
 /// One row of `api_key_usage`. Immutable once built: its `id` (UUID v7, made by
 /// keygate) and `timestamp` identify it, so a retried or replayed write of the same
 /// record can never count twice.
+///
+/// Built once per proxied request, so what is nearly always a constant (the method,
+/// keygate's own error texts) is borrowed, and the client address stays an `IpAddr`
+/// until the writer formats it. The spool's JSON is the same as with owned strings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UsageRecord {
     pub id: Uuid,
@@ -33,7 +40,7 @@ pub struct UsageRecord {
     pub timestamp: DateTime<Utc>,
     /// Path without the query string, at most 255 bytes.
     pub endpoint: String,
-    pub method: String,
+    pub method: Cow<'static, str>,
     pub status_code: i32,
     /// From arrival to the last byte of the response (or its failure).
     pub response_time_ms: i32,
@@ -43,12 +50,12 @@ pub struct UsageRecord {
     /// Cost in millionths of a US dollar; stored as NUMERIC(12,6) dollars.
     pub cost_micros: Option<i64>,
     pub model: Option<String>,
-    pub ip_address: Option<String>,
+    pub ip_address: Option<IpAddr>,
     /// At most 500 bytes.
     pub user_agent: Option<String>,
     /// keygate's own code (`rate_limit_exceeded`, …) or the upstream failure class.
-    pub error_code: Option<String>,
-    pub error_message: Option<String>,
+    pub error_code: Option<Cow<'static, str>>,
+    pub error_message: Option<Cow<'static, str>>,
 }
 
 /// Column limits of the seed's schema; values are cut to fit rather than refused.

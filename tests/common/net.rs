@@ -103,6 +103,10 @@ impl Drop for Gateway {
         if std::thread::panicking() {
             return;
         }
+        // A clean exit writes out the buffered log lines, so the sweep sees all of them.
+        if let Ok(None) = self.proc.child.try_wait() {
+            let _ = self.proc.terminate(Duration::from_secs(5));
+        }
         if let Some(found) = find_plaintext_key(&self.logs()) {
             panic!("a plaintext key reached keygate's log: {found}");
         }
@@ -226,6 +230,25 @@ impl Gateway {
 
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The log once lines buffered in the process have had time to reach the file: for
+    /// checks that something is *not* logged.
+    pub async fn flushed_logs(&self) -> String {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        self.logs()
+    }
+
+    /// Waits until the log holds `needle`: info lines reach the file within 100 ms, not at once.
+    pub async fn wait_log(&self, needle: &str, timeout: Duration) -> bool {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if self.logs().contains(needle) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
     }
 
     /// The contents of every file in this gateway's spool directory.

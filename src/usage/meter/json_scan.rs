@@ -39,6 +39,10 @@ impl Field {
     }
 }
 
+/// Capacity of a capture buffer when first used: a chat completion's `usage` object,
+/// details included, fits.
+const CAPTURE_START: usize = 256;
+
 /// Longest wanted key ("message"); longer keys are recognised as "not wanted" by length.
 const KEY_MAX: usize = 8;
 
@@ -106,16 +110,26 @@ impl JsonScan {
     pub(crate) fn feed<F: FnMut(Field, &[u8])>(&mut self, chunk: &[u8], sink: &mut F) {
         let mut i = 0;
         while i < chunk.len() {
-            if self.in_string && !self.escaped && self.capture.is_none() && !self.reading_key {
-                // Most bytes of a chat body are message text nobody needs: jump to the next
-                // byte that could end the string instead of stepping through the state machine.
-                match chunk
-                    .get(i..)
-                    .and_then(|rest| rest.iter().position(|&c| c == b'"' || c == b'\\'))
-                {
-                    Some(skip) => i += skip,
-                    None => return,
+            // Runs of bytes that cannot change the state go at once, then the byte that
+            // ends the run goes through the state machine below, in the same turn.
+            let rest = chunk.get(i..).unwrap_or_default();
+            if self.in_string && !self.escaped {
+                // Ordinary string bytes, up to the next quote or backslash. A plain loop:
+                // strings in chat bodies are short, where memchr's set-up cost more than
+                // it saved (measured on the meter bench).
+                let run = rest.iter().position(|&c| c == b'"' || c == b'\\').unwrap_or(rest.len());
+                if self.reading_key {
+                    self.key_bytes(rest.get(..run).unwrap_or_default());
+                } else if self.capture.is_some() {
+                    self.keep_all(rest.get(..run).unwrap_or_default());
                 }
+                i += run;
+            } else if !self.in_string && self.depth >= 2 && self.capture.is_none() {
+                // Inside a nested value nobody captures, only quotes and brackets count.
+                i += rest
+                    .iter()
+                    .position(|&c| matches!(c, b'"' | b'{' | b'}' | b'[' | b']'))
+                    .unwrap_or(rest.len());
             }
             let Some(&b) = chunk.get(i) else { return };
             i += 1;
@@ -191,6 +205,8 @@ impl JsonScan {
                         self.capture = Some(field);
                         self.overflow = false;
                         self.buf.clear();
+                        // One allocation for a typical value, not a doubling per few bytes.
+                        self.buf.reserve(CAPTURE_START.min(field.cap()));
                     }
                 }
             }
@@ -210,6 +226,30 @@ impl JsonScan {
         } else {
             self.buf.push(b);
         }
+    }
+
+    /// [`keep`](Self::keep) for a run of bytes.
+    fn keep_all(&mut self, bytes: &[u8]) {
+        let Some(field) = self.capture else { return };
+        if self.overflow {
+            return;
+        }
+        if self.buf.len() + bytes.len() > field.cap() {
+            self.overflow = true;
+            self.buf.clear();
+        } else {
+            self.buf.extend_from_slice(bytes);
+        }
+    }
+
+    /// [`key_byte`](Self::key_byte) for a run of bytes.
+    fn key_bytes(&mut self, bytes: &[u8]) {
+        let start = self.key_len.min(KEY_MAX);
+        let n = bytes.len().min(KEY_MAX - start);
+        if let (Some(dst), Some(src)) = (self.key.get_mut(start..start + n), bytes.get(..n)) {
+            dst.copy_from_slice(src);
+        }
+        self.key_len = (self.key_len + bytes.len()).min(KEY_MAX + 1);
     }
 
     fn key_byte(&mut self, b: u8) {
