@@ -23,6 +23,9 @@ use crate::model::AuthRecord;
 /// bounded under a flood of random keys even without the sync task.
 const SWEEP_EVERY: u64 = 16_384;
 
+/// Tries of one lookup when its connection is lost under it.
+const LOOKUP_ATTEMPTS: u32 = 3;
+
 pub(super) struct Flight {
     start: u64,
     done: watch::Receiver<Option<Outcome>>,
@@ -125,10 +128,22 @@ impl Inner {
             .acquire()
             .await
             .map_err(|_| DbError::Pool("lookup limiter closed".into()))?;
+        // A pooled connection whose backend was just terminated fails at once; the lookup
+        // is retried on another connection (within the same budget) rather than turning a
+        // failover or a killed backend into a 503 for a key that was merely re-validated.
         let lookup = async {
-            let client = self.pool.get().await?;
-            self.counters.db_lookups.fetch_add(1, Relaxed);
-            crate::db::keys::lookup(&**client, digest).await
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                let client = self.pool.get().await?;
+                self.counters.db_lookups.fetch_add(1, Relaxed);
+                match crate::db::keys::lookup(&**client, digest).await {
+                    Err(e) if attempt < LOOKUP_ATTEMPTS && e.is_lost_connection() => {
+                        tracing::debug!(error = %e, "key lookup lost its connection; retrying");
+                    }
+                    other => return other,
+                }
+            }
         };
         tokio::time::timeout(self.lookup_timeout, lookup)
             .await

@@ -56,6 +56,23 @@ pub enum DbError {
 }
 
 impl DbError {
+    /// The session died under the statement (terminated backend, failover, a pooled
+    /// connection that broke while idle): the same statement on a fresh connection may
+    /// well succeed.
+    pub fn is_lost_connection(&self) -> bool {
+        match self {
+            DbError::Query(e) => {
+                e.is_closed()
+                    || e.code().is_none()
+                    || e.code().is_some_and(|c| {
+                        *c == tokio_postgres::error::SqlState::ADMIN_SHUTDOWN
+                            || *c == tokio_postgres::error::SqlState::CRASH_SHUTDOWN
+                    })
+            }
+            _ => false,
+        }
+    }
+
     /// Whether the failure is the database being unreachable or slow rather than a
     /// statement it refused: callers treat these as "store down".
     pub fn is_unavailable(&self) -> bool {
