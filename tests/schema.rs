@@ -400,3 +400,115 @@ async fn partial_seed_schema_is_refused_with_what_is_missing() {
         "{err}"
     );
 }
+
+/// The SQLSTATE of a refused statement.
+fn sqlstate(r: Result<u64, tokio_postgres::Error>) -> Option<String> {
+    r.err().and_then(|e| e.code().map(|c| c.code().to_string()))
+}
+
+/// Usage rows reference keys and organisations through statement-level checks
+/// (migration 7) rather than foreign keys: what a foreign key refused is still refused,
+/// with the same SQLSTATE, and what it allowed is still allowed.
+#[tokio::test]
+async fn usage_references_hold_like_foreign_keys() {
+    let (db, _key) = seeded_db().await;
+    let c = db.client().await;
+    let (key, org): (uuid::Uuid, uuid::Uuid) = {
+        let r = c
+            .query_one("SELECT id, organization_id FROM api_keys LIMIT 1", &[])
+            .await
+            .expect("key");
+        (r.get(0), r.get(1))
+    };
+    let usage = "INSERT INTO api_key_usage (api_key_id, organization_id, endpoint, method, status_code) \
+                 VALUES ($1, $2, '/chat', 'POST', 200)";
+    let nobody = uuid::Uuid::now_v7();
+    assert_eq!(
+        sqlstate(c.execute(usage, &[&nobody, &org]).await).as_deref(),
+        Some("23503")
+    );
+    assert_eq!(
+        sqlstate(c.execute(usage, &[&key, &nobody]).await).as_deref(),
+        Some("23503")
+    );
+    c.execute(usage, &[&key, &org]).await.expect("a valid row");
+    let repoint = "UPDATE api_key_usage SET api_key_id = $1";
+    assert_eq!(sqlstate(c.execute(repoint, &[&nobody]).await).as_deref(), Some("23503"));
+    // Deleting, re-keying or truncating what a usage row names is refused.
+    let del_key = "DELETE FROM api_keys WHERE id = $1";
+    assert_eq!(sqlstate(c.execute(del_key, &[&key]).await).as_deref(), Some("23503"));
+    assert_eq!(
+        sqlstate(
+            c.execute("UPDATE api_keys SET id = $2 WHERE id = $1", &[&key, &nobody])
+                .await
+        )
+        .as_deref(),
+        Some("23503")
+    );
+    c.execute("UPDATE api_keys SET id = id, name = name WHERE id = $1", &[&key])
+        .await
+        .expect("an update that keeps the id");
+    assert_eq!(
+        sqlstate(c.execute("DELETE FROM organizations WHERE id = $1", &[&org]).await).as_deref(),
+        Some("23503")
+    );
+    assert!(c.batch_execute("TRUNCATE api_keys CASCADE").await.is_err());
+    assert!(c.batch_execute("TRUNCATE organizations CASCADE").await.is_err());
+    // A key without usage rows can still be deleted.
+    let spare: uuid::Uuid = c
+        .query_one(
+            "INSERT INTO api_keys (id, organization_id, key_prefix, key_hash, key_hint, name) \
+             VALUES ($1, $2, 'pk_test_', repeat('b', 64), 'bbbb', 'spare') RETURNING id",
+            &[&uuid::Uuid::now_v7(), &org],
+        )
+        .await
+        .expect("spare key")
+        .get(0);
+    assert_eq!(c.execute(del_key, &[&spare]).await.expect("unused key deleted"), 1);
+
+    // Racing a delete: whichever locks the key first, no row is left naming a gone key.
+    for insert_first in [true, false] {
+        let spare: uuid::Uuid = c
+            .query_one(
+                "INSERT INTO api_keys (id, organization_id, key_prefix, key_hash, key_hint, name) \
+                 VALUES ($1, $2, 'pk_test_', md5(random()::text) || md5(random()::text), 'cccc', 'race') RETURNING id",
+                &[&uuid::Uuid::now_v7(), &org],
+            )
+            .await
+            .expect("race key")
+            .get(0);
+        let (mut first, second) = (db.client().await, db.client().await);
+        let tx = first.transaction().await.expect("begin");
+        if insert_first {
+            tx.execute(usage, &[&spare, &org]).await.expect("usage row");
+        } else {
+            tx.execute(del_key, &[&spare]).await.expect("delete");
+        }
+        // The other statement must wait for the first transaction.
+        let waiting = tokio::spawn(async move {
+            let r = if insert_first {
+                second.execute(del_key, &[&spare]).await
+            } else {
+                second.execute(usage, &[&spare, &org]).await
+            };
+            sqlstate(r)
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(
+            !waiting.is_finished(),
+            "the second statement did not wait (insert first: {insert_first})"
+        );
+        tx.commit().await.expect("commit");
+        let refused = waiting.await.expect("join");
+        assert_eq!(refused.as_deref(), Some("23503"), "insert first: {insert_first}");
+        let orphans: i64 = c
+            .query_one(
+                "SELECT count(*) FROM api_key_usage u WHERE NOT EXISTS (SELECT 1 FROM api_keys k WHERE k.id = u.api_key_id)",
+                &[],
+            )
+            .await
+            .expect("orphans")
+            .get(0);
+        assert_eq!(orphans, 0, "insert first: {insert_first}");
+    }
+}

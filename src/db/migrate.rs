@@ -36,6 +36,7 @@ pub static MIGRATIONS: &[Migration] = &[
     migration!(4, "notify", "0004_notify"),
     migration!(5, "usage_partitions", "0005_usage_partitions"),
     migration!(6, "notify_columns", "0006_notify_columns"),
+    migration!(7, "usage_reference_checks", "0007_usage_reference_checks"),
 ];
 
 pub fn latest_version() -> i32 {

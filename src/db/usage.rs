@@ -86,7 +86,7 @@ const COPY_TYPES: [Type; 17] = [
 ];
 
 /// One statement per batch. Rows whose key or organisation is gone are filtered out
-/// (the foreign keys would otherwise refuse the whole batch on every retry, forever);
+/// (the reference check would otherwise refuse the whole batch on every retry, forever);
 /// `ON CONFLICT DO NOTHING` skips rows a previous attempt already committed, and only
 /// the rows `RETURNING` reports as new reach the key's counter. The cost is clamped to
 /// what `numeric(12,6)` holds, for the same reason: a value the column refuses would
@@ -125,7 +125,7 @@ SELECT coalesce(sum(n), 0)::int8 FROM bumped";
 
 /// Only asked when a batch inserted fewer rows than it staged, to tell rows already
 /// stored from rows whose key is gone. Keys of inserted rows cannot vanish meanwhile:
-/// the foreign key checks hold a lock on them until commit.
+/// the reference check (migration 7) holds a `FOR KEY SHARE` lock on them until commit.
 const ORPHANS: &str = "SELECT count(*) FROM keygate_usage_staging s
 WHERE NOT EXISTS (SELECT 1 FROM api_keys k WHERE k.id = s.api_key_id)
    OR NOT EXISTS (SELECT 1 FROM organizations o WHERE o.id = s.organization_id)";
