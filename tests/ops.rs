@@ -202,6 +202,28 @@ async fn metrics_parse_and_move_with_traffic() {
     );
     assert!(sample(&after, "keygate_overhead_seconds_count") >= 6.0, "{text}");
     assert!(sample(&after, "keygate_upstream_seconds_count") >= 5.0, "{text}");
+    // The first request's key came from PostgreSQL; the rows went in at least one batch.
+    assert!(sample(&after, "keygate_auth_db_lookup_seconds_count") >= 1.0, "{text}");
+    assert!(sample(&after, "keygate_usage_flush_seconds_count") >= 1.0, "{text}");
+    // Every histogram is whole: cumulative buckets ending in +Inf == _count.
+    for h in [
+        "keygate_overhead_seconds",
+        "keygate_upstream_seconds",
+        "keygate_auth_db_lookup_seconds",
+        "keygate_usage_flush_seconds",
+    ] {
+        let buckets: Vec<f64> = after
+            .iter()
+            .filter(|(s, _)| s.starts_with(&format!("{h}_bucket{{")))
+            .map(|(_, v)| *v)
+            .collect();
+        assert!(
+            buckets.len() > 2 && buckets.windows(2).all(|w| w[0] <= w[1]),
+            "{h}: {text}"
+        );
+        let inf = sample(&after, &format!("{h}_bucket{{le=\"+Inf\"}}"));
+        assert_eq!(inf, sample(&after, &format!("{h}_count")), "{h}: {text}");
+    }
     assert!(
         sample(&after, r#"keygate_rate_limit_decisions_total{decision="allowed"}"#) >= 5.0,
         "{text}"

@@ -145,9 +145,12 @@ impl Inner {
                 }
             }
         };
-        tokio::time::timeout(self.lookup_timeout, lookup)
+        let started = std::time::Instant::now();
+        let result = tokio::time::timeout(self.lookup_timeout, lookup)
             .await
-            .unwrap_or_else(|_| Err(DbError::Pool("key lookup timed out".into())))
+            .unwrap_or_else(|_| Err(DbError::Pool("key lookup timed out".into())));
+        crate::telemetry::DB_LOOKUP_SECONDS.record(started.elapsed());
+        result
     }
 
     /// Reads every record in `scope` and stores it, then drops cached records in the

@@ -87,8 +87,8 @@ impl Proxy {
         crate::telemetry::request(
             error.unwrap_or("proxied"),
             resp.status().as_u16(),
-            trace.overhead(now).as_secs_f64(),
-            trace.upstream().map(|d| d.as_secs_f64()),
+            trace.overhead(now),
+            trace.upstream(),
         );
         if let Some(uri) = &uri {
             trace.log(&method, uri.path(), resp.status(), error, now);

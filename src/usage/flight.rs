@@ -80,9 +80,12 @@ impl Writer {
         }
         let rows = Arc::new(rows);
         let (pool, mine) = (self.pool.clone(), Arc::clone(&rows));
-        let task = self
-            .tasks
-            .spawn(async move { sql::write_batch(&pool, &mine, limit).await });
+        let task = self.tasks.spawn(async move {
+            let started = std::time::Instant::now();
+            let result = sql::write_batch(&pool, &mine, limit).await;
+            crate::telemetry::USAGE_FLUSH_SECONDS.record(started.elapsed());
+            result
+        });
         self.flying.insert(task.id(), Flying { rows, origin });
     }
 

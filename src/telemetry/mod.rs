@@ -2,13 +2,19 @@
 //! subsystems' own counters (auth cache, limiter, usage writer) into metrics.
 //!
 //! Owns metric names and the `/metrics` text. Hot-path code records through the
-//! `metrics` macros (a few atomic adds); everything that already keeps its own
-//! counters is read only at scrape time, so it costs nothing per request.
+//! `metrics` macros (a few atomic adds) for counters, and into the fixed-bucket
+//! [`Histogram`]s here for latencies; everything that already keeps its own counters is
+//! read only at scrape time, so it costs nothing per request.
+
+mod histogram;
 
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
-use metrics::{counter, gauge, histogram};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics::{counter, gauge};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+pub use histogram::Histogram;
 
 use crate::auth::Authenticator;
 use crate::limits::Limiter;
@@ -23,17 +29,48 @@ pub const TLS_HANDSHAKE_FAILURES: &str = "keygate_tls_handshake_failures_total";
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
+/// keygate's own share of a request's time, to the response head.
+pub static OVERHEAD_SECONDS: Histogram = Histogram::new();
+/// From sending the request upstream to the upstream's response head.
+pub static UPSTREAM_SECONDS: Histogram = Histogram::new();
+/// One key lookup in PostgreSQL, pool wait and retries included.
+pub static DB_LOOKUP_SECONDS: Histogram = Histogram::new();
+/// One usage batch written (or failed), pool wait included.
+pub static USAGE_FLUSH_SECONDS: Histogram = Histogram::new();
+
+/// Every histogram with its name and help text, in the order `/metrics` shows them.
+fn histograms() -> [(&'static str, &'static str, &'static Histogram); 4] {
+    [
+        (
+            OVERHEAD,
+            "keygate's own share of a request's latency, to the response head",
+            &OVERHEAD_SECONDS,
+        ),
+        (
+            UPSTREAM,
+            "upstream latency, request sent to response head",
+            &UPSTREAM_SECONDS,
+        ),
+        (
+            "keygate_auth_db_lookup_seconds",
+            "key lookups in PostgreSQL, pool wait included",
+            &DB_LOOKUP_SECONDS,
+        ),
+        (
+            "keygate_usage_flush_seconds",
+            "usage batch writes, pool wait included",
+            &USAGE_FLUSH_SECONDS,
+        ),
+    ]
+}
+
 /// Installs the process-wide recorder once; later calls reuse it.
 pub fn install() -> Option<PrometheusHandle> {
     HANDLE
         .get_or_init(|| {
-            let latency = [
-                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-                30.0,
-            ];
+            // Counters and gauges only: they hold no per-sample state, so the recorder
+            // needs no upkeep task. Latencies are this module's `Histogram`s.
             PrometheusBuilder::new()
-                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &latency)
-                .ok()?
                 .install_recorder()
                 .map_err(|e| tracing::warn!(error = %e, "metrics recorder not installed"))
                 .ok()
@@ -77,18 +114,22 @@ pub fn render(handle: &PrometheusHandle, s: &Sources) -> String {
         counter!("keygate_usage_rows_total", "result" => "replayed").absolute(u.replayed);
         counter!("keygate_usage_rows_total", "result" => "dropped").absolute(u.dropped);
         counter!("keygate_usage_failed_batches_total").absolute(u.failed_batches);
-        gauge!("keygate_usage_last_flush_seconds").set(u.last_flush_ms as f64 / 1000.0);
+        gauge!("keygate_usage_last_flush_timestamp_seconds").set(u.last_flush_ms as f64 / 1000.0);
     }
-    handle.render()
+    let mut text = handle.render();
+    for (name, help, h) in histograms() {
+        h.render(name, help, &mut text);
+    }
+    text
 }
 
 /// One finished request, at response-head time. `outcome` is keygate's error code, or
 /// "proxied" for an upstream answer.
-pub fn request(outcome: &'static str, status: u16, overhead_secs: f64, upstream_secs: Option<f64>) {
+pub fn request(outcome: &'static str, status: u16, overhead: Duration, upstream: Option<Duration>) {
     counter!(REQUESTS, "outcome" => outcome, "status" => status_label(status)).increment(1);
-    histogram!(OVERHEAD).record(overhead_secs);
-    if let Some(u) = upstream_secs {
-        histogram!(UPSTREAM).record(u);
+    OVERHEAD_SECONDS.record(overhead);
+    if let Some(u) = upstream {
+        UPSTREAM_SECONDS.record(u);
     }
 }
 
