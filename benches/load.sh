@@ -34,10 +34,11 @@
 #     stack up (for profiling by hand) until interrupted; no rounds are run
 #   LOAD_PERF_STAT=1: also count syscalls and context switches per request of each
 #     proxy process (`perf stat`) in every round
-#   LOAD_EXTRA_BINS="name=/path/to/keygate[,keys][,nousage][,nolimits][,env=K=V] ..."
+#   LOAD_EXTRA_BINS="name=/path/to/keygate[,keys][,nousage][,nolimits][,env=K=V][,runtime=R][,workers=N] ..."
 #     adds a variant `kg-name` per entry, measured in the same interleaved rounds: one
 #     key, or with `keys` the many-keys script; usage or limits off; extra environment
-#     (e.g. env=RUST_LOG=info for the access log). For A/B of builds and settings
+#     (e.g. env=RUST_LOG=info for the access log); `server.runtime` and `server.workers`
+#     (e.g. runtime=shared for tokio's work-stealing runtime). For A/B of builds and settings
 #     (allocator, runtime). Each keygate is a process of its own, so RSS and HWM are per
 #     variant. Example: cargo build --release --features mimalloc --target-dir target/mi
 #     && LOAD_EXTRA_BINS="mi=target/mi/release/keygate" benches/load.sh
@@ -190,6 +191,7 @@ start_keygate() { # name binary port [usage limits env...] -> sets KG_STARTED_PI
 listen = "127.0.0.1:$port"
 admin_listen = ""
 shutdown_grace = "2s"
+${SERVER_EXTRA[$name]:-}
 
 [upstream]
 url = "http://127.0.0.1:$UP_PORT"
@@ -216,7 +218,7 @@ TOML
     KG_STARTED_PID=$!
     PIDS+=("$KG_STARTED_PID")
 }
-declare -A PORT PID_OF MANY
+declare -A PORT PID_OF MANY SERVER_EXTRA
 VARIANTS=(direct nginx kg-1key kg-Nkeys)
 PORT[direct]=$UP_PORT PID_OF[direct]=$UP_PID
 PORT[nginx]=$NGX_PORT PID_OF[nginx]=$NGX_PID
@@ -235,6 +237,8 @@ for spec in ${LOAD_EXTRA_BINS:-}; do
             nousage) usage=false ;;
             nolimits) limits=false ;;
             env=*) envs+=("${o#env=}") ;;
+            runtime=*) SERVER_EXTRA[$name]+="runtime = \"${o#runtime=}\""$'\n' ;;
+            workers=*) SERVER_EXTRA[$name]+="workers = ${o#workers=}"$'\n' ;;
             *) die "unknown option $o in LOAD_EXTRA_BINS" ;;
         esac
     done

@@ -539,3 +539,87 @@ async fn cleartext_http2_works_when_switched_on() {
     // Health answers on the main listener too, without a key.
     assert_eq!(get(&gw.url("/healthz"), &[]).await.status, 200);
 }
+
+/// Names of the gateway's threads, from /proc.
+fn thread_names(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|dir| {
+            dir.filter_map(Result::ok)
+                .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+                .map(|n| n.trim().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Both `server.runtime` settings proxy concurrent connections and streams, and on
+/// SIGTERM drain, flush every usage row and exit 0. Per-core really runs its workers.
+#[tokio::test]
+async fn both_runtimes_serve_concurrent_connections_and_drain() {
+    for (runtime, workers) in [("per-core", 3), ("shared", 0)] {
+        let (db, key) = seeded_db().await;
+        let up = Upstream::start(&["--stream-interval", "50ms"]).await;
+        let extra =
+            format!("[server]\nruntime = \"{runtime}\"\nworkers = {workers}\n[usage]\nflush_interval = \"100ms\"\n");
+        let mut gw = Gateway::start(&db, up.port, &extra).await;
+        let names = thread_names(gw.proc.child.id());
+        let worker_threads = names.iter().filter(|n| n.starts_with("keygate-worker")).count();
+        assert_eq!(worker_threads, workers, "{runtime}: threads {names:?}");
+        // Twelve at once: a fresh client each, so twelve client connections, spread over
+        // the workers in turn.
+        let calls = (0..12).map(|i| {
+            let (url, auth) = (gw.url("/chat"), bearer(&key));
+            tokio::spawn(async move {
+                let req = http::Request::post(url)
+                    .header("authorization", auth)
+                    .body(http_body_util::Full::new(bytes::Bytes::from(format!(
+                        r#"{{"message": "n{i}"}}"#
+                    ))))
+                    .expect("request");
+                let resp = client().request(req).await.expect("response");
+                let status = resp.status();
+                let body = http_body_util::BodyExt::collect(resp.into_body())
+                    .await
+                    .expect("body")
+                    .to_bytes();
+                (status, body)
+            })
+        });
+        for (i, call) in calls.enumerate() {
+            let (status, body) = call.await.expect("join");
+            assert_eq!(status, 200, "{runtime}");
+            assert!(
+                String::from_utf8_lossy(&body).contains(&format!("echo: n{i}")),
+                "{runtime}"
+            );
+        }
+        // A stream in flight when SIGTERM arrives still finishes.
+        let req = http::Request::post(gw.url("/v1/chat/completions"))
+            .header("authorization", bearer(&key))
+            .body(http_body_util::Full::new(bytes::Bytes::from(
+                r#"{"model": "m", "stream": true, "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}"#,
+            )))
+            .expect("request");
+        let resp = client().request(req).await.expect("response");
+        assert_eq!(resp.status(), 200, "{runtime}");
+        let reader = tokio::spawn(async move { http_body_util::BodyExt::collect(resp.into_body()).await });
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let exited = tokio::task::spawn_blocking(move || gw.proc.terminate(Duration::from_secs(20)));
+        let text = reader.await.expect("join").expect("stream completed").to_bytes();
+        assert!(
+            String::from_utf8_lossy(&text).ends_with("data: [DONE]\n\n"),
+            "{runtime}: stream cut short"
+        );
+        let status = exited.await.expect("join").expect("keygate exited");
+        assert!(status.success(), "{runtime}: exit status {status:?}");
+        // Every response has its row, written before the exit.
+        let rows: i64 = db
+            .client()
+            .await
+            .query_one("SELECT count(*) FROM api_key_usage", &[])
+            .await
+            .expect("count")
+            .get(0);
+        assert_eq!(rows, 13, "{runtime}");
+    }
+}

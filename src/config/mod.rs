@@ -78,6 +78,18 @@ pub struct ServerConfig {
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// `Some`: the main listener speaks TLS only (the admin listener stays plain).
     pub tls: Option<TlsSettings>,
+    /// How client connections are spread over threads.
+    pub runtime: Runtime,
+}
+
+/// `server.runtime` with `server.workers` resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Runtime {
+    /// One single-threaded runtime per worker thread; each client connection, its
+    /// requests and the upstream connections they use stay on one thread.
+    PerCore { workers: usize },
+    /// Everything on tokio's shared work-stealing runtime.
+    Shared,
 }
 
 #[derive(Debug, Clone)]

@@ -49,6 +49,8 @@ pub struct RawServer {
     pub request_timeout: Option<String>,
     pub trusted_proxies: Option<Vec<String>>,
     pub tls: Option<RawTls>,
+    pub runtime: Option<String>,
+    pub workers: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

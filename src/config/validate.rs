@@ -67,7 +67,25 @@ fn server(s: RawServer) -> R<ServerConfig> {
             })
             .collect::<R<_>>()?,
         tls: super::tls::tls(s.tls, http2)?,
+        runtime: runtime(s.runtime.as_deref(), s.workers)?,
     })
+}
+
+/// `workers = 0` (the default) is one per CPU the process may use.
+fn runtime(kind: Option<&str>, workers: Option<i64>) -> R<Runtime> {
+    let workers = match workers {
+        None | Some(0) => std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+        Some(n @ 1..=1024) => n as usize,
+        Some(_) => return Err(ConfigError::invalid("server.workers", "must be between 0 and 1024")),
+    };
+    match kind.unwrap_or("per-core") {
+        "per-core" => Ok(Runtime::PerCore { workers }),
+        "shared" => Ok(Runtime::Shared),
+        other => Err(ConfigError::invalid(
+            "server.runtime",
+            format!("`{other}` is not one of `per-core`, `shared`"),
+        )),
+    }
 }
 
 fn upstream(u: RawUpstream) -> R<UpstreamConfig> {

@@ -2,7 +2,9 @@
 //! target, and the timeouts that turn upstream trouble into 502 or 504.
 //!
 //! It sends what the pipeline prepared and classifies failures; header policy lives in
-//! `headers`, and it never reads or buffers a body.
+//! `headers`, and it never reads or buffers a body. With per-core workers each worker
+//! has a client (and so a connection pool) of its own: a pooled connection is driven by
+//! the runtime that opened it, so sharing one pool would wake other threads per request.
 
 use std::time::Duration;
 
@@ -19,8 +21,11 @@ use crate::config::UpstreamConfig;
 
 pub type UpstreamBody = LimitedBody<Incoming>;
 
+type UpstreamClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
+
 pub struct Upstream {
-    client: Client<HttpsConnector<HttpConnector>, UpstreamBody>,
+    /// One per worker (`workers::current()` picks); one in all for the shared runtime.
+    clients: Vec<UpstreamClient>,
     scheme: http::uri::Scheme,
     authority: http::uri::Authority,
     /// Base path without a trailing slash; empty for the root.
@@ -35,28 +40,11 @@ pub enum UpstreamSetupError {
 }
 
 impl Upstream {
-    pub fn new(cfg: &UpstreamConfig) -> Result<Self, UpstreamSetupError> {
-        let mut http = HttpConnector::new();
-        http.set_connect_timeout(Some(cfg.connect_timeout));
-        http.set_nodelay(true);
-        http.enforce_http(false);
-        http.set_keepalive(Some(Duration::from_secs(60)));
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
-            .map_err(|e| UpstreamSetupError::Tls(e.to_string()))?
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(cfg.pool_idle_timeout)
-            .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
-            .build(connector);
+    pub fn new(cfg: &UpstreamConfig, workers: usize) -> Result<Self, UpstreamSetupError> {
+        let clients = (0..workers.max(1)).map(|_| client(cfg)).collect::<Result<_, _>>()?;
         let base = cfg.url.path().trim_end_matches('/').to_string();
         Ok(Upstream {
-            client,
+            clients,
             scheme: cfg.url.scheme().cloned().unwrap_or(http::uri::Scheme::HTTP),
             authority: cfg
                 .url
@@ -67,7 +55,31 @@ impl Upstream {
             response_timeout: cfg.response_timeout,
         })
     }
+}
 
+/// A pooled keep-alive client for the upstream.
+fn client(cfg: &UpstreamConfig) -> Result<UpstreamClient, UpstreamSetupError> {
+    let mut http = HttpConnector::new();
+    http.set_connect_timeout(Some(cfg.connect_timeout));
+    http.set_nodelay(true);
+    http.enforce_http(false);
+    http.set_keepalive(Some(Duration::from_secs(60)));
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
+        .map_err(|e| UpstreamSetupError::Tls(e.to_string()))?
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    Ok(Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(cfg.pool_idle_timeout)
+        .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
+        .build(connector))
+}
+
+impl Upstream {
     /// The upstream URI for a client's path and query: base path + path, query kept.
     pub fn target(&self, pq: Option<&PathAndQuery>) -> Result<Uri, Reject> {
         let pq = pq.map_or("/", PathAndQuery::as_str);
@@ -89,7 +101,8 @@ impl Upstream {
         // The pooled client picks HTTP/1.1 or h2 per connection; the client's version
         // says nothing about the upstream's.
         *req.version_mut() = Version::HTTP_11;
-        match tokio::time::timeout(self.response_timeout, self.client.request(req)).await {
+        let client = &self.clients[super::workers::current() % self.clients.len()];
+        match tokio::time::timeout(self.response_timeout, client.request(req)).await {
             Err(_) => Err(SendError::Timeout),
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(e)) if e.is_connect() => {

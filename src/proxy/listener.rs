@@ -3,6 +3,9 @@
 //! handshake when `[server.tls]` is set (bounded by the same timeout), and a graceful
 //! stop that lets in-flight requests, streams included, finish.
 //!
+//! With per-core workers, each accepted connection is handed to one worker's runtime
+//! (`workers`), registered with that thread's reactor, and served there to the end.
+//!
 //! It knows nothing about keys or upstreams: each request goes to the handler it is given.
 //! Certificates are loaded by `config::tls`, never here.
 
@@ -18,12 +21,13 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use super::body::ProxyBody;
+use super::workers::Workers;
 use crate::config::ServerConfig;
 
 /// Builds the connection settings once; every connection clones them.
@@ -46,14 +50,41 @@ pub fn builder(cfg: &ServerConfig) -> auto::Builder<TokioExecutor> {
     }
 }
 
+/// An accepted socket on its way to the runtime that will serve it.
+enum Accepted {
+    Here(TcpStream),
+    /// Deregistered from this runtime's reactor, to be registered with a worker's.
+    Moving(std::net::TcpStream),
+}
+
+impl Accepted {
+    fn new(stream: TcpStream, moving: bool) -> std::io::Result<Accepted> {
+        if moving {
+            stream.into_std().map(Accepted::Moving)
+        } else {
+            Ok(Accepted::Here(stream))
+        }
+    }
+
+    /// Runs on the serving runtime.
+    fn into_stream(self) -> std::io::Result<TcpStream> {
+        match self {
+            Accepted::Here(s) => Ok(s),
+            Accepted::Moving(s) => TcpStream::from_std(s),
+        }
+    }
+}
+
 /// Serves `listener` until `cancel` fires, then waits up to `grace` for open
-/// connections to finish their requests.
+/// connections to finish their requests. With `workers`, connections are served on
+/// the workers' runtimes in turn; otherwise on the calling runtime.
 pub async fn serve<H, F>(
     listener: TcpListener,
     cfg: &ServerConfig,
     handler: H,
     cancel: CancellationToken,
     grace: Duration,
+    workers: Option<&Workers>,
 ) where
     H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<ProxyBody>> + Send + 'static,
@@ -87,28 +118,47 @@ pub async fn serve<H, F>(
         };
         while conns.try_join_next().is_some() {}
         let _ = stream.set_nodelay(true);
+        let stream = match Accepted::new(stream, workers.is_some()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(error = %e, %peer, "cannot hand the connection to a worker");
+                continue;
+            }
+        };
         let handler = handler.clone();
         let svc = service_fn(move |req| {
             let fut = handler(req, peer);
             async move { Ok::<_, Infallible>(fut.await) }
         });
+        let (builder, watcher) = (builder.clone(), graceful.watcher());
         let Some(acceptor) = tls.clone() else {
-            let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
-            let watched = graceful.watch(conn);
-            conns.spawn(async move {
-                if let Err(e) = watched.await {
+            let task = async move {
+                let stream = match stream.into_stream() {
+                    Ok(s) => s,
+                    Err(e) => return tracing::debug!(error = %e, %peer, "cannot register the connection"),
+                };
+                let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                if let Err(e) = watcher.watch(conn).await {
                     tracing::debug!(error = %e, %peer, "connection ended with an error");
                 }
                 drop(permit);
-            });
+            };
+            match workers {
+                Some(w) => conns.spawn_on(task, w.pick()),
+                None => conns.spawn(task),
+            };
             continue;
         };
         // The handshake runs in the connection's own task, holding its slot, so a slow or
         // silent client delays nobody else and counts against the cap; the header-read
         // timeout bounds it, or a slowloris could park in the handshake instead.
-        let (builder, watcher, cancel) = (builder.clone(), graceful.watcher(), cancel.clone());
+        let cancel = cancel.clone();
         let timeout = cfg.header_read_timeout;
-        conns.spawn(async move {
+        let task = async move {
+            let stream = match stream.into_stream() {
+                Ok(s) => s,
+                Err(e) => return tracing::debug!(error = %e, %peer, "cannot register the connection"),
+            };
             let handshake = tokio::time::timeout(timeout, acceptor.accept(stream));
             let stream = tokio::select! {
                 r = handshake => match r {
@@ -131,7 +181,11 @@ pub async fn serve<H, F>(
                 tracing::debug!(error = %e, %peer, "connection ended with an error");
             }
             drop(permit);
-        });
+        };
+        match workers {
+            Some(w) => conns.spawn_on(task, w.pick()),
+            None => conns.spawn(task),
+        };
     }
     drop(listener);
     tokio::select! {

@@ -19,6 +19,7 @@ mod pipeline;
 pub(crate) mod reload;
 mod routes;
 mod trace;
+mod workers;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -51,6 +52,8 @@ pub enum ServeError {
     },
     #[error("upstream client: {0}")]
     Upstream(#[from] forward::UpstreamSetupError),
+    #[error("cannot start the worker threads: {0}")]
+    Workers(std::io::Error),
 }
 
 /// Runs the proxy until `shutdown` resolves (the CLI passes the signal handler).
@@ -66,7 +69,13 @@ pub async fn serve(
         .map_err(|e| tracing::warn!(error = %e, "cannot handle SIGHUP; config reload is off"))
         .ok();
     let live = reload::Reloadable::live(&cfg)?;
-    let upstream = forward::Upstream::new(cfg.upstream()?)?;
+    let workers = match cfg.server.runtime {
+        crate::config::Runtime::PerCore { workers } => {
+            Some(workers::Workers::start(workers).map_err(ServeError::Workers)?)
+        }
+        crate::config::Runtime::Shared => None,
+    };
+    let upstream = forward::Upstream::new(cfg.upstream()?, workers.as_ref().map_or(1, workers::Workers::count))?;
     let pool = db::pool(&cfg.database, cfg.database.pool_size)?;
     {
         let client = db::checkout(&pool, &cfg.database).await?;
@@ -191,7 +200,7 @@ pub async fn serve(
         };
         let stop = background.clone();
         tracing::info!(addr = %admin.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()), "admin listener up");
-        tracker.spawn(async move { listener::serve(admin, &cfg_server, handler, stop, grace).await });
+        tracker.spawn(async move { listener::serve(admin, &cfg_server, handler, stop, grace, None).await });
     } else if cfg.admin.token.is_some() {
         tracing::warn!("[admin] token is set but server.admin_listen is off: the admin API is not served");
     }
@@ -218,7 +227,15 @@ pub async fn serve(
         "keygate listening"
     );
     let handler = move |req, peer| proxy.clone().handle(req, peer);
-    listener::serve(main_listener, &cfg.server, handler, stop.clone(), grace).await;
+    listener::serve(
+        main_listener,
+        &cfg.server,
+        handler,
+        stop.clone(),
+        grace,
+        workers.as_ref(),
+    )
+    .await;
 
     background.cancel();
     tracker.close();
@@ -230,6 +247,11 @@ pub async fn serve(
         .is_err()
     {
         tracing::warn!("background tasks did not finish in time; exiting anyway");
+    }
+    // Last: database connections that requests opened on a worker are driven there, and
+    // the final flushes above may have used them.
+    if let Some(w) = workers {
+        let _ = tokio::task::spawn_blocking(move || w.stop()).await;
     }
     tracing::info!("shutdown complete");
     Ok(())

@@ -127,7 +127,7 @@ pub fn restart_needed(running: &Config, new: &Config) -> Vec<&'static str> {
         n,
         [max_header_bytes, max_connections, shutdown_grace, tls]
     );
-    changed!(out, "server", o, n, [request_timeout]);
+    changed!(out, "server", o, n, [request_timeout, runtime]);
     if let (Some(o), Some(n)) = (&running.upstream, &new.upstream) {
         changed!(out, "upstream", o, n, [url, connect_timeout, response_timeout]);
         changed!(out, "upstream", o, n, [pool_idle_timeout, pool_max_idle_per_host]);
