@@ -42,6 +42,11 @@ pub(super) const ATTEMPT_LIMIT: Duration = Duration::from_secs(30);
 /// size). PostgreSQL inserts them in parallel; one connection leaves it idle while
 /// the next batch is encoded and sent.
 const MAX_LANES: usize = 4;
+
+/// How often a batch that is filling takes the rows queued since; the first row of a
+/// batch wakes the writer at once.
+const COLLECT_TICK: Duration = Duration::from_millis(10);
+
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
@@ -228,11 +233,20 @@ impl Writer {
     async fn wait(&mut self, stop: &CancellationToken, until: Instant) {
         let room = self.batch_size - self.batch.len();
         let was_empty = self.batch.is_empty();
+        // Only the first row of a batch wakes the writer; the rest wait in the queue and
+        // are collected every COLLECT_TICK. Woken per row, the writer cost a wake-up of
+        // another thread on most requests (per-core workers record from their own).
+        let listen = was_empty;
+        let until = if listen {
+            until
+        } else {
+            until.min(Instant::now() + COLLECT_TICK.min(self.flush_interval))
+        };
         let woke = tokio::select! {
             biased;
             () = stop.cancelled() => Woke::Nothing,
             Some(done) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => Woke::Done(done),
-            n = self.rx.recv_many(&mut self.batch, room), if self.rx_open && room > 0 => Woke::Rows(n),
+            n = self.rx.recv_many(&mut self.batch, room), if self.rx_open && room > 0 && listen => Woke::Rows(n),
             () = tokio::time::sleep_until(until) => Woke::Nothing,
         };
         match woke {
