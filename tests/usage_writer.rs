@@ -573,3 +573,125 @@ async fn a_row_without_a_cost_stores_no_cost_and_a_huge_one_is_clamped() {
     assert_eq!(cost(refused.id).await, None);
     assert_eq!(cost(huge.id).await.as_deref(), Some("999999.999999"));
 }
+
+/// The rows of `ids` as text, column by column (all but the id), in the given order.
+async fn rows_as_text(f: &Fixture, ids: &[Uuid]) -> Vec<String> {
+    let mut out = Vec::new();
+    for id in ids {
+        let r = f
+            .client
+            .query_one(
+                "SELECT concat_ws('|', api_key_id, organization_id, \"timestamp\", endpoint, method, status_code,
+                        response_time_ms, prompt_tokens, completion_tokens, tokens_used, cost_usd, model,
+                        ip_address, user_agent, error_code, error_message, cost_usd IS NULL)
+                 FROM api_key_usage WHERE id = $1",
+                &[id],
+            )
+            .await
+            .unwrap();
+        out.push(r.get(0));
+    }
+    out
+}
+
+/// The first attempt's COPY straight into the table stores what the staging path
+/// stores, byte for byte, costs at every edge included, and counts each row once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_direct_copy_stores_what_the_staging_path_stores() {
+    let f = fixture().await;
+    let pool = f.pool();
+    let costs = [
+        None,
+        Some(0),
+        Some(1),
+        Some(99),
+        Some(100),
+        Some(10_000),
+        Some(1_000_000),
+        Some(123_456_789),
+        Some(-5_000),
+        Some(-1),
+        Some(10_000_000_000),
+        Some(999_999_999_999),
+        Some(i64::MAX),
+        Some(i64::MIN),
+    ];
+    let rows = |tag: &str| -> Vec<UsageRecord> {
+        costs
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let mut r = f.record(i);
+                r.cost_micros = *c;
+                r.ip_address = (i % 2 == 0).then(|| "2001:db8::7".parse().unwrap());
+                r.user_agent = Some(format!("agent-{tag}-\0é{}", "x".repeat(600)));
+                r.error_message = (i % 3 == 0).then(|| "refused".into());
+                r.endpoint = format!("/p/{}", "é".repeat(200));
+                r
+            })
+            .collect()
+    };
+    let direct = rows("a");
+    let staged: Vec<UsageRecord> = direct
+        .iter()
+        .map(|r| UsageRecord {
+            id: Uuid::now_v7(),
+            ..r.clone()
+        })
+        .collect();
+    let before = f.total_requests().await;
+    let limit = Duration::from_secs(10);
+    let o = db::usage::write_fresh_batch(&pool, &direct, limit).await.unwrap();
+    assert_eq!((o.inserted, o.duplicates, o.orphaned), (costs.len() as u64, 0, 0));
+    let o = db::usage::write_batch(&pool, &staged, limit).await.unwrap();
+    assert_eq!(o.inserted, costs.len() as u64);
+    let ids = |v: &[UsageRecord]| v.iter().map(|r| r.id).collect::<Vec<_>>();
+    let (a, b) = (
+        rows_as_text(&f, &ids(&direct)).await,
+        rows_as_text(&f, &ids(&staged)).await,
+    );
+    assert_eq!(a, b);
+    assert!(a[1].contains("|0.000000|") && a[2].contains("|0.000001|"), "{a:?}");
+    assert!(
+        a[12].contains("|999999.999999|") && a[13].contains("|-999999.999999|"),
+        "{a:?}"
+    );
+    assert_eq!(f.total_requests().await, before + 2 * costs.len() as i64);
+}
+
+/// A first attempt that the table refuses falls back to the staging path in the same
+/// call: rows of a deleted key are dropped and counted as orphaned, ids already stored
+/// are duplicates, and nothing is doubled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_direct_copy_falls_back_to_staging() {
+    let f = fixture().await;
+    let pool = f.pool();
+    let limit = Duration::from_secs(10);
+    let gone: Uuid = f
+        .client
+        .query_one(
+            "INSERT INTO api_keys (id, organization_id, key_prefix, key_hash, key_hint, name)
+             VALUES ($1, $2, 'pk_test_', repeat('d', 64), 'dddd', 'gone') RETURNING id",
+            &[&Uuid::now_v7(), &f.org],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    f.client
+        .execute("DELETE FROM api_keys WHERE id = $1", &[&gone])
+        .await
+        .unwrap();
+    let before = f.total_requests().await;
+    let mut batch: Vec<UsageRecord> = (0..10).map(|i| f.record(i)).collect();
+    batch[4].api_key_id = gone;
+    let o = db::usage::write_fresh_batch(&pool, &batch, limit).await.unwrap();
+    assert_eq!((o.inserted, o.duplicates, o.orphaned), (9, 0, 1));
+    assert_eq!(f.total_requests().await, before + 9);
+    // The same ids again, as if the first commit's acknowledgement had been lost and the
+    // writer wrongly took the fast path: a unique violation, then the staging path.
+    let o = db::usage::write_fresh_batch(&pool, &batch, limit).await.unwrap();
+    assert_eq!((o.inserted, o.duplicates, o.orphaned), (0, 9, 1));
+    assert_eq!(f.total_requests().await, before + 9);
+    let ids: Vec<Uuid> = batch.iter().map(|r| r.id).collect();
+    assert_eq!(f.stored(&ids).await, 9);
+}

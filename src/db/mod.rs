@@ -14,6 +14,7 @@ pub mod orgs;
 pub mod report;
 pub mod retention;
 pub mod usage;
+mod usage_direct;
 
 pub use mask::mask_url;
 

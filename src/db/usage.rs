@@ -164,7 +164,28 @@ impl From<deadpool_postgres::PoolError> for UsageWriteError {
 
 /// Writes `rows` in one transaction, within `limit` including the pool checkout.
 /// On any error nothing is known to be stored and the caller retries the same rows.
+/// Idempotent: rows already stored are skipped and counted nowhere.
 pub async fn write_batch(pool: &Pool, rows: &[UsageRecord], limit: Duration) -> Result<BatchOutcome, UsageWriteError> {
+    write_with(pool, rows, limit, false).await
+}
+
+/// [`write_batch`] for rows never sent before (a live batch's first attempt): a COPY
+/// straight into the table (`usage_direct`), falling back to the staging path when the
+/// COPY is refused for a row (a key deleted meanwhile). Never for retries or replays.
+pub async fn write_fresh_batch(
+    pool: &Pool,
+    rows: &[UsageRecord],
+    limit: Duration,
+) -> Result<BatchOutcome, UsageWriteError> {
+    write_with(pool, rows, limit, true).await
+}
+
+async fn write_with(
+    pool: &Pool,
+    rows: &[UsageRecord],
+    limit: Duration,
+    fresh: bool,
+) -> Result<BatchOutcome, UsageWriteError> {
     if rows.is_empty() {
         return Ok(BatchOutcome::default());
     }
@@ -173,7 +194,18 @@ pub async fn write_batch(pool: &Pool, rows: &[UsageRecord], limit: Duration) -> 
         .await
         .map_err(|_| UsageWriteError::TimedOut(limit))??;
     let left = limit.saturating_sub(started.elapsed());
-    match tokio::time::timeout(left, write_in(&mut client, rows)).await {
+    let work = async {
+        if fresh {
+            match write_direct(&mut client, rows).await {
+                Err(e) if refused_row(&e) => {
+                    tracing::debug!(error = %e, "usage COPY refused a row; writing the batch through staging");
+                }
+                other => return other.map_err(UsageWriteError::from),
+            }
+        }
+        write_in(&mut client, rows).await
+    };
+    match tokio::time::timeout(left, work).await {
         Ok(result) => result,
         Err(_) => {
             // The session may be mid-COPY or mid-transaction: it must not go back to
@@ -181,6 +213,61 @@ pub async fn write_batch(pool: &Pool, rows: &[UsageRecord], limit: Duration) -> 
             drop(Object::take(client));
             Err(UsageWriteError::TimedOut(limit))
         }
+    }
+}
+
+async fn write_direct(client: &mut Object, rows: &[UsageRecord]) -> Result<BatchOutcome, tokio_postgres::Error> {
+    // Dropping `tx` on an error path sends ROLLBACK, so the staging path starts clean.
+    let tx = client.transaction().await?;
+    let inserted = super::usage_direct::copy_batch(&tx, rows).await?;
+    tx.commit().await?;
+    Ok(BatchOutcome {
+        inserted,
+        ..BatchOutcome::default()
+    })
+}
+
+/// A row the table refused (its key or organisation gone, an id already stored): the
+/// staging path sorts such rows out; anything else is the database's trouble.
+fn refused_row(e: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    e.code()
+        .is_some_and(|c| *c == SqlState::FOREIGN_KEY_VIOLATION || *c == SqlState::UNIQUE_VIOLATION)
+}
+
+/// A row's text fields made to fit their columns, shared by both COPY paths.
+pub(super) struct Cleaned<'a> {
+    pub endpoint: Cow<'a, str>,
+    pub method: Cow<'a, str>,
+    pub model: Option<Cow<'a, str>>,
+    ip_text: IpText,
+    /// Length of the address's text in `ip_text`; `None` without an address.
+    ip_len: Option<usize>,
+    pub agent: Option<Cow<'a, str>>,
+    pub code: Option<Cow<'a, str>>,
+    pub message: Option<Cow<'a, str>>,
+}
+
+impl<'a> Cleaned<'a> {
+    pub fn new(r: &'a UsageRecord) -> Self {
+        let mut ip_text = IpText::default();
+        let ip_len = r.ip_address.map(|ip| ip_text.format(ip).len());
+        Cleaned {
+            endpoint: clean(&r.endpoint, usage::ENDPOINT_MAX),
+            method: clean(&r.method, usage::METHOD_MAX),
+            model: r.model.as_deref().map(|s| clean(s, usage::MODEL_MAX)),
+            ip_text,
+            ip_len,
+            agent: r.user_agent.as_deref().map(|s| clean(s, usage::USER_AGENT_MAX)),
+            code: r.error_code.as_deref().map(|s| clean(s, usage::ERROR_CODE_MAX)),
+            message: r.error_message.as_deref().map(|s| clean(s, usize::MAX)),
+        }
+    }
+
+    /// The client address as the column's text.
+    pub fn ip(&self) -> Option<&str> {
+        let len = self.ip_len?;
+        std::str::from_utf8(&self.ip_text.buf[..len]).ok()
     }
 }
 
@@ -193,32 +280,26 @@ async fn write_in(client: &mut Object, rows: &[UsageRecord]) -> Result<BatchOutc
     let writer = BinaryCopyInWriter::new(sink, &COPY_TYPES);
     let mut writer = std::pin::pin!(writer);
     for r in rows {
-        let endpoint = clean(&r.endpoint, usage::ENDPOINT_MAX);
-        let method = clean(&r.method, usage::METHOD_MAX);
-        let model = r.model.as_deref().map(|s| clean(s, usage::MODEL_MAX));
-        let mut ip_text = IpText::default();
-        let ip = r.ip_address.map(|ip| ip_text.format(ip));
-        let agent = r.user_agent.as_deref().map(|s| clean(s, usage::USER_AGENT_MAX));
-        let code = r.error_code.as_deref().map(|s| clean(s, usage::ERROR_CODE_MAX));
-        let message = r.error_message.as_deref().map(|s| clean(s, usize::MAX));
+        let c = Cleaned::new(r);
+        let ip = c.ip();
         let values: [&(dyn ToSql + Sync); 17] = [
             &r.id,
             &r.api_key_id,
             &r.organization_id,
             &r.timestamp,
-            &endpoint,
-            &method,
+            &c.endpoint,
+            &c.method,
             &r.status_code,
             &r.response_time_ms,
             &r.prompt_tokens,
             &r.completion_tokens,
             &r.tokens_used,
             &r.cost_micros,
-            &model,
+            &c.model,
             &ip,
-            &agent,
-            &code,
-            &message,
+            &c.agent,
+            &c.code,
+            &c.message,
         ];
         writer.as_mut().write(&values).await?;
     }

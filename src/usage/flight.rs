@@ -80,9 +80,16 @@ impl Writer {
         }
         let rows = Arc::new(rows);
         let (pool, mine) = (self.pool.clone(), Arc::clone(&rows));
+        let fresh = matches!(origin, Origin::Live(0));
         let task = self.tasks.spawn(async move {
             let started = std::time::Instant::now();
-            let result = sql::write_batch(&pool, &mine, limit).await;
+            // A live batch's first attempt: its ids were never sent, so the fast COPY
+            // cannot double anything; retries and replays take the idempotent path.
+            let result = if fresh {
+                sql::write_fresh_batch(&pool, &mine, limit).await
+            } else {
+                sql::write_batch(&pool, &mine, limit).await
+            };
             crate::telemetry::USAGE_FLUSH_SECONDS.record(started.elapsed());
             result
         });
