@@ -4,8 +4,9 @@
 //! Owns the cache in front of `db::keys::lookup` (TTL, negative answers, serve-stale),
 //! single-flight loading with a cap on concurrent lookups, preloading the key table and
 //! keeping it in sync with change notifications. Inside: `cache` (the map and its
-//! no-resurrection ordering), `load` (single flight, reloads), `sync` (the background
-//! task); this file is the public face and the shared state. It does not judge a record
+//! no-resurrection ordering), `table` (the sharded storage under it), `load` (single
+//! flight, reloads), `sync` (the background task); this file is the public face and the
+//! shared state. It does not judge a record
 //! (status, scopes and limits are the caller's, via `AuthRecord::status(now)`, so expiry
 //! is evaluated at use time), parse keys from requests, or talk SQL itself: queries live
 //! in `db`.
