@@ -9,6 +9,7 @@
 //! entries are packed, and a freed entry is reused by the next insert. A lookup still
 //! takes one shard lock and one hash; it reads the index, then the entry.
 
+use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
 use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -43,20 +44,57 @@ impl<V> Default for Shard<V> {
 
 pub(super) struct Table<V> {
     shards: Box<[RwLock<Shard<V>>]>,
-    hasher: std::collections::hash_map::RandomState,
+    hasher: DigestHasher,
+}
+
+/// Hashes a digest with a keyed multiply-fold of its four words (foldhash's mixing).
+/// Why not SipHash: the input is already a SHA-256 output, so there is nothing left to
+/// scramble but the table position, and on a hit SipHash was the largest single cost
+/// after the lock. Why keyed: requests choose digests (by grinding keys), so with a
+/// fixed function a flood of unknown keys could be aimed at one probe sequence; with
+/// per-process random keys nobody outside can tell which digests collide.
+struct DigestHasher([u64; 6]);
+
+impl DigestHasher {
+    fn new() -> Self {
+        let seed = RandomState::new();
+        let mut k = [0u64; 6];
+        for (i, k) in (0u64..).zip(k.iter_mut()) {
+            *k = seed.hash_one(i);
+        }
+        DigestHasher(k)
+    }
+
+    fn hash_one(&self, digest: &KeyDigest) -> u64 {
+        let mut w = [0u64; 4];
+        for (w, c) in w.iter_mut().zip(digest.as_bytes().chunks_exact(8)) {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(c);
+            *w = u64::from_le_bytes(b);
+        }
+        let k = &self.0;
+        let a = fold(w[0] ^ k[0], w[1] ^ k[1]);
+        let b = fold(w[2] ^ k[2], w[3] ^ k[3]);
+        fold(a ^ k[4], b ^ k[5])
+    }
+}
+
+/// The 128-bit product's halves XORed: every input bit reaches the middle and, through
+/// the high half, the low bits.
+fn fold(a: u64, b: u64) -> u64 {
+    let p = u128::from(a) * u128::from(b);
+    (p as u64) ^ ((p >> 64) as u64)
 }
 
 impl<V> Table<V> {
     pub(super) fn new() -> Self {
         Table {
             shards: (0..SHARDS).map(|_| RwLock::new(Shard::default())).collect(),
-            hasher: std::collections::hash_map::RandomState::new(),
+            hasher: DigestHasher::new(),
         }
     }
 
     fn hash(&self, digest: &KeyDigest) -> u64 {
-        // Keyed (SipHash), because requests choose digests: a fixed hash would let a
-        // flood of unknown keys be aimed at one probe sequence.
         self.hasher.hash_one(digest)
     }
 
@@ -192,6 +230,24 @@ mod tests {
 
     fn digest(i: u32) -> KeyDigest {
         KeyDigest::of(&format!("key-{i}"))
+    }
+
+    #[test]
+    fn the_hash_spreads_shards_and_buckets() {
+        let h = DigestHasher::new();
+        let (mut shards, mut low, mut top) = ([0u32; SHARDS], [0u32; 64], [0u32; 128]);
+        let n = 64_000;
+        for i in 0..n {
+            let x = h.hash_one(&digest(i));
+            shards[(x >> SHARD_SHIFT) as usize & (SHARDS - 1)] += 1;
+            low[(x & 63) as usize] += 1;
+            top[(x >> 57) as usize] += 1;
+        }
+        // About 1,000 in each of 64 (500 in each of 128); far from what a skewed hash gives.
+        for counts in [&shards[..], &low[..]] {
+            assert!(counts.iter().all(|&c| (800..1200).contains(&c)), "{counts:?}");
+        }
+        assert!(top.iter().all(|&c| (380..620).contains(&c)), "{top:?}");
     }
 
     #[test]
