@@ -91,8 +91,10 @@ pub(super) fn record_from_row(r: &Row) -> Result<Option<(KeyDigest, AuthRecord)>
     let saturated = record.custom_rate_limit() != custom_rate_limit
         || record.org_rate_limit_per_minute() != org_rate_limit_per_minute
         || record.monthly_request_limit() != monthly_request_limit;
-    if saturated {
-        tracing::warn!(key_id = %record.key_id, "a limit is outside the 32-bit range of the migrated schema; it is capped");
+    // Once per process: every periodic reload reads the same rows again.
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if saturated && !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::warn!(key_id = %record.key_id, "a limit is outside the 32-bit range of the migrated schema; it is capped (warned once)");
     }
     Ok(Some((digest, record)))
 }
