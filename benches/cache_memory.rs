@@ -3,14 +3,19 @@
 //! `/proc/self/status` before and after. Each layout runs in a child process of its own,
 //! so one layout's freed memory cannot hide the next one's growth. Target: < 256 B/key.
 //!
-//! Layouts measured, to say what dominates and what a fix would buy:
-//! - `keygate`: the cache as it is (`DashMap<KeyDigest, Slot>` holding `Arc<AuthRecord>`);
-//! - `records_only`: the same `Arc<AuthRecord>`s in a `Vec`, no map: the records' share;
-//! - `compact_inline`: a 96-byte `Copy` record stored inline in a default `DashMap`;
-//! - `compact_presized`: the same, with the map sized for the key count up front (as a
-//!   preload knows it);
-//! - `compact_80`: an 80-byte record with 8-byte alignment (ids as byte arrays, the
-//!   database's `integer` limits as `i32`, freshness as seconds), inline, presized.
+//! Layouts measured, to say what the cache costs and what the alternatives would:
+//! - `keygate`: the cache as it is: the compact `Copy` record (interned prefix and
+//!   scopes, inline hint, `i32` limits) inline in a slot, in `auth::table`'s shards (an
+//!   index of 4-byte positions, packed entries);
+//! - `keygate_presized`: the same, with room reserved for the key count first, as a
+//!   preload that knew its count could;
+//! - `dashmap_inline`: the same record and slot fields inline in a `DashMap` keyed by the
+//!   digest, the layout the table replaced: its half-empty buckets hold whole slots;
+//! - `compact_80`: an 80-byte record (ids as byte arrays, `i32` limits, freshness as
+//!   seconds, interned scopes) inline in a presized `DashMap`, the earlier experiment;
+//! - `before`: the layout before the compact record (`DashMap<KeyDigest, Slot>` with an
+//!   `Arc` of a 168-byte record owning its prefix, hint and scope strings), rebuilt here
+//!   as the reference for the number in docs/performance.md.
 //!
 //! Run: `cargo bench --bench cache_memory` (`CACHE_BENCH_KEYS`, default 1,000,000). Under
 //! `cargo test --all-targets` it measures 10,000 keys and checks only that it ran; Linux
@@ -22,41 +27,30 @@ mod support;
 
 use std::process::Command;
 use std::sync::Arc;
+use std::time::Instant;
 
+use chrono::{DateTime, Utc};
 use dashmap::DashMap;
 use keygate::keys::KeyDigest;
-use keygate::model::AuthRecord;
+use keygate::model::{AuthRecord, Plan};
+use uuid::Uuid;
 
 const VARIANT_ENV: &str = "KEYGATE_CACHE_MEMORY_VARIANT";
-const VARIANTS: [&str; 5] = [
-    "keygate",
-    "records_only",
-    "compact_inline",
-    "compact_presized",
-    "compact_80",
-];
+const VARIANTS: [&str; 5] = ["keygate", "keygate_presized", "dashmap_inline", "compact_80", "before"];
 
-/// What a compact cache entry could hold: ids, limits and times as integers, the plan
-/// and flags as bytes, scopes as an index into an interned table. 96 bytes, no heap.
-#[derive(Clone, Copy)]
+/// The fields of the cache's slot (sequence number, freshness, record, invalidated
+/// flag), for storing them inline in a `DashMap`.
 #[allow(dead_code)]
-struct Compact {
-    key_id: u128,
-    org_id: u128,
-    expires_at_ms: i64,
-    revoked_at_ms: i64,
-    custom_rate_limit: i64,
-    org_rate_limit_per_minute: i64,
-    monthly_request_limit: i64,
-    fresh_until_ms: i64,
+struct InlineSlot {
     seq: u64,
-    scopes: u32,
-    flags: u8,
-    plan: u8,
+    fresh_until: Instant,
+    record: AuthRecord,
+    invalidated: bool,
 }
 
-/// The same facts in 80 bytes: no 16-byte alignment, limits as the columns' `i32`,
-/// freshness as seconds since the cache's epoch, scopes interned.
+/// An 80-byte record with 8-byte alignment (ids as byte arrays, the database's
+/// `integer` limits as `i32`, freshness as seconds since the cache's epoch, scopes
+/// interned), sequence number included.
 #[derive(Clone, Copy)]
 #[allow(dead_code)]
 struct Compact80 {
@@ -82,12 +76,71 @@ fn compact80(r: &AuthRecord) -> Compact80 {
         revoked_at_ms: 0,
         seq: 0,
         custom_rate_limit: -1,
-        org_rate_limit_per_minute: i32::try_from(r.org_rate_limit_per_minute).unwrap_or(i32::MAX),
-        monthly_request_limit: i32::try_from(r.monthly_request_limit).unwrap_or(i32::MAX),
+        org_rate_limit_per_minute: i32::try_from(r.org_rate_limit_per_minute()).unwrap_or(i32::MAX),
+        monthly_request_limit: i32::try_from(r.monthly_request_limit()).unwrap_or(i32::MAX),
         fresh_until_secs: 0,
         scopes: 1,
         flags: 0b11,
         plan: 1,
+    }
+}
+
+/// The record before the compact one, field for field (168 bytes, plus its strings).
+#[allow(dead_code)]
+struct OldRecord {
+    key_id: Uuid,
+    organization_id: Uuid,
+    key_prefix: String,
+    key_hint: String,
+    key_active: bool,
+    expires_at: Option<DateTime<Utc>>,
+    revoked_at: Option<DateTime<Utc>>,
+    scopes: Vec<String>,
+    custom_rate_limit: Option<i64>,
+    org_active: bool,
+    plan: Plan,
+    org_rate_limit_per_minute: i64,
+    monthly_request_limit: i64,
+}
+
+/// The slot before: sequence number, then the record behind an `Arc` (40 bytes).
+#[allow(dead_code)]
+enum OldState {
+    Found {
+        record: Arc<OldRecord>,
+        fresh_until: Instant,
+        invalidated: bool,
+    },
+    Unknown {
+        fresh_until: Instant,
+    },
+}
+
+#[allow(dead_code)]
+struct OldSlot {
+    seq: u64,
+    state: OldState,
+}
+
+/// What the old loader built from a row: exact-capacity strings, scopes collected from
+/// a JSON array (so capacity 4).
+fn old_record() -> OldRecord {
+    let scopes_json = ["chat"];
+    OldRecord {
+        key_id: Uuid::new_v4(),
+        organization_id: Uuid::new_v4(),
+        key_prefix: String::from("pk_test_"),
+        key_hint: String::from("bchA"),
+        key_active: true,
+        expires_at: None,
+        revoked_at: None,
+        #[allow(clippy::unnecessary_filter_map)] // the loader's shape, on purpose
+        scopes: scopes_json.iter().filter_map(|s| Some((*s).to_owned())).collect(),
+        custom_rate_limit: None,
+        org_active: true,
+        plan: Plan::Pro,
+        org_rate_limit_per_minute: 2_000_000_000,
+        monthly_request_limit: 2_000_000_000,
     }
 }
 
@@ -100,23 +153,6 @@ fn rss_bytes() -> Option<u64> {
 
 fn digest(i: usize) -> KeyDigest {
     KeyDigest::of(&support::key(i as u64))
-}
-
-fn compact(r: &AuthRecord) -> Compact {
-    Compact {
-        key_id: r.key_id.as_u128(),
-        org_id: r.organization_id.as_u128(),
-        expires_at_ms: 0,
-        revoked_at_ms: 0,
-        custom_rate_limit: r.custom_rate_limit.unwrap_or(-1),
-        org_rate_limit_per_minute: r.org_rate_limit_per_minute,
-        monthly_request_limit: r.monthly_request_limit,
-        fresh_until_ms: 0,
-        seq: 0,
-        scopes: 1,
-        flags: 0b11,
-        plan: 1,
-    }
 }
 
 /// Fills one layout with `n` keys; returns the RSS growth in bytes. The structure is
@@ -133,20 +169,42 @@ fn measure(variant: &str, n: usize) -> u64 {
             assert_eq!(auth.stats().cached, n);
             rss
         }
-        "records_only" => {
-            let v: Vec<Arc<AuthRecord>> = (0..n).map(|_| Arc::new(support::record(None))).collect();
+        "keygate_presized" => {
+            let auth = support::authenticator();
+            auth.bench_reserve(n);
+            for i in 0..n {
+                auth.bench_insert(digest(i), Some(support::record(None)));
+            }
             let rss = rss_bytes();
-            assert_eq!(v.len(), n);
+            assert_eq!(auth.stats().cached, n);
             rss
         }
-        "compact_inline" | "compact_presized" => {
-            let map: DashMap<[u8; 32], Compact> = if variant == "compact_presized" {
-                DashMap::with_capacity(n)
-            } else {
-                DashMap::new()
-            };
+        "dashmap_inline" => {
+            let map: DashMap<[u8; 32], InlineSlot> = DashMap::new();
+            let now = Instant::now();
             for i in 0..n {
-                map.insert(*digest(i).as_bytes(), compact(&support::record(None)));
+                let slot = InlineSlot {
+                    seq: i as u64,
+                    fresh_until: now,
+                    record: support::record(None),
+                    invalidated: false,
+                };
+                map.insert(*digest(i).as_bytes(), slot);
+            }
+            let rss = rss_bytes();
+            assert_eq!(map.len(), n);
+            rss
+        }
+        "before" => {
+            let map: DashMap<KeyDigest, OldSlot> = DashMap::new();
+            let now = Instant::now();
+            for i in 0..n {
+                let state = OldState::Found {
+                    record: Arc::new(old_record()),
+                    fresh_until: now,
+                    invalidated: false,
+                };
+                map.insert(digest(i), OldSlot { seq: i as u64, state });
             }
             let rss = rss_bytes();
             assert_eq!(map.len(), n);
@@ -184,11 +242,12 @@ fn main() {
     }
     let exe = std::env::current_exe().expect("own path");
     println!(
-        "cache_memory: {n} keys; size_of AuthRecord = {} B (+16 B Arc header, + heap: prefix, hint, scopes); \
-         Compact = {} B, Compact80 = {} B",
+        "cache_memory: {n} keys; size_of AuthRecord = {} B (no heap of its own); cache slot = {} B \
+         (+ 32 B digest, + 4 B index position); Compact80 = {} B; before: {} B record + 16 B Arc header + heap",
         std::mem::size_of::<AuthRecord>(),
-        std::mem::size_of::<Compact>(),
-        std::mem::size_of::<Compact80>()
+        std::mem::size_of::<InlineSlot>(),
+        std::mem::size_of::<Compact80>(),
+        std::mem::size_of::<OldRecord>(),
     );
     println!("{:<18} {:>12} {:>10}", "layout", "RSS growth", "B/key");
     for variant in VARIANTS {

@@ -367,9 +367,12 @@ async fn alembic_database_is_adopted_not_clobbered() {
         .await
         .expect("lookup")
         .expect("found");
-    assert_eq!(rec.scopes, vec!["read", "write"]);
+    assert_eq!(
+        rec.scopes().iter().map(AsRef::as_ref).collect::<Vec<&str>>(),
+        ["read", "write"]
+    );
     assert_eq!(rec.rate_limit_per_minute(), 60);
-    assert_eq!(rec.key_hint, "zh3g");
+    assert_eq!(rec.key_hint(), "zh3g");
 
     // The admin CLI works on the adopted database, and seeding finds the existing data.
     let out = db.keygate(&["seed"]);

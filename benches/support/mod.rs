@@ -9,7 +9,7 @@ use chrono::Utc;
 use keygate::auth::Authenticator;
 use keygate::config::Config;
 use keygate::keys::{KeyDigest, KEY_BODY_LEN};
-use keygate::model::{AuthRecord, Plan};
+use keygate::model::{AuthFields, AuthRecord, Plan};
 use uuid::Uuid;
 
 /// An address nothing listens on: a bench that reached the database would fail loudly.
@@ -51,26 +51,25 @@ pub fn key(i: u64) -> String {
     k
 }
 
-/// A record as `db::auth_queries` builds it from a row: exact-capacity strings, scopes
-/// collected from a JSON array (so capacity 4), one organisation per key unless given.
+/// A record as `db::auth_queries` builds it from a row (prefix, hint and a one-scope
+/// set read as strings, limits as `bigint`), one organisation per key unless given.
 pub fn record(org: Option<Uuid>) -> AuthRecord {
-    let scopes_json = ["chat"];
-    AuthRecord {
+    let scopes = [String::from("chat")];
+    AuthRecord::new(AuthFields {
         key_id: Uuid::new_v4(),
         organization_id: org.unwrap_or_else(Uuid::new_v4),
-        key_prefix: String::from("pk_test_"),
-        key_hint: String::from("bchA"),
+        key_prefix: "pk_test_",
+        key_hint: "bchA",
         key_active: true,
         expires_at: None,
         revoked_at: None,
-        #[allow(clippy::unnecessary_filter_map)] // the loader's shape, on purpose
-        scopes: scopes_json.iter().filter_map(|s| Some((*s).to_owned())).collect(),
+        scopes: &scopes,
         custom_rate_limit: None,
         org_active: true,
         plan: Plan::Pro,
         org_rate_limit_per_minute: 2_000_000_000,
-        monthly_request_limit: 2_000_000_000_000,
-    }
+        monthly_request_limit: 2_000_000_000,
+    })
 }
 
 /// An authenticator over a pool that points nowhere, with a TTL long enough that no

@@ -14,16 +14,19 @@
 //! yet when the invalidation arrives (a first load in flight). Checks run under the
 //! slot's shard lock and invalidations log before they touch slots, so an invalidation
 //! either sees the stored slot or the store sees the invalidation.
+//!
+//! Slots hold the compact record itself (`model::AuthRecord`, `Copy`, no heap), in the
+//! packed table of `table`: a hit copies it out under the shard's read lock rather than
+//! bumping a refcount that every request for the key would write.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use dashmap::mapref::entry::Entry;
-use dashmap::DashMap;
 use uuid::Uuid;
 
+use super::table::Table;
 use crate::keys::KeyDigest;
 use crate::model::AuthRecord;
 
@@ -51,7 +54,7 @@ impl Scope {
 
 enum State {
     Found {
-        record: Arc<AuthRecord>,
+        record: AuthRecord,
         fresh_until: Instant,
         /// Set by an invalidation: fetch again before use, and never serve it stale.
         invalidated: bool,
@@ -69,7 +72,7 @@ struct Slot {
 
 /// What the hot path learns from one probe.
 pub(crate) enum Probe {
-    Hit(Arc<AuthRecord>),
+    Hit(AuthRecord),
     Unknown,
     /// Absent, expired or invalidated: ask the database.
     Miss,
@@ -83,7 +86,7 @@ struct Log {
 }
 
 pub(crate) struct Cache {
-    map: DashMap<KeyDigest, Slot>,
+    map: Table<Slot>,
     seq: AtomicU64,
     /// The sequence number of the newest invalidation; lets stores skip the log.
     invalidated_at: AtomicU64,
@@ -96,7 +99,7 @@ pub(crate) struct Cache {
 impl Cache {
     pub(crate) fn new() -> Self {
         Cache {
-            map: DashMap::new(),
+            map: Table::new(),
             seq: AtomicU64::new(1),
             invalidated_at: AtomicU64::new(0),
             log: Mutex::new(Log::default()),
@@ -108,30 +111,30 @@ impl Cache {
     /// The hot path: one shard read lock, released before returning.
     pub(crate) fn probe(&self, digest: &KeyDigest, now: Instant) -> Probe {
         let authoritative = self.authoritative.load(std::sync::atomic::Ordering::Relaxed);
-        match self.map.get(digest).as_deref().map(|s| &s.state) {
+        self.map.read_with(digest, |slot| match slot.map(|s| &s.state) {
             Some(State::Found {
                 record,
                 fresh_until,
                 invalidated: false,
-            }) if now < *fresh_until => Probe::Hit(record.clone()),
+            }) if now < *fresh_until => Probe::Hit(*record),
             Some(State::Found { .. }) => Probe::Miss,
             Some(State::Unknown { fresh_until }) if now < *fresh_until => Probe::Unknown,
             _ if authoritative => Probe::Unknown,
             _ => Probe::Miss,
-        }
+        })
     }
 
     /// A record whose freshness ran out less than `ceiling` ago and that no invalidation
     /// touched: what may be served while the database is unreachable.
-    pub(crate) fn stale(&self, digest: &KeyDigest, now: Instant, ceiling: Duration) -> Option<Arc<AuthRecord>> {
-        match self.map.get(digest).as_deref().map(|s| &s.state) {
+    pub(crate) fn stale(&self, digest: &KeyDigest, now: Instant, ceiling: Duration) -> Option<AuthRecord> {
+        self.map.read_with(digest, |slot| match slot.map(|s| &s.state) {
             Some(State::Found {
                 record,
                 fresh_until,
                 invalidated: false,
-            }) if now < *fresh_until + ceiling => Some(record.clone()),
+            }) if now < *fresh_until + ceiling => Some(*record),
             _ => None,
-        }
+        })
     }
 
     /// A sequence number for a load about to read from the database.
@@ -154,39 +157,45 @@ impl Cache {
     }
 
     /// Stores a record read by a load that began at `start`.
-    pub(crate) fn store_found(&self, digest: KeyDigest, record: Arc<AuthRecord>, start: u64, fresh_until: Instant) {
-        // The entry holds the shard's write lock until the end of this function.
-        let entry = self.map.entry(digest);
-        if matches!(&entry, Entry::Occupied(e) if e.get().seq > start) {
-            return;
-        }
-        let invalidated = self.invalidated_since(start, Some(&record));
-        entry.insert(Slot {
-            seq: start,
-            state: State::Found {
-                record,
-                fresh_until,
-                invalidated,
-            },
+    pub(crate) fn store_found(&self, digest: KeyDigest, record: AuthRecord, start: u64, fresh_until: Instant) {
+        // The closure runs under the shard's write lock.
+        self.map.upsert_with(digest, |current| {
+            if current.is_some_and(|slot| slot.seq > start) {
+                return None;
+            }
+            let invalidated = self.invalidated_since(start, Some(&record));
+            Some(Slot {
+                seq: start,
+                state: State::Found {
+                    record,
+                    fresh_until,
+                    invalidated,
+                },
+            })
         });
     }
 
     /// Stores "no such key" found by a load that began at `start`.
     pub(crate) fn store_unknown(&self, digest: KeyDigest, start: u64, fresh_until: Instant) {
-        let entry = self.map.entry(digest);
-        if matches!(&entry, Entry::Occupied(e) if e.get().seq > start) {
-            return;
-        }
-        // Which key an absent row would have been is unknowable, so any invalidation
-        // since the start (a key created meanwhile, say) makes the answer unsafe to keep.
-        if self.invalidated_since(start, None) {
-            return;
-        }
-        entry.insert(Slot {
-            seq: start,
-            state: State::Unknown { fresh_until },
+        let mut stored = false;
+        self.map.upsert_with(digest, |current| {
+            if current.is_some_and(|slot| slot.seq > start) {
+                return None;
+            }
+            // Which key an absent row would have been is unknowable, so any invalidation
+            // since the start (a key created meanwhile, say) makes the answer unsafe to keep.
+            if self.invalidated_since(start, None) {
+                return None;
+            }
+            stored = true;
+            Some(Slot {
+                seq: start,
+                state: State::Unknown { fresh_until },
+            })
         });
-        self.negatives_since_sweep.fetch_add(1, SeqCst);
+        if stored {
+            self.negatives_since_sweep.fetch_add(1, SeqCst);
+        }
     }
 
     /// Called under a shard lock, so it only takes the log's mutex, never a shard lock.
@@ -214,7 +223,7 @@ impl Cache {
     pub(crate) fn invalidate(&self, scope: Scope) {
         let seq = self.fence(scope);
         // The log lock is released: stores hold a shard lock and then take the log's.
-        self.map.retain(|_, slot| match &mut slot.state {
+        self.map.retain(|slot| match &mut slot.state {
             State::Found {
                 record, invalidated, ..
             } if scope.concerns(record) => {
@@ -246,7 +255,7 @@ impl Cache {
     /// After a reload of `scope` that began at `start`: drops records in the scope that
     /// the reload did not see and nothing newer wrote (deleted keys, changed hashes).
     pub(crate) fn prune(&self, scope: Scope, start: u64) {
-        self.map.retain(|_, slot| {
+        self.map.retain(|slot| {
             slot.seq >= start
                 || match &slot.state {
                     State::Found { record, .. } => !scope.concerns(record),
@@ -266,7 +275,7 @@ impl Cache {
         self.negatives_since_sweep.store(0, SeqCst);
         let authoritative = self.is_authoritative();
         let before = self.map.len();
-        self.map.retain(|_, slot| match &slot.state {
+        self.map.retain(|slot| match &slot.state {
             State::Unknown { fresh_until } => now < *fresh_until,
             State::Found { invalidated, .. } => authoritative || !*invalidated,
         });
@@ -275,9 +284,14 @@ impl Cache {
 
     /// (records, negative answers). O(n): for stats and metrics, not the request path.
     pub(crate) fn counts(&self) -> (usize, usize) {
-        self.map.iter().fold((0, 0), |(f, u), slot| match slot.state {
+        self.map.fold((0, 0), |(f, u), slot| match slot.state {
             State::Found { .. } => (f + 1, u),
             State::Unknown { .. } => (f, u + 1),
         })
+    }
+
+    /// Room for `n` more slots, for a load that knows how many it will store.
+    pub(crate) fn reserve(&self, n: usize) {
+        self.map.reserve(n);
     }
 }

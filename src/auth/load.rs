@@ -79,10 +79,9 @@ impl Inner {
             Ok(Some(record)) => {
                 // The callers get what was read even if the cache refuses to keep it (an
                 // invalidation arrived meanwhile): they asked before the change was known.
-                let record = Arc::new(record);
                 self.loaded(&record);
                 let fresh_until = Instant::now() + self.ttl;
-                self.cache.store_found(*digest, record.clone(), start, fresh_until);
+                self.cache.store_found(*digest, record, start, fresh_until);
                 Ok(record)
             }
             Ok(None) => {
@@ -166,7 +165,6 @@ impl Inner {
         };
         let fresh_until = Instant::now() + self.ttl;
         let n = auth_queries::for_each_record(&**client, selector, |digest, record| {
-            let record = Arc::new(record);
             self.loaded(&record);
             self.cache.store_found(digest, record, start, fresh_until);
         })

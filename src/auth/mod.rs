@@ -4,8 +4,9 @@
 //! Owns the cache in front of `db::keys::lookup` (TTL, negative answers, serve-stale),
 //! single-flight loading with a cap on concurrent lookups, preloading the key table and
 //! keeping it in sync with change notifications. Inside: `cache` (the map and its
-//! no-resurrection ordering), `load` (single flight, reloads), `sync` (the background
-//! task); this file is the public face and the shared state. It does not judge a record
+//! no-resurrection ordering), `table` (the sharded storage under it), `load` (single
+//! flight, reloads), `sync` (the background task); this file is the public face and the
+//! shared state. It does not judge a record
 //! (status, scopes and limits are the caller's, via `AuthRecord::status(now)`, so expiry
 //! is evaluated at use time), parse keys from requests, or talk SQL itself: queries live
 //! in `db`.
@@ -14,6 +15,7 @@ mod breaker;
 mod cache;
 mod load;
 mod sync;
+mod table;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
@@ -73,7 +75,7 @@ pub struct AuthStats {
 /// A hook run on every record read from the database, before it is cached.
 pub type OnLoad = Box<dyn Fn(&AuthRecord) + Send + Sync>;
 
-type Outcome = Result<Arc<AuthRecord>, AuthError>;
+type Outcome = Result<AuthRecord, AuthError>;
 
 #[derive(Default)]
 struct Counters {
@@ -131,9 +133,10 @@ impl Authenticator {
         }
     }
 
-    /// The hot path. A cache hit costs one shard read lock and an `Arc` clone; a miss
-    /// joins the digest's single flight (or starts it) and waits for its answer.
-    pub async fn authenticate(&self, digest: &KeyDigest) -> Result<Arc<AuthRecord>, AuthError> {
+    /// The hot path. A cache hit costs one shard read lock and a copy of the compact
+    /// record; a miss joins the digest's single flight (or starts it) and waits for its
+    /// answer.
+    pub async fn authenticate(&self, digest: &KeyDigest) -> Result<AuthRecord, AuthError> {
         let inner = &self.inner;
         match inner.cache.probe(digest, Instant::now()) {
             Probe::Hit(record) => {
@@ -151,7 +154,7 @@ impl Authenticator {
         // A closed channel means the load task died without answering (a panic, or the
         // runtime shutting down): nothing is known, so the store counts as unavailable.
         let answer = match done.wait_for(Option::is_some).await {
-            Ok(v) => v.clone(),
+            Ok(v) => *v,
             Err(_) => None,
         };
         answer.unwrap_or(Err(AuthError::StoreUnavailable))
@@ -159,7 +162,7 @@ impl Authenticator {
 
     /// The cache's answer alone, without ever asking the database: `None` when the
     /// digest would need a lookup. Lets callers gate lookups without slowing hits.
-    pub fn cached(&self, digest: &KeyDigest) -> Option<Result<Arc<AuthRecord>, AuthError>> {
+    pub fn cached(&self, digest: &KeyDigest) -> Option<Result<AuthRecord, AuthError>> {
         let answer = match self.inner.cache.probe(digest, Instant::now()) {
             Probe::Hit(record) => Ok(record),
             Probe::Unknown => Err(AuthError::Unknown),
@@ -225,6 +228,13 @@ impl Authenticator {
         self.inner.on_load.set(f).is_ok()
     }
 
+    /// For benchmarks only (`benches/`): makes room for `n` keys, as a preload that
+    /// knows its count would. Not part of the API.
+    #[doc(hidden)]
+    pub fn bench_reserve(&self, n: usize) {
+        self.inner.cache.reserve(n);
+    }
+
     /// For benchmarks only (`benches/`): stores `record` under `digest` as a load would,
     /// fresh for the cache TTL, or with `None` a "no such key" answer fresh for the
     /// negative TTL, so a bench can warm the cache without a database. The on-load hook
@@ -235,7 +245,7 @@ impl Authenticator {
         let start = cache.begin();
         let now = Instant::now();
         match record {
-            Some(r) => cache.store_found(digest, Arc::new(r), start, now + self.inner.ttl),
+            Some(r) => cache.store_found(digest, r, start, now + self.inner.ttl),
             None => cache.store_unknown(digest, start, now + self.inner.negative_ttl),
         }
     }

@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use super::DbError;
 use crate::keys::KeyDigest;
-use crate::model::AuthRecord;
+use crate::model::{AuthFields, AuthRecord};
 
 /// The columns of an authentication record; `db::keys::lookup` adds its WHERE.
 pub(super) const SELECT: &str = "SELECT k.key_hash, k.id, k.organization_id, k.key_prefix, k.key_hint, k.is_active,
@@ -65,20 +65,36 @@ pub(super) fn record_from_row(r: &Row) -> Result<Option<(KeyDigest, AuthRecord)>
         return Ok(None);
     };
     let plan: String = r.try_get(11)?;
-    let record = AuthRecord {
+    let key_prefix: &str = r.try_get(3)?;
+    let key_hint: &str = r.try_get(4)?;
+    let scopes = super::keys::scopes_from(r.try_get(8)?);
+    // Read as `bigint` (an adopted schema may have widened the columns); the record keeps
+    // the migrated schema's `integer` width and saturates anything wider.
+    let custom_rate_limit: Option<i64> = r.try_get(9)?;
+    let org_rate_limit_per_minute: i64 = r.try_get(12)?;
+    let monthly_request_limit: i64 = r.try_get(13)?;
+    let record = AuthRecord::new(AuthFields {
         key_id: r.try_get(1)?,
         organization_id: r.try_get(2)?,
-        key_prefix: r.try_get(3)?,
-        key_hint: r.try_get(4)?,
+        key_prefix,
+        key_hint,
         key_active: r.try_get(5)?,
         expires_at: r.try_get(6)?,
         revoked_at: r.try_get(7)?,
-        scopes: super::keys::scopes_from(r.try_get(8)?),
-        custom_rate_limit: r.try_get(9)?,
+        scopes: &scopes,
+        custom_rate_limit,
         org_active: r.try_get(10)?,
         plan: plan.parse().map_err(DbError::Invalid)?,
-        org_rate_limit_per_minute: r.try_get(12)?,
-        monthly_request_limit: r.try_get(13)?,
-    };
+        org_rate_limit_per_minute,
+        monthly_request_limit,
+    });
+    let saturated = record.custom_rate_limit() != custom_rate_limit
+        || record.org_rate_limit_per_minute() != org_rate_limit_per_minute
+        || record.monthly_request_limit() != monthly_request_limit;
+    // Once per process: every periodic reload reads the same rows again.
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if saturated && !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::warn!(key_id = %record.key_id, "a limit is outside the 32-bit range of the migrated schema; it is capped (warned once)");
+    }
     Ok(Some((digest, record)))
 }

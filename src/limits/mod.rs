@@ -59,7 +59,7 @@ impl KeyLimits {
             key_id: rec.key_id,
             org_id: rec.organization_id,
             per_minute: rec.rate_limit_per_minute(),
-            monthly: rec.monthly_request_limit,
+            monthly: rec.monthly_request_limit(),
         }
     }
 }

@@ -106,7 +106,7 @@ pub fn add_identity(h: &mut HeaderMap, ids: &IdentityHeaders, rec: &AuthRecord) 
     }
     h.insert(ids.plan.clone(), HeaderValue::from_static(rec.plan.as_str()));
     // Scopes were validated to be comma-free tokens; a non-ASCII one is skipped whole.
-    if let Ok(v) = HeaderValue::from_str(&rec.scopes.join(",")) {
+    if let Ok(v) = HeaderValue::from_str(&rec.scopes().join(",")) {
         h.insert(ids.scopes.clone(), v);
     }
 }

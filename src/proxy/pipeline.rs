@@ -124,7 +124,7 @@ impl Proxy {
             // Fail-open: the store is down and the operator chose availability.
             return Ok(self.forward(req, None, peer, live, trace, None).await?);
         };
-        trace.record = Some(record.clone());
+        trace.record = Some(record);
         if self.usage.is_some() {
             *pending = Some(PendingUsage::new(&req, &record, ip, trace.started, Utc::now()));
         }
@@ -152,7 +152,7 @@ impl Proxy {
         h: &HeaderMap,
         ip: std::net::IpAddr,
         live: &Reloadable,
-    ) -> Result<Option<Arc<AuthRecord>>, Reject> {
+    ) -> Result<Option<AuthRecord>, Reject> {
         let now = Utc::now().timestamp();
         let minute = now.div_euclid(60);
         let invalid = || {
@@ -309,7 +309,7 @@ fn authorise<B>(rec: &AuthRecord, req: &Request<B>, routes: &Routes) -> Result<(
     if !rec.org_active {
         return Err(Reject::OrganizationDisabled);
     }
-    if !covers(&rec.scopes, routes.required(req.method(), req.uri().path())) {
+    if !covers(rec.scopes(), routes.required(req.method(), req.uri().path())) {
         return Err(Reject::MissingScope);
     }
     Ok(())

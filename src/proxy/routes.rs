@@ -33,8 +33,8 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
 }
 
 /// Whether `granted` covers every scope in `required`.
-pub fn covers(granted: &[String], required: &[String]) -> bool {
-    required.iter().all(|r| granted.iter().any(|g| g == r))
+pub fn covers<G: AsRef<str>>(granted: &[G], required: &[String]) -> bool {
+    required.iter().all(|r| granted.iter().any(|g| g.as_ref() == r))
 }
 
 #[cfg(test)]

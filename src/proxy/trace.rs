@@ -4,7 +4,6 @@
 //!
 //! Logs name keys by prefix and hint only; the plaintext key never reaches this module.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
@@ -22,7 +21,7 @@ pub struct Trace {
     pub forwarded: Option<Instant>,
     /// When the upstream's response headers arrived.
     pub answered: Option<Instant>,
-    pub record: Option<Arc<AuthRecord>>,
+    pub record: Option<AuthRecord>,
 }
 
 impl Trace {
@@ -90,7 +89,7 @@ impl Trace {
     pub fn log(&self, method: &Method, path: &str, status: StatusCode, error: Option<&'static str>, now: Instant) {
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         let id = self.id.to_str().unwrap_or("-");
-        let rec = self.record.as_deref();
+        let rec = self.record.as_ref();
         let (org, key) = (rec.map(|r| r.organization_id), rec.map(|r| r.key_id));
         tracing::info!(
             target: "keygate::access",
@@ -101,7 +100,8 @@ impl Trace {
             error,
             org = org.map(tracing::field::display),
             key_id = key.map(tracing::field::display),
-            key = rec.map(|r| tracing::field::display(Hint(r))),
+            // `pk_test_…zh3g`, formatted straight into the line, no `String` first.
+            key = rec.map(|r| tracing::field::display(r.display_hint())),
             total_ms = ms(now - self.started),
             upstream_ms = self.upstream().map(ms),
             overhead_ms = ms(self.overhead(now)),
@@ -147,16 +147,6 @@ impl Text {
 
     fn as_bytes(&self) -> &[u8] {
         self.buf.get(..self.len).unwrap_or_default()
-    }
-}
-
-/// `pk_test_…zh3g`, written straight into the log line rather than into a `String`
-/// first.
-struct Hint<'a>(&'a AuthRecord);
-
-impl std::fmt::Display for Hint<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}…{}", self.0.key_prefix, self.0.key_hint)
     }
 }
 

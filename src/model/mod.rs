@@ -1,7 +1,14 @@
 //! The domain records keygate works with: organisations, plans and keys.
 //!
 //! Plain data with the rules that need no I/O (a key's status at an instant). How they
-//! are stored is `db`'s business; how they are cached is the proxy's.
+//! are stored is `db`'s business; how they are cached is the proxy's. The compact
+//! authentication record the cache holds is in `auth_record`, the interner it shares
+//! prefixes and scopes through in `intern`.
+
+mod auth_record;
+pub mod intern;
+
+pub use auth_record::{AuthFields, AuthRecord};
 
 use std::fmt;
 use std::str::FromStr;
@@ -129,36 +136,6 @@ impl ApiKey {
     /// `pk_test_…zh3g`: how a key is named to people and in logs.
     pub fn display_hint(&self) -> String {
         format!("{}…{}", self.key_prefix, self.key_hint)
-    }
-}
-
-/// Everything the proxy needs to decide on a request: the key joined with its
-/// organisation, as one row. Loaded by digest; cached by the proxy.
-#[derive(Debug, Clone)]
-pub struct AuthRecord {
-    pub key_id: Uuid,
-    pub organization_id: Uuid,
-    pub key_prefix: String,
-    pub key_hint: String,
-    pub key_active: bool,
-    pub expires_at: Option<DateTime<Utc>>,
-    pub revoked_at: Option<DateTime<Utc>>,
-    pub scopes: Vec<String>,
-    pub custom_rate_limit: Option<i64>,
-    pub org_active: bool,
-    pub plan: Plan,
-    pub org_rate_limit_per_minute: i64,
-    pub monthly_request_limit: i64,
-}
-
-impl AuthRecord {
-    pub fn status(&self, now: DateTime<Utc>) -> KeyStatus {
-        key_status(self.revoked_at, self.expires_at, self.key_active, now)
-    }
-
-    /// Requests per minute for this key: its own limit, else its organisation's.
-    pub fn rate_limit_per_minute(&self) -> i64 {
-        self.custom_rate_limit.unwrap_or(self.org_rate_limit_per_minute)
     }
 }
 
