@@ -95,7 +95,7 @@ if [ -n "${KEYGATE_BIN:-}" ]; then
 else
     log "building keygate (release)"
     cargo build --release --quiet
-    BIN=target/release/keygate
+    BIN=${CARGO_TARGET_DIR:-target}/release/keygate
 fi
 
 # --- process bookkeeping -------------------------------------------------------------

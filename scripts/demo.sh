@@ -12,7 +12,7 @@ UPSTREAM_PORT=${DEMO_UPSTREAM_PORT:-8000}
 PG_PORT=${DEMO_PG_PORT:-55432}
 
 cargo build --release --locked --bin keygate
-BIN=target/release/keygate
+BIN=${CARGO_TARGET_DIR:-target}/release/keygate
 
 WORK=$(mktemp -d /tmp/keygate-demo.XXXXXX)
 chmod 755 "$WORK"
