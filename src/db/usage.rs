@@ -271,6 +271,37 @@ impl<'a> Cleaned<'a> {
     }
 }
 
+/// One row in the column order both COPY statements share; only the cost's wire type
+/// differs (integer micro-dollars into staging, `numeric` straight into the table).
+pub(super) async fn write_row(
+    writer: std::pin::Pin<&mut BinaryCopyInWriter>,
+    r: &UsageRecord,
+    cost: &(dyn ToSql + Sync),
+) -> Result<(), tokio_postgres::Error> {
+    let c = Cleaned::new(r);
+    let ip = c.ip();
+    let values: [&(dyn ToSql + Sync); 17] = [
+        &r.id,
+        &r.api_key_id,
+        &r.organization_id,
+        &r.timestamp,
+        &c.endpoint,
+        &c.method,
+        &r.status_code,
+        &r.response_time_ms,
+        &r.prompt_tokens,
+        &r.completion_tokens,
+        &r.tokens_used,
+        cost,
+        &c.model,
+        &ip,
+        &c.agent,
+        &c.code,
+        &c.message,
+    ];
+    writer.write(&values).await
+}
+
 async fn write_in(client: &mut Object, rows: &[UsageRecord]) -> Result<BatchOutcome, UsageWriteError> {
     // Dropping `tx` on an error path sends ROLLBACK, so the session is clean for reuse.
     let tx = client.transaction().await?;
@@ -280,28 +311,7 @@ async fn write_in(client: &mut Object, rows: &[UsageRecord]) -> Result<BatchOutc
     let writer = BinaryCopyInWriter::new(sink, &COPY_TYPES);
     let mut writer = std::pin::pin!(writer);
     for r in rows {
-        let c = Cleaned::new(r);
-        let ip = c.ip();
-        let values: [&(dyn ToSql + Sync); 17] = [
-            &r.id,
-            &r.api_key_id,
-            &r.organization_id,
-            &r.timestamp,
-            &c.endpoint,
-            &c.method,
-            &r.status_code,
-            &r.response_time_ms,
-            &r.prompt_tokens,
-            &r.completion_tokens,
-            &r.tokens_used,
-            &r.cost_micros,
-            &c.model,
-            &ip,
-            &c.agent,
-            &c.code,
-            &c.message,
-        ];
-        writer.as_mut().write(&values).await?;
+        write_row(writer.as_mut(), r, &r.cost_micros).await?;
     }
     let staged = writer.as_mut().finish().await?;
     let insert = tx.prepare_cached(INSERT).await?;

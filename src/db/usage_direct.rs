@@ -17,7 +17,7 @@ use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{to_sql_checked, IsNull, ToSql, Type};
 use uuid::Uuid;
 
-use super::usage::Cleaned;
+use super::usage::write_row;
 use crate::usage::UsageRecord;
 
 const COPY: &str = "COPY api_key_usage (id, api_key_id, organization_id, \"timestamp\", endpoint, \
@@ -66,28 +66,7 @@ pub(super) async fn copy_batch(tx: &Transaction<'_>, rows: &[UsageRecord]) -> Re
     let mut writer = std::pin::pin!(writer);
     let mut per_key: HashMap<Uuid, (i64, DateTime<Utc>)> = HashMap::new();
     for r in rows {
-        let c = Cleaned::new(r);
-        let (cost, ip) = (r.cost_micros.map(Micros), c.ip());
-        let values: [&(dyn ToSql + Sync); 17] = [
-            &r.id,
-            &r.api_key_id,
-            &r.organization_id,
-            &r.timestamp,
-            &c.endpoint,
-            &c.method,
-            &r.status_code,
-            &r.response_time_ms,
-            &r.prompt_tokens,
-            &r.completion_tokens,
-            &r.tokens_used,
-            &cost,
-            &c.model,
-            &ip,
-            &c.agent,
-            &c.code,
-            &c.message,
-        ];
-        writer.as_mut().write(&values).await?;
+        write_row(writer.as_mut(), r, &r.cost_micros.map(Micros)).await?;
         let e = per_key.entry(r.api_key_id).or_insert((0, r.timestamp));
         e.0 += 1;
         e.1 = e.1.max(r.timestamp);
