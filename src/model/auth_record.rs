@@ -123,6 +123,11 @@ impl AuthRecord {
         &self.class.scopes
     }
 
+    /// [`Self::scopes`] joined with commas, made once per distinct set.
+    pub fn scopes_joined(&self) -> &'static str {
+        &self.class.scopes_joined
+    }
+
     pub fn key_prefix(&self) -> &'static str {
         &self.class.prefix
     }

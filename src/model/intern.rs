@@ -21,6 +21,9 @@ use std::sync::{Mutex, OnceLock, PoisonError};
 pub struct KeyClass {
     pub(super) prefix: Box<str>,
     pub(super) scopes: Box<[Box<str>]>,
+    /// The scopes joined with commas, as the identity header carries them: made once per
+    /// class so forwarding a request does not join (and allocate) them again.
+    pub(super) scopes_joined: Box<str>,
     pub(super) long_hint: Option<Box<str>>,
 }
 
@@ -64,6 +67,7 @@ pub(super) fn intern<S: AsRef<str>>(prefix: &str, scopes: &[S], long_hint: Optio
     let class: &'static KeyClass = Box::leak(Box::new(KeyClass {
         prefix: prefix.into(),
         scopes: scopes.iter().map(|s| Box::from(s.as_ref())).collect(),
+        scopes_joined: scopes.iter().map(AsRef::as_ref).collect::<Vec<&str>>().join(",").into(),
         long_hint: long_hint.map(Box::from),
     }));
     bucket.push(class);
@@ -96,6 +100,8 @@ mod tests {
         let e = intern("pk_test_", &["chat", "embed"], Some("ünïcødé"));
         assert!(!std::ptr::eq(a, e));
         assert_eq!(e.long_hint.as_deref(), Some("ünïcødé"));
+        assert_eq!(&*a.scopes_joined, "chat,embed");
+        assert_eq!(&*c.scopes_joined, "embed,chat");
         assert!(classes() >= 4);
     }
 }

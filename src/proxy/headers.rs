@@ -105,9 +105,12 @@ pub fn add_identity(h: &mut HeaderMap, ids: &IdentityHeaders, rec: &AuthRecord) 
         h.insert(ids.key_id.clone(), v);
     }
     h.insert(ids.plan.clone(), HeaderValue::from_static(rec.plan.as_str()));
-    // Scopes were validated to be comma-free tokens; a non-ASCII one is skipped whole.
-    if let Ok(v) = HeaderValue::from_str(&rec.scopes().join(",")) {
-        h.insert(ids.scopes.clone(), v);
+    // Scopes were validated to be comma-free tokens; a set holding a byte a header value
+    // cannot carry (non-ASCII, control) is skipped whole. The joined text is interned for
+    // the process's life, so the header borrows it: no join or copy per request.
+    let joined = rec.scopes_joined();
+    if joined.bytes().all(|b| b == b'\t' || (0x20..0x7f).contains(&b)) {
+        h.insert(ids.scopes.clone(), HeaderValue::from_static(joined));
     }
 }
 
@@ -209,6 +212,50 @@ mod tests {
             KeySource::Bearer,
             KeySource::Header(HeaderName::from_static("x-api-key")),
         ]
+    }
+
+    fn record_with(scopes: &[&str]) -> AuthRecord {
+        AuthRecord::new(crate::model::AuthFields {
+            key_id: uuid::Uuid::new_v4(),
+            organization_id: uuid::Uuid::new_v4(),
+            key_prefix: "pk_test_",
+            key_hint: "abcd",
+            key_active: true,
+            expires_at: None,
+            revoked_at: None,
+            scopes,
+            custom_rate_limit: None,
+            org_active: true,
+            plan: crate::model::Plan::Pro,
+            org_rate_limit_per_minute: 60,
+            monthly_request_limit: 10_000,
+        })
+    }
+
+    #[test]
+    fn identity_headers_carry_the_record_and_skip_unsendable_scopes() {
+        let ids = IdentityHeaders {
+            organization_id: HeaderName::from_static("x-keygate-org-id"),
+            key_id: HeaderName::from_static("x-keygate-key-id"),
+            plan: HeaderName::from_static("x-keygate-plan"),
+            scopes: HeaderName::from_static("x-keygate-scopes"),
+        };
+        let rec = record_with(&["chat", "embed"]);
+        let mut h = HeaderMap::new();
+        add_identity(&mut h, &ids, &rec);
+        assert_eq!(h["x-keygate-scopes"], "chat,embed");
+        assert_eq!(h["x-keygate-plan"], "pro");
+        assert_eq!(h["x-keygate-key-id"], rec.key_id.to_string().as_str());
+        assert_eq!(h["x-keygate-org-id"], rec.organization_id.to_string().as_str());
+        for bad in [&["chat", "ünï"][..], &["a\u{7f}b"][..], &["a\nb"][..]] {
+            let mut h = HeaderMap::new();
+            add_identity(&mut h, &ids, &record_with(bad));
+            assert!(h.get("x-keygate-scopes").is_none(), "{bad:?}");
+            assert!(h.get("x-keygate-plan").is_some());
+        }
+        let mut h = HeaderMap::new();
+        add_identity(&mut h, &ids, &record_with(&["a\tb"]));
+        assert_eq!(h["x-keygate-scopes"], "a\tb");
     }
 
     #[test]
