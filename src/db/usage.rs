@@ -236,20 +236,20 @@ fn refused_row(e: &tokio_postgres::Error) -> bool {
 }
 
 /// A row's text fields made to fit their columns, shared by both COPY paths.
-pub(super) struct Cleaned<'a> {
-    pub endpoint: Cow<'a, str>,
-    pub method: Cow<'a, str>,
-    pub model: Option<Cow<'a, str>>,
+struct Cleaned<'a> {
+    endpoint: Cow<'a, str>,
+    method: Cow<'a, str>,
+    model: Option<Cow<'a, str>>,
     ip_text: IpText,
     /// Length of the address's text in `ip_text`; `None` without an address.
     ip_len: Option<usize>,
-    pub agent: Option<Cow<'a, str>>,
-    pub code: Option<Cow<'a, str>>,
-    pub message: Option<Cow<'a, str>>,
+    agent: Option<Cow<'a, str>>,
+    code: Option<Cow<'a, str>>,
+    message: Option<Cow<'a, str>>,
 }
 
 impl<'a> Cleaned<'a> {
-    pub fn new(r: &'a UsageRecord) -> Self {
+    fn new(r: &'a UsageRecord) -> Self {
         let mut ip_text = IpText::default();
         let ip_len = r.ip_address.map(|ip| ip_text.format(ip).len());
         Cleaned {
@@ -265,7 +265,7 @@ impl<'a> Cleaned<'a> {
     }
 
     /// The client address as the column's text.
-    pub fn ip(&self) -> Option<&str> {
+    fn ip(&self) -> Option<&str> {
         let len = self.ip_len?;
         std::str::from_utf8(&self.ip_text.buf[..len]).ok()
     }
