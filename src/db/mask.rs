@@ -9,21 +9,37 @@
 
 /// Replaces every password in a connection string with `***`.
 pub fn mask_url(url: &str) -> String {
-    match url.find("://") {
-        Some(scheme_end) => {
-            let (head, rest) = url.split_at(scheme_end + 3);
-            // tokio-postgres takes everything up to the first `@` as the credentials (not
-            // only the authority), so that is what must be hidden.
-            let rest = match rest.find('@') {
-                Some(at) => match rest[..at].find(':') {
-                    Some(colon) => format!("{}:***{}", &rest[..colon], &rest[at..]),
-                    None => rest.to_string(),
-                },
-                None => rest.to_string(),
-            };
-            format!("{head}{}", mask_values(&rest, true))
+    // The same test tokio-postgres uses to choose the URL form: a prefix, not a `://`
+    // anywhere (a key/value string may hold one in a value and still carry a password).
+    let url_form = ["postgres://", "postgresql://"]
+        .iter()
+        .find_map(|p| url.strip_prefix(p).map(|rest| (&url[..p.len()], rest)));
+    match url_form {
+        Some((head, rest)) => format!("{head}{}", mask_values(&mask_userinfo(rest), true)),
+        None => {
+            let kv = mask_values(url, false);
+            // Not a URL to tokio-postgres; text shaped like one (a mistyped scheme) may
+            // still hold credentials, so they are hidden too.
+            match kv.find("://") {
+                Some(i) => {
+                    let (head, rest) = kv.split_at(i + 3);
+                    format!("{head}{}", mask_userinfo(rest))
+                }
+                None => kv,
+            }
         }
-        None => mask_values(url, false),
+    }
+}
+
+/// After the scheme: tokio-postgres takes everything up to the first `@` as the
+/// credentials (not only the authority), so that is what must be hidden.
+fn mask_userinfo(rest: &str) -> String {
+    match rest.find('@') {
+        Some(at) => match rest[..at].find(':') {
+            Some(colon) => format!("{}:***{}", &rest[..colon], &rest[at..]),
+            None => rest.to_string(),
+        },
+        None => rest.to_string(),
     }
 }
 
@@ -105,6 +121,13 @@ mod tests {
             mask_url("postgres://u:first1@h/db?password=second2&sslmode=disable"),
             "postgres://u:***@h/db?password=***&sslmode=disable"
         );
+        // A `://` inside a key/value string does not make it a URL (tokio-postgres looks
+        // at the prefix only): found by the fuzz target too.
+        assert_eq!(
+            mask_url("host=h password = hunter44 dbname=x{DATABASE_URL:-postgres://localhost/k}"),
+            "host=h password=*** dbname=x{DATABASE_URL:-postgres://localhost/k}"
+        );
+        assert_eq!(mask_url("postgress://u:typo1@h/db"), "postgress://u:***@h/db");
         assert_eq!(
             mask_url("host=h sslpassword=k PASSWORD=p"),
             "host=h sslpassword=*** PASSWORD=***"
