@@ -410,8 +410,8 @@ fn sqlstate(r: Result<u64, tokio_postgres::Error>) -> Option<String> {
 }
 
 /// Usage rows reference keys and organisations through statement-level checks
-/// (migration 7) rather than foreign keys: what a foreign key refused is still refused,
-/// with the same SQLSTATE, and what it allowed is still allowed.
+/// (migration 7, index-driven since 8) rather than foreign keys: what a foreign key
+/// refused is still refused, with the same SQLSTATE, and what it allowed is still allowed.
 #[tokio::test]
 async fn usage_references_hold_like_foreign_keys() {
     let (db, _key) = seeded_db().await;
@@ -514,4 +514,220 @@ async fn usage_references_hold_like_foreign_keys() {
             .get(0);
         assert_eq!(orphans, 0, "insert first: {insert_first}");
     }
+}
+
+/// The body (`prosrc`) that a migration's SQL gives `keygate_usage_check_references()`.
+fn check_function_body(version: i32) -> &'static str {
+    let sql = keygate::db::migrate::MIGRATIONS
+        .iter()
+        .find(|m| m.version == version)
+        .expect("migration")
+        .up;
+    let at = sql
+        .find("FUNCTION keygate_usage_check_references()")
+        .expect("the function");
+    let start = at + sql[at..].find("$$").expect("body start") + 2;
+    let end = start + sql[start..].find("$$").expect("body end");
+    &sql[start..end]
+}
+
+/// What the database holds for the check function: its body and its settings.
+async fn check_function(c: &tokio_postgres::Client) -> (String, Option<Vec<String>>) {
+    let r = c
+        .query_one(
+            "SELECT prosrc, proconfig::text[] FROM pg_proc WHERE oid = 'keygate_usage_check_references'::regproc",
+            &[],
+        )
+        .await
+        .expect("pg_proc");
+    (r.get(0), r.get(1))
+}
+
+/// One COPY of usage rows, as the writer's fast path sends them (binary).
+async fn copy_usage(c: &mut tokio_postgres::Client, rows: &[(uuid::Uuid, uuid::Uuid)]) -> Option<String> {
+    use tokio_postgres::binary_copy::BinaryCopyInWriter;
+    use tokio_postgres::types::Type;
+    let result: Result<u64, tokio_postgres::Error> = async {
+        let tx = c.transaction().await?;
+        let sink = tx
+            .copy_in(
+                "COPY api_key_usage (api_key_id, organization_id, endpoint, method, status_code) \
+                 FROM STDIN (FORMAT binary)",
+            )
+            .await?;
+        let writer = BinaryCopyInWriter::new(
+            sink,
+            &[Type::UUID, Type::UUID, Type::VARCHAR, Type::VARCHAR, Type::INT4],
+        );
+        let mut writer = std::pin::pin!(writer);
+        for (key, org) in rows {
+            writer.as_mut().write(&[key, org, &"/chat", &"POST", &200i32]).await?;
+        }
+        let n = writer.finish().await?;
+        tx.commit().await?;
+        Ok(n)
+    }
+    .await;
+    sqlstate(result)
+}
+
+/// Migration 8's check finds keys through the primary key, whatever a batch holds: a
+/// batch of many distinct keys passes, one missing key or organisation among them refuses
+/// the whole batch, and the lock query's generic plan is an index scan at 10,000 keys.
+#[tokio::test]
+async fn usage_reference_checks_by_index_at_many_keys() {
+    let db = fresh_db().await;
+    db.migrate();
+    let mut c = db.client().await;
+    c.batch_execute(
+        "INSERT INTO organizations (id, name, slug) \
+             SELECT gen_random_uuid(), 'org ' || g, 'org-' || g FROM generate_series(1, 100) g;
+         INSERT INTO api_keys (id, organization_id, key_prefix, key_hash, key_hint, name) \
+             SELECT gen_random_uuid(), o.id, 'pk_test_', md5(o.id::text || g) || md5(g || o.id::text), 'abcd', 'k' || g \
+             FROM organizations o, generate_series(1, 100) g;
+         ANALYZE organizations, api_keys;",
+    )
+    .await
+    .expect("10,000 keys");
+
+    // The function is 0008's, pinned to its generic plan, and that plan probes the index.
+    let (body, config) = check_function(&c).await;
+    assert_eq!(body, check_function_body(8));
+    assert_eq!(config, Some(vec!["plan_cache_mode=force_generic_plan".to_string()]));
+    let lock = "SELECT 1 FROM api_keys WHERE id = ANY ($1) ORDER BY id FOR KEY SHARE";
+    assert!(
+        check_function_body(8).contains(&lock.replace("SELECT", "PERFORM").replace("$1", "keys")),
+        "the lock query below is not the migration's"
+    );
+    c.batch_execute(&format!(
+        "SET plan_cache_mode = force_generic_plan; PREPARE kg_lock(uuid[]) AS {lock}"
+    ))
+    .await
+    .expect("prepare");
+    let some: Vec<String> = c
+        .query("SELECT id::text FROM api_keys ORDER BY md5(id::text) LIMIT 300", &[])
+        .await
+        .expect("ids")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let plan: Vec<String> = c
+        .query(&format!("EXPLAIN EXECUTE kg_lock('{{{}}}')", some.join(",")), &[])
+        .await
+        .expect("explain")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let plan = plan.join("\n");
+    assert!(
+        plan.contains("Index Scan on api_keys_pkey") || plan.contains("Index Scan using api_keys_pkey"),
+        "{plan}"
+    );
+    assert!(!plan.contains("Seq Scan"), "{plan}");
+    c.batch_execute("DEALLOCATE kg_lock; RESET plan_cache_mode")
+        .await
+        .expect("reset");
+
+    // 300 distinct keys, two rows each, in many organisations; more than five times in
+    // one session, so a plan cache that switched plans would be exercised too.
+    let keys: Vec<(uuid::Uuid, uuid::Uuid)> = c
+        .query(
+            "SELECT id, organization_id FROM api_keys ORDER BY md5(id::text) LIMIT 300",
+            &[],
+        )
+        .await
+        .expect("keys")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let batch: Vec<(uuid::Uuid, uuid::Uuid)> = keys.iter().chain(keys.iter()).copied().collect();
+    for _ in 0..7 {
+        assert_eq!(
+            copy_usage(&mut c, &batch).await,
+            None,
+            "a batch of valid keys was refused"
+        );
+    }
+    let stored = async |c: &tokio_postgres::Client| -> i64 {
+        c.query_one("SELECT count(*) FROM api_key_usage", &[])
+            .await
+            .expect("count")
+            .get(0)
+    };
+    assert_eq!(stored(&c).await, 7 * 600);
+
+    // One missing key, or one missing organisation, among the valid ones.
+    let nobody = uuid::Uuid::now_v7();
+    let mut bad_key = batch.clone();
+    bad_key[417].0 = nobody;
+    assert_eq!(copy_usage(&mut c, &bad_key).await.as_deref(), Some("23503"));
+    let mut bad_org = batch.clone();
+    bad_org[3].1 = nobody;
+    assert_eq!(copy_usage(&mut c, &bad_org).await.as_deref(), Some("23503"));
+    // The same through INSERT and UPDATE, which fire the same check.
+    let (ks, os): (Vec<uuid::Uuid>, Vec<uuid::Uuid>) = bad_key.iter().copied().unzip();
+    let insert = "INSERT INTO api_key_usage (api_key_id, organization_id, endpoint, method, status_code) \
+                  SELECT k, o, '/chat', 'POST', 200 FROM unnest($1::uuid[], $2::uuid[]) AS b(k, o)";
+    assert_eq!(sqlstate(c.execute(insert, &[&ks, &os]).await).as_deref(), Some("23503"));
+    let repoint = "UPDATE api_key_usage SET api_key_id = $1 \
+                   WHERE id IN (SELECT id FROM api_key_usage ORDER BY id LIMIT 1)";
+    assert_eq!(sqlstate(c.execute(repoint, &[&nobody]).await).as_deref(), Some("23503"));
+    assert_eq!(stored(&c).await, 7 * 600, "a refused batch left rows behind");
+    // An update touching many rows over many keys still passes.
+    c.execute(
+        "UPDATE api_key_usage SET status_code = 201 WHERE id IN (SELECT id FROM api_key_usage LIMIT 600)",
+        &[],
+    )
+    .await
+    .expect("update of valid rows");
+}
+
+/// `migrate down --steps 1` puts back migration 7's function exactly, and `migrate up`
+/// brings 8's back; the check holds at both.
+#[tokio::test]
+async fn migration_8_rolls_back_to_7s_check() {
+    let (db, _key) = seeded_db().await;
+    let c = db.client().await;
+    let (key, org): (uuid::Uuid, uuid::Uuid) = {
+        let r = c
+            .query_one("SELECT id, organization_id FROM api_keys LIMIT 1", &[])
+            .await
+            .expect("key");
+        (r.get(0), r.get(1))
+    };
+    let usage = "INSERT INTO api_key_usage (api_key_id, organization_id, endpoint, method, status_code) \
+                 VALUES ($1, $2, '/chat', 'POST', 200)";
+    let nobody = uuid::Uuid::now_v7();
+    assert_eq!(check_function(&c).await.0, check_function_body(8));
+    assert_ne!(check_function_body(7), check_function_body(8));
+
+    let out = db.keygate(&["migrate", "down", "--steps", "1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let version: i32 = c
+        .query_one("SELECT max(version) FROM keygate_schema_migrations", &[])
+        .await
+        .expect("version")
+        .get(0);
+    assert_eq!(version, 7);
+    assert_eq!(check_function(&c).await, (check_function_body(7).to_string(), None));
+    c.execute(usage, &[&key, &org]).await.expect("a valid row at 7");
+    assert_eq!(
+        sqlstate(c.execute(usage, &[&nobody, &org]).await).as_deref(),
+        Some("23503")
+    );
+
+    db.migrate();
+    let (body, config) = check_function(&c).await;
+    assert_eq!(body, check_function_body(8));
+    assert!(config.is_some());
+    c.execute(usage, &[&key, &org]).await.expect("a valid row at 8");
+    assert_eq!(
+        sqlstate(c.execute(usage, &[&key, &nobody]).await).as_deref(),
+        Some("23503")
+    );
+    let status = db.ok(&["migrate", "status"]);
+    assert!(
+        status.contains("0008") || status.contains("usage_reference_checks_indexed"),
+        "{status}"
+    );
 }

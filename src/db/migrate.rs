@@ -37,6 +37,11 @@ pub static MIGRATIONS: &[Migration] = &[
     migration!(5, "usage_partitions", "0005_usage_partitions"),
     migration!(6, "notify_columns", "0006_notify_columns"),
     migration!(7, "usage_reference_checks", "0007_usage_reference_checks"),
+    migration!(
+        8,
+        "usage_reference_checks_indexed",
+        "0008_usage_reference_checks_indexed"
+    ),
 ];
 
 pub fn latest_version() -> i32 {
