@@ -16,12 +16,13 @@ use uuid::Uuid;
 /// In-flight counts per key. Cheap to clone.
 #[derive(Clone, Default)]
 pub struct Concurrency {
-    in_flight: Arc<DashMap<Uuid, u32>>,
+    /// Authenticated key ids only, so the fast hasher is safe (see `Limiter`).
+    in_flight: Arc<DashMap<Uuid, u32, super::FastHash>>,
 }
 
 /// A held slot; dropping it gives the slot back.
 pub struct Slot {
-    map: Arc<DashMap<Uuid, u32>>,
+    map: Arc<DashMap<Uuid, u32, super::FastHash>>,
     key: Uuid,
 }
 

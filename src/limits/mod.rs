@@ -124,11 +124,16 @@ struct Spill {
     orgs: HashMap<(Uuid, i64), i64>,
 }
 
+pub(crate) type FastHash = hashbrown::DefaultHashBuilder;
+
 /// The in-memory counters of one replica. Share it behind an `Arc`.
 #[derive(Debug, Default)]
 pub struct Limiter {
-    keys: DashMap<Uuid, Mutex<KeyState>>,
-    orgs: DashMap<Uuid, Mutex<OrgState>>,
+    // foldhash, not SipHash: the ids are ours (a key is looked up here only after it
+    // authenticated), so there is no flooding to resist, and these are hashed on
+    // every request.
+    keys: DashMap<Uuid, Mutex<KeyState>, FastHash>,
+    orgs: DashMap<Uuid, Mutex<OrgState>, FastHash>,
     spill: Mutex<Spill>,
     /// Serialises flushes: two overlapping flushes could adopt totals out of order.
     flushing: tokio::sync::Mutex<()>,
