@@ -1,17 +1,18 @@
 //! Prometheus metrics: the recorder, the names, and the scrape that turns the other
 //! subsystems' own counters (auth cache, limiter, usage writer) into metrics.
 //!
-//! Owns metric names and the `/metrics` text. Hot-path code records through the
-//! `metrics` macros (a few atomic adds) for counters, and into the fixed-bucket
+//! Owns metric names and the `/metrics` text. Hot-path code records counters through
+//! handles each thread keeps (one atomic add; see `cached`), and into the fixed-bucket
 //! [`Histogram`]s here for latencies; everything that already keeps its own counters is
 //! read only at scrape time, so it costs nothing per request.
 
 mod histogram;
 
+use std::cell::RefCell;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use metrics::{counter, gauge};
+use metrics::{counter, gauge, Counter};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 pub use histogram::Histogram;
@@ -126,7 +127,13 @@ pub fn render(handle: &PrometheusHandle, s: &Sources) -> String {
 /// One finished request, at response-head time. `outcome` is keygate's error code, or
 /// "proxied" for an upstream answer.
 pub fn request(outcome: &'static str, status: u16, overhead: Duration, upstream: Option<Duration>) {
-    counter!(REQUESTS, "outcome" => outcome, "status" => status_label(status)).increment(1);
+    let status = status_label(status);
+    cached(
+        &REQUEST_COUNTERS,
+        outcome,
+        status,
+        || counter!(REQUESTS, "outcome" => outcome, "status" => status),
+    );
     OVERHEAD_SECONDS.record(overhead);
     if let Some(u) = upstream {
         UPSTREAM_SECONDS.record(u);
@@ -140,7 +147,48 @@ pub fn rate_decision(allowed: bool, limit: i64, remaining: i64) {
         (true, true) => "near_limit",
         (true, false) => "allowed",
     };
-    counter!(RATE_DECISIONS, "decision" => decision).increment(1);
+    cached(
+        &RATE_COUNTERS,
+        decision,
+        "",
+        || counter!(RATE_DECISIONS, "decision" => decision),
+    );
+}
+
+type CounterCache = RefCell<Vec<(&'static str, &'static str, Counter)>>;
+
+thread_local! {
+    static REQUEST_COUNTERS: CounterCache = const { RefCell::new(Vec::new()) };
+    static RATE_COUNTERS: CounterCache = const { RefCell::new(Vec::new()) };
+}
+
+/// Increments a per-request counter through a handle this thread keeps. The `counter!`
+/// macro builds its key, labels and all, on every call (two allocations per request
+/// in the malloc profile) and looks it up in the recorder's registry; a handle is one
+/// atomic add. Label values come from fixed sets, so each cache stays a few entries.
+fn cached(
+    cache: &'static std::thread::LocalKey<CounterCache>,
+    a: &'static str,
+    b: &'static str,
+    make: impl FnOnce() -> Counter,
+) {
+    // No recorder (metrics off, or not yet installed): nothing would be kept, and a
+    // handle made now would stay a no-op after an install, so nothing is done at all.
+    if !matches!(HANDLE.get(), Some(Some(_))) {
+        return;
+    }
+    cache.with(|c| {
+        let Ok(mut c) = c.try_borrow_mut() else {
+            // Re-entered from inside `make` (a recorder that records): count directly.
+            return make().increment(1);
+        };
+        if let Some((_, _, counter)) = c.iter().find(|(x, y, _)| *x == a && *y == b) {
+            return counter.increment(1);
+        }
+        let counter = make();
+        counter.increment(1);
+        c.push((a, b, counter));
+    });
 }
 
 /// A SIGHUP reload: applied (`ok`) or refused and the old config kept (`error`).
