@@ -154,7 +154,7 @@ impl Reject {
             h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         if let Some(rate) = rate {
-            rate.apply(h);
+            rate.apply(h, &mut super::header_text::HeaderText::new());
         }
         resp
     }

@@ -30,6 +30,9 @@ pub struct Upstream {
     authority: http::uri::Authority,
     /// Base path without a trailing slash; empty for the root.
     base_path: String,
+    /// The `Host` the upstream gets, made once: the client's is not forwarded, and the
+    /// pooled client would otherwise format this from the URI on every request.
+    host: http::HeaderValue,
     response_timeout: Duration,
 }
 
@@ -43,18 +46,34 @@ impl Upstream {
     pub fn new(cfg: &UpstreamConfig, workers: usize) -> Result<Self, UpstreamSetupError> {
         let clients = (0..workers.max(1)).map(|_| client(cfg)).collect::<Result<_, _>>()?;
         let base = cfg.url.path().trim_end_matches('/').to_string();
+        let scheme = cfg.url.scheme().cloned().unwrap_or(http::uri::Scheme::HTTP);
+        let authority = cfg
+            .url
+            .authority()
+            .cloned()
+            .ok_or_else(|| UpstreamSetupError::Tls("upstream has no host".into()))?;
+        let host = host_header(&scheme, &authority)
+            .ok_or_else(|| UpstreamSetupError::Tls("upstream host is not a valid Host header".into()))?;
         Ok(Upstream {
             clients,
-            scheme: cfg.url.scheme().cloned().unwrap_or(http::uri::Scheme::HTTP),
-            authority: cfg
-                .url
-                .authority()
-                .cloned()
-                .ok_or_else(|| UpstreamSetupError::Tls("upstream has no host".into()))?,
+            scheme,
+            authority,
             base_path: base,
+            host,
             response_timeout: cfg.response_timeout,
         })
     }
+}
+
+/// `Host` as hyper-util's client writes it: the host, and the port unless it is the
+/// scheme's default. Userinfo never goes into `Host`.
+fn host_header(scheme: &http::uri::Scheme, authority: &http::uri::Authority) -> Option<http::HeaderValue> {
+    let default = if *scheme == http::uri::Scheme::HTTPS { 443 } else { 80 };
+    let text = match authority.port_u16() {
+        Some(p) if p != default => format!("{}:{p}", authority.host()),
+        _ => authority.host().to_string(),
+    };
+    http::HeaderValue::from_str(&text).ok()
 }
 
 /// A pooled keep-alive client for the upstream.
@@ -81,19 +100,28 @@ fn client(cfg: &UpstreamConfig) -> Result<UpstreamClient, UpstreamSetupError> {
 
 impl Upstream {
     /// The upstream URI for a client's path and query: base path + path, query kept.
+    /// With no base path the client's own path is reused: it shares hyper's read
+    /// buffer, so this is reference counts, not a copy (the pooled client clones the URI
+    /// again, which for a fresh `String` would allocate once more).
     pub fn target(&self, pq: Option<&PathAndQuery>) -> Result<Uri, Reject> {
-        let pq = pq.map_or("/", PathAndQuery::as_str);
-        let joined = if self.base_path.is_empty() {
-            pq.to_string()
-        } else {
-            format!("{}{pq}", self.base_path)
+        let pq = match pq {
+            Some(pq) if self.base_path.is_empty() => pq.clone(),
+            None if self.base_path.is_empty() => PathAndQuery::from_static("/"),
+            pq => {
+                let pq = pq.map_or("/", PathAndQuery::as_str);
+                PathAndQuery::from_maybe_shared(bytes::Bytes::from(format!("{}{pq}", self.base_path)))
+                    .map_err(|_| Reject::UpstreamUnavailable)?
+            }
         };
-        Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(joined)
-            .build()
-            .map_err(|_| Reject::UpstreamUnavailable)
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = Some(pq);
+        Uri::from_parts(parts).map_err(|_| Reject::UpstreamUnavailable)
+    }
+
+    pub fn host(&self) -> http::HeaderValue {
+        self.host.clone()
     }
 
     /// Sends a prepared request. Errors are classified, never described to the client.
@@ -124,4 +152,44 @@ pub enum SendError {
     /// Failed after connecting: the request body may have been cut off by its limits,
     /// or the upstream broke the exchange.
     Other,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upstream(url: &str) -> Upstream {
+        let cfg = UpstreamConfig {
+            url: url.parse().expect("url"),
+            connect_timeout: Duration::from_secs(1),
+            response_timeout: Duration::from_secs(1),
+            pool_idle_timeout: Duration::from_secs(1),
+            pool_max_idle_per_host: 1,
+            forward_api_key: false,
+            headers: Vec::new(),
+        };
+        Upstream::new(&cfg, 1).expect("upstream")
+    }
+
+    #[test]
+    fn targets_keep_the_query_and_join_the_base_path() {
+        let pq = |s: &str| PathAndQuery::from_maybe_shared(bytes::Bytes::copy_from_slice(s.as_bytes())).expect("pq");
+        let root = upstream("http://127.0.0.1:9000");
+        let t = root.target(Some(&pq("/v1/chat?x=1"))).expect("target");
+        assert_eq!(t, "http://127.0.0.1:9000/v1/chat?x=1");
+        assert_eq!(root.target(None).expect("target"), "http://127.0.0.1:9000/");
+        let based = upstream("https://api.example/base/");
+        let t = based.target(Some(&pq("/v1/chat?x=1"))).expect("target");
+        assert_eq!(t, "https://api.example/base/v1/chat?x=1");
+        assert_eq!(based.target(None).expect("target"), "https://api.example/base/");
+    }
+
+    #[test]
+    fn host_names_the_port_only_when_it_is_not_the_default() {
+        assert_eq!(upstream("http://127.0.0.1:9000").host(), "127.0.0.1:9000");
+        assert_eq!(upstream("http://up.internal:80").host(), "up.internal");
+        assert_eq!(upstream("https://api.example").host(), "api.example");
+        assert_eq!(upstream("https://api.example:8443/v1").host(), "api.example:8443");
+        assert_eq!(upstream("http://[::1]:8080").host(), "[::1]:8080");
+    }
 }

@@ -8,6 +8,7 @@ use std::net::IpAddr;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 use super::error::Reject;
+use super::header_text::HeaderText;
 use crate::config::{IdentityHeaders, KeySource};
 use crate::model::AuthRecord;
 
@@ -25,21 +26,58 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 
 /// Removes hop-by-hop headers, including every header that `Connection` names.
 /// `Transfer-Encoding` goes too: hyper frames each side itself.
+///
+/// Runs twice per request, so the common case (no hop-by-hop header but `Connection`)
+/// is one pass over the names, not a hashed removal per listed name, and the names a
+/// `Connection` header lists are removed by `&str` (no `HeaderName` is built for them).
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
-    let named: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
-        h.remove(n);
+    if h.contains_key(header::CONNECTION) {
+        // The tokens are copied out first: removing needs the map mutably. A stack
+        // buffer covers every real `Connection` header; a longer one is copied to the heap.
+        let mut stack = [0u8; 256];
+        let mut heap = Vec::new();
+        let mut len = 0;
+        for v in h.get_all(header::CONNECTION) {
+            let v = v.as_bytes();
+            if heap.is_empty() && len + v.len() < stack.len() {
+                if let Some(dst) = stack.get_mut(len..len + v.len()) {
+                    dst.copy_from_slice(v);
+                }
+                if let Some(comma) = stack.get_mut(len + v.len()) {
+                    *comma = b',';
+                }
+                len += v.len() + 1;
+            } else {
+                if heap.is_empty() {
+                    heap.extend_from_slice(stack.get(..len).unwrap_or_default());
+                }
+                heap.extend_from_slice(v);
+                heap.push(b',');
+            }
+        }
+        let listed = if heap.is_empty() {
+            stack.get(..len).unwrap_or_default()
+        } else {
+            &heap[..]
+        };
+        for token in listed.split(|b| *b == b',') {
+            if let Ok(name) = std::str::from_utf8(token) {
+                let name = name.trim();
+                if !name.is_empty() {
+                    h.remove(name);
+                }
+            }
+        }
     }
-    for n in HOP_BY_HOP.iter() {
-        h.remove(n);
+    let any = h
+        .keys()
+        .any(|k| HOP_BY_HOP.contains(k) || *k == header::TRANSFER_ENCODING);
+    if any {
+        for n in HOP_BY_HOP.iter() {
+            h.remove(n);
+        }
+        h.remove(header::TRANSFER_ENCODING);
     }
-    h.remove(header::TRANSFER_ENCODING);
 }
 
 /// Reads the key from the first configured source that is present.
@@ -78,6 +116,10 @@ fn bearer_token(v: &str) -> Option<&str> {
 /// framework might fold together (`X_Keygate_Key_Id` is `x-keygate-key-id` to many).
 pub fn strip_identity(h: &mut HeaderMap, ids: &IdentityHeaders) {
     let names = [&ids.organization_id, &ids.key_id, &ids.plan, &ids.scopes];
+    // One pass over the names first: clients almost never send any of these.
+    if !h.keys().any(|k| names.contains(&k) || k.as_str().contains('_')) {
+        return;
+    }
     for n in names {
         h.remove(n);
     }
@@ -95,13 +137,11 @@ pub fn strip_identity(h: &mut HeaderMap, ids: &IdentityHeaders) {
     }
 }
 
-pub fn add_identity(h: &mut HeaderMap, ids: &IdentityHeaders, rec: &AuthRecord) {
-    let uuid =
-        |u: uuid::Uuid| HeaderValue::from_str(u.hyphenated().encode_lower(&mut uuid::Uuid::encode_buffer())).ok();
-    if let Some(v) = uuid(rec.organization_id) {
+pub fn add_identity(h: &mut HeaderMap, ids: &IdentityHeaders, rec: &AuthRecord, text: &mut HeaderText) {
+    if let Some(v) = text.uuid(rec.organization_id) {
         h.insert(ids.organization_id.clone(), v);
     }
-    if let Some(v) = uuid(rec.key_id) {
+    if let Some(v) = text.uuid(rec.key_id) {
         h.insert(ids.key_id.clone(), v);
     }
     h.insert(ids.plan.clone(), HeaderValue::from_static(rec.plan.as_str()));
@@ -125,26 +165,17 @@ pub fn strip_key(h: &mut HeaderMap, sources: &[KeySource]) {
 }
 
 /// `X-Forwarded-For` gains the peer; `-Proto` and `-Host` describe the client's view.
-pub fn set_forwarded(h: &mut HeaderMap, peer: IpAddr, host: Option<HeaderValue>) {
+pub fn set_forwarded(h: &mut HeaderMap, peer: IpAddr, host: Option<HeaderValue>, text: &mut HeaderText) {
     const XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
-    // One allocation, the header value's own: this runs on every forwarded request.
-    let mut chain = String::new();
-    for prior in h.get_all(&XFF).iter().filter_map(|v| v.to_str().ok()) {
-        chain.push_str(prior);
-        chain.push_str(", ");
-    }
-    let value = if chain.is_empty() {
-        let mut buf = [0u8; 64];
-        let mut out = &mut buf[..];
-        // Cannot fail: an address's text is at most 39 bytes.
-        let _ = std::io::Write::write_fmt(&mut out, format_args!("{peer}"));
-        let len = 64 - out.len();
-        HeaderValue::from_bytes(buf.get(..len).unwrap_or_default())
-    } else {
-        let _ = std::fmt::Write::write_fmt(&mut chain, format_args!("{peer}"));
-        HeaderValue::from_maybe_shared(bytes::Bytes::from(chain))
-    };
-    if let Ok(v) = value {
+    let value = text.value(|b| {
+        // As before this buffer: a prior value that is not text is dropped, not copied.
+        for prior in h.get_all(&XFF).iter().filter(|v| v.to_str().is_ok()) {
+            b.extend_from_slice(prior.as_bytes());
+            b.extend_from_slice(b", ");
+        }
+        let _ = std::fmt::Write::write_fmt(b, format_args!("{peer}"));
+    });
+    if let Some(v) = value {
         h.insert(XFF, v);
     }
     h.insert(
@@ -168,7 +199,7 @@ pub struct RateHeaders {
 }
 
 impl RateHeaders {
-    pub fn apply(&self, h: &mut HeaderMap) {
+    pub fn apply(&self, h: &mut HeaderMap, text: &mut HeaderText) {
         // Constants, so the names are checked at compile time, not on every response.
         const NAMES: [HeaderName; 6] = [
             HeaderName::from_static("ratelimit-limit"),
@@ -178,17 +209,18 @@ impl RateHeaders {
             HeaderName::from_static("x-ratelimit-remaining"),
             HeaderName::from_static("x-ratelimit-reset"),
         ];
-        let values = [
-            self.limit,
-            self.remaining,
-            i64::try_from(self.reset_secs).unwrap_or(i64::MAX),
-            self.limit,
-            self.remaining,
-            self.reset_at_unix,
-        ];
-        for (name, value) in NAMES.into_iter().zip(values) {
-            h.insert(name, HeaderValue::from(value));
-        }
+        let [limit, remaining, reset, x_limit, x_remaining, x_reset] = NAMES;
+        // The two conventions share the limit and remaining values: one write, two
+        // reference counts.
+        let lim = text.int(self.limit);
+        let rem = text.int(self.remaining);
+        h.reserve(6);
+        h.insert(limit, lim.clone());
+        h.insert(remaining, rem.clone());
+        h.insert(reset, text.int(i64::try_from(self.reset_secs).unwrap_or(i64::MAX)));
+        h.insert(x_limit, lim);
+        h.insert(x_remaining, rem);
+        h.insert(x_reset, text.int(self.reset_at_unix));
     }
 }
 
@@ -242,19 +274,19 @@ mod tests {
         };
         let rec = record_with(&["chat", "embed"]);
         let mut h = HeaderMap::new();
-        add_identity(&mut h, &ids, &rec);
+        add_identity(&mut h, &ids, &rec, &mut HeaderText::new());
         assert_eq!(h["x-keygate-scopes"], "chat,embed");
         assert_eq!(h["x-keygate-plan"], "pro");
         assert_eq!(h["x-keygate-key-id"], rec.key_id.to_string().as_str());
         assert_eq!(h["x-keygate-org-id"], rec.organization_id.to_string().as_str());
         for bad in [&["chat", "ünï"][..], &["a\u{7f}b"][..], &["a\nb"][..]] {
             let mut h = HeaderMap::new();
-            add_identity(&mut h, &ids, &record_with(bad));
+            add_identity(&mut h, &ids, &record_with(bad), &mut HeaderText::new());
             assert!(h.get("x-keygate-scopes").is_none(), "{bad:?}");
             assert!(h.get("x-keygate-plan").is_some());
         }
         let mut h = HeaderMap::new();
-        add_identity(&mut h, &ids, &record_with(&["a\tb"]));
+        add_identity(&mut h, &ids, &record_with(&["a\tb"]), &mut HeaderText::new());
         assert_eq!(h["x-keygate-scopes"], "a\tb");
     }
 
@@ -298,6 +330,64 @@ mod tests {
     }
 
     #[test]
+    fn connection_tokens_are_matched_in_any_case_however_long_the_header() {
+        // Split over two `Connection` headers, mixed case, padded, one invalid token.
+        let mut h = map(&[
+            ("connection", " X-Secret , , bad token"),
+            ("connection", "X-OTHER"),
+            ("x-secret", "1"),
+            ("x-other", "2"),
+            ("x-kept", "3"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().map(HeaderName::as_str).collect::<Vec<_>>(), ["x-kept"]);
+
+        // Longer than the stack buffer: the names are still all found.
+        let names: Vec<String> = (0..40).map(|i| format!("x-listed-header-{i}")).collect();
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_str(&names.join(", ")).expect("value"),
+        );
+        for n in &names {
+            h.insert(
+                HeaderName::from_bytes(n.as_bytes()).expect("name"),
+                HeaderValue::from_static("v"),
+            );
+        }
+        h.insert("x-kept", HeaderValue::from_static("v"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().map(HeaderName::as_str).collect::<Vec<_>>(), ["x-kept"]);
+
+        // Nothing hop-by-hop at all: the map is untouched.
+        let mut h = map(&[("content-type", "text/plain"), ("x-a", "1")]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 2);
+    }
+
+    #[test]
+    fn rate_headers_carry_both_conventions() {
+        let mut h = HeaderMap::new();
+        let rate = RateHeaders {
+            limit: 60,
+            remaining: 0,
+            reset_secs: 17,
+            reset_at_unix: 1_700_000_017,
+        };
+        rate.apply(&mut h, &mut HeaderText::new());
+        for (name, want) in [
+            ("ratelimit-limit", "60"),
+            ("ratelimit-remaining", "0"),
+            ("ratelimit-reset", "17"),
+            ("x-ratelimit-limit", "60"),
+            ("x-ratelimit-remaining", "0"),
+            ("x-ratelimit-reset", "1700000017"),
+        ] {
+            assert_eq!(h[name], want, "{name}");
+        }
+    }
+
+    #[test]
     fn identity_spoofs_are_stripped_in_every_spelling() {
         let ids = crate::config::Config::from_env(&|n| (n == "DATABASE_URL").then(|| "postgres://h/d".into()))
             .expect("defaults")
@@ -321,15 +411,16 @@ mod tests {
             &mut h,
             "10.0.0.1".parse().expect("ip"),
             Some(HeaderValue::from_static("api.example")),
+            &mut HeaderText::new(),
         );
         assert_eq!(h["x-forwarded-for"], "1.2.3.4, 10.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "api.example");
         let mut h = map(&[("x-forwarded-for", "1.2.3.4"), ("x-forwarded-for", "5.6.7.8")]);
-        set_forwarded(&mut h, "2001:db8::1".parse().expect("ip"), None);
+        set_forwarded(&mut h, "2001:db8::1".parse().expect("ip"), None, &mut HeaderText::new());
         assert_eq!(h["x-forwarded-for"], "1.2.3.4, 5.6.7.8, 2001:db8::1");
         let mut h = HeaderMap::new();
-        set_forwarded(&mut h, "192.0.2.1".parse().expect("ip"), None);
+        set_forwarded(&mut h, "192.0.2.1".parse().expect("ip"), None, &mut HeaderText::new());
         assert_eq!(h["x-forwarded-for"], "192.0.2.1");
     }
 }

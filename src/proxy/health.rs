@@ -32,6 +32,12 @@ pub struct Health {
 
 impl Health {
     /// Answers health paths; `None` for every other request.
+    /// Whether `answer` would answer: a cheap check, so the caller awaits (and holds
+    /// the readiness probe's future) only for probes.
+    pub fn is_probe<B>(req: &Request<B>) -> bool {
+        (req.method() == Method::GET || req.method() == Method::HEAD) && matches!(req.uri().path(), HEALTH | READY)
+    }
+
     pub async fn answer<B>(&self, req: &Request<B>) -> Option<Response<ProxyBody>> {
         if req.method() != Method::GET && req.method() != Method::HEAD {
             return None;

@@ -87,7 +87,7 @@ pub async fn serve<H, F>(
     workers: Option<&Workers>,
 ) where
     H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
-    F: Future<Output = Response<ProxyBody>> + Send + 'static,
+    F: Future<Output = Result<Response<ProxyBody>, Infallible>> + Send + 'static,
 {
     let builder = Arc::new(builder(cfg));
     let tls = cfg.tls.as_ref().map(|t| TlsAcceptor::from(t.server_config.clone()));
@@ -126,10 +126,9 @@ pub async fn serve<H, F>(
             }
         };
         let handler = handler.clone();
-        let svc = service_fn(move |req| {
-            let fut = handler(req, peer);
-            async move { Ok::<_, Infallible>(fut.await) }
-        });
+        // The handler's own future, not an `async move` wrapper around it: a wrapper's
+        // state machine held the handler's future twice (8 KiB), and hyper moves it.
+        let svc = service_fn(move |req| handler(req, peer));
         let (builder, watcher) = (builder.clone(), graceful.watcher());
         let Some(acceptor) = tls.clone() else {
             let task = async move {

@@ -151,9 +151,11 @@ fn upstream_class(status: StatusCode) -> Option<(&'static str, &'static str)> {
     }
 }
 
-/// A response body that records its request's usage row exactly once.
-pub struct Metered {
-    inner: ProxyBody,
+/// A response body that records its request's usage row exactly once. Generic over
+/// the body it wraps so an upstream body is boxed once, as `Metered<Bounded<_>>`, not
+/// once as itself and again as this.
+pub struct Metered<B: Body = ProxyBody> {
+    inner: B,
     meter: Option<TokenMeter>,
     pending: Option<PendingUsage>,
     sink: UsageSink,
@@ -163,14 +165,17 @@ pub struct Metered {
 impl Metered {
     /// `from_upstream`: the body is the upstream's (tokens are read from it, and its
     /// status classifies the row); otherwise keygate answered and `pending` holds why.
-    pub fn wrap(
-        resp: http::Response<ProxyBody>,
+    pub fn wrap<B>(
+        resp: http::Response<B>,
         mut pending: PendingUsage,
         from_upstream: bool,
         tokens_header: Option<&http::HeaderName>,
         sink: UsageSink,
         pricing: Arc<Pricing>,
-    ) -> http::Response<ProxyBody> {
+    ) -> http::Response<ProxyBody>
+    where
+        B: Body<Data = Bytes, Error = BoxError> + Send + Unpin + 'static,
+    {
         let status = resp.status();
         pending.record.status_code = i32::from(status.as_u16());
         let meter = from_upstream.then(|| {
@@ -195,7 +200,9 @@ impl Metered {
             })
         })
     }
+}
 
+impl<B: Body> Metered<B> {
     fn finish(&mut self, failure: Option<(&'static str, &'static str)>) {
         let Some(PendingUsage { started, mut record }) = self.pending.take() else {
             return;
@@ -221,7 +228,10 @@ impl Metered {
     }
 }
 
-impl Body for Metered {
+impl<B> Body for Metered<B>
+where
+    B: Body<Data = Bytes, Error = BoxError> + Unpin,
+{
     type Data = Bytes;
     type Error = BoxError;
 
@@ -260,7 +270,7 @@ impl Body for Metered {
     }
 }
 
-impl Drop for Metered {
+impl<B: Body> Drop for Metered<B> {
     fn drop(&mut self) {
         // Dropped before the end: the client went away (or the connection died). The
         // row still goes in, with what was streamed so far.

@@ -11,6 +11,7 @@ mod bounded;
 mod error;
 mod forward;
 mod guard;
+mod header_text;
 mod headers;
 mod health;
 mod listener;
@@ -181,14 +182,14 @@ pub async fn serve(
             let (h, metrics, api) = (admin_health.clone(), metrics.clone(), admin_api.clone());
             async move {
                 if let Some(api) = api.filter(|_| crate::admin::owns(req.uri().path())) {
-                    return api.handle(req).await;
+                    return Ok(api.handle(req).await);
                 }
                 if req.uri().path() == "/metrics" {
                     if let Some(m) = metrics {
-                        return health::metrics(crate::telemetry::render(&m.0, &m.1));
+                        return Ok(health::metrics(crate::telemetry::render(&m.0, &m.1)));
                     }
                 }
-                h.answer(&req).await.unwrap_or_else(health::not_found)
+                Ok::<_, std::convert::Infallible>(h.answer(&req).await.unwrap_or_else(health::not_found))
             }
         };
         // The admin listener outlives the main one, so /readyz can say "draining" to

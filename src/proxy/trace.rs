@@ -6,8 +6,10 @@
 
 use std::time::{Duration, Instant};
 
+use bytes::{BufMut, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 
+use super::header_text::HeaderText;
 use crate::model::AuthRecord;
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -22,22 +24,25 @@ pub struct Trace {
     /// When the upstream's response headers arrived.
     pub answered: Option<Instant>,
     pub record: Option<AuthRecord>,
+    /// Where this request's header values are written (`header_text`).
+    pub text: HeaderText,
 }
 
 impl Trace {
     /// Starts a trace, adopting the client's request id when it is a sane token, and
     /// writes the id into the request headers so the upstream sees the same one.
     pub fn begin(headers: &mut HeaderMap) -> Trace {
+        let mut text = HeaderText::new();
+        // A client's value is a slice of hyper's read buffer, so the clone is a
+        // reference count, as is the generated one's (it lives in `text`).
         let id = headers
             .get(&REQUEST_ID)
             .filter(|v| acceptable_id(v.as_bytes()))
             .cloned()
             .unwrap_or_else(|| {
-                let mut buf = uuid::Uuid::encode_buffer();
                 // No shared context: `now_v7`'s is a lock every request thread takes.
                 let id = uuid::Uuid::new_v7(uuid::Timestamp::now(uuid::NoContext));
-                let s = id.hyphenated().encode_lower(&mut buf);
-                HeaderValue::from_str(s).unwrap_or(HeaderValue::from_static("-"))
+                text.uuid(id).unwrap_or(HeaderValue::from_static("-"))
             });
         headers.insert(REQUEST_ID, id.clone());
         Trace {
@@ -46,6 +51,7 @@ impl Trace {
             forwarded: None,
             answered: None,
             record: None,
+            text,
         }
     }
 
@@ -63,24 +69,24 @@ impl Trace {
     }
 
     /// Adds the request id and timing headers to a response. Milliseconds with three
-    /// decimals, written from integer microseconds into a stack buffer: float
-    /// formatting and two `String`s per header showed in the profile.
-    pub fn stamp(&self, h: &mut HeaderMap, now: Instant) {
+    /// decimals, written from integer microseconds: float formatting and two `String`s
+    /// per header showed in the profile.
+    pub fn stamp(&mut self, h: &mut HeaderMap, now: Instant) {
         h.insert(REQUEST_ID, self.id.clone());
         let overhead = self.overhead(now);
-        let mut v = Text::default();
-        v.millis(overhead);
-        if let Ok(v) = HeaderValue::from_bytes(v.as_bytes()) {
+        let upstream = self.upstream();
+        if let Some(v) = self.text.value(|b| millis(b, overhead)) {
             h.insert(OVERHEAD, v);
         }
-        let mut v = Text::default();
-        v.push(b"keygate;dur=");
-        v.millis(overhead);
-        if let Some(up) = self.upstream() {
-            v.push(b", upstream;dur=");
-            v.millis(up);
-        }
-        if let Ok(v) = HeaderValue::from_bytes(v.as_bytes()) {
+        let timing = self.text.value(|b| {
+            b.put_slice(b"keygate;dur=");
+            millis(b, overhead);
+            if let Some(up) = upstream {
+                b.put_slice(b", upstream;dur=");
+                millis(b, up);
+            }
+        });
+        if let Some(v) = timing {
             h.append(SERVER_TIMING, v);
         }
     }
@@ -109,45 +115,18 @@ impl Trace {
     }
 }
 
-/// A header value under construction; longer input is cut, never a panic.
-struct Text {
-    buf: [u8; 64],
-    len: usize,
-}
-
-impl Default for Text {
-    fn default() -> Self {
-        Text { buf: [0; 64], len: 0 }
-    }
-}
-
-impl Text {
-    fn push(&mut self, bytes: &[u8]) {
-        let end = (self.len + bytes.len()).min(self.buf.len());
-        let n = end - self.len;
-        if let (Some(dst), Some(src)) = (self.buf.get_mut(self.len..end), bytes.get(..n)) {
-            dst.copy_from_slice(src);
-        }
-        self.len = end;
-    }
-
-    /// `d` in milliseconds with three decimals, rounded to the microsecond.
-    fn millis(&mut self, d: Duration) {
-        let micros = u64::try_from(d.as_nanos().saturating_add(500) / 1000).unwrap_or(u64::MAX);
-        self.push(itoa::Buffer::new().format(micros / 1000).as_bytes());
-        let frac = micros % 1000;
-        // Three digits, zero-padded: 7 µs is ".007".
-        self.push(&[
-            b'.',
-            b'0' + (frac / 100) as u8,
-            b'0' + (frac / 10 % 10) as u8,
-            b'0' + (frac % 10) as u8,
-        ]);
-    }
-
-    fn as_bytes(&self) -> &[u8] {
-        self.buf.get(..self.len).unwrap_or_default()
-    }
+/// `d` in milliseconds with three decimals, rounded to the microsecond.
+fn millis(b: &mut BytesMut, d: Duration) {
+    let micros = u64::try_from(d.as_nanos().saturating_add(500) / 1000).unwrap_or(u64::MAX);
+    b.put_slice(itoa::Buffer::new().format(micros / 1000).as_bytes());
+    let frac = micros % 1000;
+    // Three digits, zero-padded: 7 µs is ".007".
+    b.put_slice(&[
+        b'.',
+        b'0' + (frac / 100) as u8,
+        b'0' + (frac / 10 % 10) as u8,
+        b'0' + (frac % 10) as u8,
+    ]);
 }
 
 /// A client id is adopted only if it is short, visible ASCII: anything else could be
@@ -190,9 +169,9 @@ mod tests {
     #[test]
     fn milliseconds_keep_three_decimals() {
         let ms = |d: Duration| {
-            let mut t = Text::default();
-            t.millis(d);
-            String::from_utf8(t.as_bytes().to_vec()).expect("ascii")
+            let mut b = BytesMut::new();
+            millis(&mut b, d);
+            String::from_utf8(b.to_vec()).expect("ascii")
         };
         assert_eq!(ms(Duration::ZERO), "0.000");
         assert_eq!(ms(Duration::from_nanos(7_499)), "0.007");
