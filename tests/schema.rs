@@ -409,6 +409,19 @@ fn sqlstate(r: Result<u64, tokio_postgres::Error>) -> Option<String> {
     r.err().and_then(|e| e.code().map(|c| c.code().to_string()))
 }
 
+/// One usage row for `($1, $2)`, the shape the reference checks are tested with.
+const USAGE_INSERT: &str = "INSERT INTO api_key_usage (api_key_id, organization_id, endpoint, method, status_code) \
+                            VALUES ($1, $2, '/chat', 'POST', 200)";
+
+/// The seeded key's id and its organisation's.
+async fn seeded_key(c: &tokio_postgres::Client) -> (uuid::Uuid, uuid::Uuid) {
+    let r = c
+        .query_one("SELECT id, organization_id FROM api_keys LIMIT 1", &[])
+        .await
+        .expect("key");
+    (r.get(0), r.get(1))
+}
+
 /// Usage rows reference keys and organisations through statement-level checks
 /// (migration 7, index-driven since 8) rather than foreign keys: what a foreign key
 /// refused is still refused, with the same SQLSTATE, and what it allowed is still allowed.
@@ -416,15 +429,8 @@ fn sqlstate(r: Result<u64, tokio_postgres::Error>) -> Option<String> {
 async fn usage_references_hold_like_foreign_keys() {
     let (db, _key) = seeded_db().await;
     let c = db.client().await;
-    let (key, org): (uuid::Uuid, uuid::Uuid) = {
-        let r = c
-            .query_one("SELECT id, organization_id FROM api_keys LIMIT 1", &[])
-            .await
-            .expect("key");
-        (r.get(0), r.get(1))
-    };
-    let usage = "INSERT INTO api_key_usage (api_key_id, organization_id, endpoint, method, status_code) \
-                 VALUES ($1, $2, '/chat', 'POST', 200)";
+    let (key, org) = seeded_key(&c).await;
+    let usage = USAGE_INSERT;
     let nobody = uuid::Uuid::now_v7();
     assert_eq!(
         sqlstate(c.execute(usage, &[&nobody, &org]).await).as_deref(),
@@ -688,15 +694,8 @@ async fn usage_reference_checks_by_index_at_many_keys() {
 async fn migration_8_rolls_back_to_7s_check() {
     let (db, _key) = seeded_db().await;
     let c = db.client().await;
-    let (key, org): (uuid::Uuid, uuid::Uuid) = {
-        let r = c
-            .query_one("SELECT id, organization_id FROM api_keys LIMIT 1", &[])
-            .await
-            .expect("key");
-        (r.get(0), r.get(1))
-    };
-    let usage = "INSERT INTO api_key_usage (api_key_id, organization_id, endpoint, method, status_code) \
-                 VALUES ($1, $2, '/chat', 'POST', 200)";
+    let (key, org) = seeded_key(&c).await;
+    let usage = USAGE_INSERT;
     let nobody = uuid::Uuid::now_v7();
     assert_eq!(check_function(&c).await.0, check_function_body(8));
     assert_ne!(check_function_body(7), check_function_body(8));
