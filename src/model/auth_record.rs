@@ -179,27 +179,29 @@ impl fmt::Debug for AuthRecord {
     }
 }
 
+/// An active pro key of an active organisation, for tests across the crate.
+#[cfg(test)]
+pub(crate) fn test_fields<'a>(hint: &'a str, scopes: &'a [&'a str]) -> AuthFields<'a, &'a str> {
+    AuthFields {
+        key_id: Uuid::new_v4(),
+        organization_id: Uuid::new_v4(),
+        key_prefix: "pk_test_",
+        key_hint: hint,
+        key_active: true,
+        expires_at: None,
+        revoked_at: None,
+        scopes,
+        custom_rate_limit: None,
+        org_active: true,
+        plan: Plan::Pro,
+        org_rate_limit_per_minute: 60,
+        monthly_request_limit: 10_000,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn fields<'a>(hint: &'a str, scopes: &'a [&'a str]) -> AuthFields<'a, &'a str> {
-        AuthFields {
-            key_id: Uuid::new_v4(),
-            organization_id: Uuid::new_v4(),
-            key_prefix: "pk_test_",
-            key_hint: hint,
-            key_active: true,
-            expires_at: None,
-            revoked_at: None,
-            scopes,
-            custom_rate_limit: None,
-            org_active: true,
-            plan: Plan::Pro,
-            org_rate_limit_per_minute: 60,
-            monthly_request_limit: 10_000,
-        }
-    }
 
     #[test]
     fn small_and_exact() {
@@ -213,7 +215,7 @@ mod tests {
             expires_at: at,
             revoked_at: None,
             custom_rate_limit: Some(7),
-            ..fields("zh3g", &["chat", "embed"])
+            ..test_fields("zh3g", &["chat", "embed"])
         });
         assert_eq!((r.key_hint(), r.key_prefix()), ("zh3g", "pk_test_"));
         assert_eq!(r.display_hint().to_string(), "pk_test_…zh3g");
@@ -228,7 +230,7 @@ mod tests {
     #[test]
     fn hints_of_any_length_survive() {
         for hint in ["", "a", "abcdefgh", "abcdefghi", "ünïcødé!", "a\0b"] {
-            assert_eq!(AuthRecord::new(fields(hint, &[])).key_hint(), hint);
+            assert_eq!(AuthRecord::new(test_fields(hint, &[])).key_hint(), hint);
         }
     }
 
@@ -238,7 +240,7 @@ mod tests {
             custom_rate_limit: Some(-5_000_000_000),
             org_rate_limit_per_minute: i64::from(i32::MAX),
             monthly_request_limit: 5_000_000_000,
-            ..fields("abcd", &[])
+            ..test_fields("abcd", &[])
         });
         assert_eq!(r.custom_rate_limit(), Some(i64::from(i32::MIN)));
         assert_eq!(r.org_rate_limit_per_minute(), i64::from(i32::MAX));
@@ -247,8 +249,8 @@ mod tests {
 
     #[test]
     fn keys_with_the_same_scopes_share_them() {
-        let a = AuthRecord::new(fields("aaaa", &["chat"]));
-        let b = AuthRecord::new(fields("bbbb", &["chat"]));
+        let a = AuthRecord::new(test_fields("aaaa", &["chat"]));
+        let b = AuthRecord::new(test_fields("bbbb", &["chat"]));
         assert!(std::ptr::eq(a.scopes(), b.scopes()));
     }
 }

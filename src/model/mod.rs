@@ -8,6 +8,8 @@
 mod auth_record;
 pub mod intern;
 
+#[cfg(test)]
+pub(crate) use auth_record::test_fields;
 pub use auth_record::{AuthFields, AuthRecord};
 
 use std::fmt;
