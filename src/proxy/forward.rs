@@ -40,6 +40,8 @@ pub struct Upstream {
 pub enum UpstreamSetupError {
     #[error("cannot load TLS roots: {0}")]
     Tls(String),
+    #[error("upstream URL: {0}")]
+    Url(&'static str),
 }
 
 impl Upstream {
@@ -47,13 +49,9 @@ impl Upstream {
         let clients = (0..workers.max(1)).map(|_| client(cfg)).collect::<Result<_, _>>()?;
         let base = cfg.url.path().trim_end_matches('/').to_string();
         let scheme = cfg.url.scheme().cloned().unwrap_or(http::uri::Scheme::HTTP);
-        let authority = cfg
-            .url
-            .authority()
-            .cloned()
-            .ok_or_else(|| UpstreamSetupError::Tls("upstream has no host".into()))?;
-        let host = host_header(&scheme, &authority)
-            .ok_or_else(|| UpstreamSetupError::Tls("upstream host is not a valid Host header".into()))?;
+        let authority = cfg.url.authority().cloned().ok_or(UpstreamSetupError::Url("no host"))?;
+        let host =
+            host_header(&scheme, &authority).ok_or(UpstreamSetupError::Url("the host is not a valid Host header"))?;
         Ok(Upstream {
             clients,
             scheme,

@@ -10,8 +10,6 @@
 //! value is split off, and reference counts after that. It owns no header policy: what
 //! goes where is decided by `headers` and `trace`.
 
-use std::fmt::{Display, Write as _};
-
 use bytes::{BufMut, BytesMut};
 use http::HeaderValue;
 
@@ -59,13 +57,6 @@ impl HeaderText {
         let text = id.hyphenated().encode_lower(&mut enc);
         self.bytes(text.as_bytes())
     }
-
-    pub fn display(&mut self, d: impl Display) -> Option<HeaderValue> {
-        // Writing into a BytesMut cannot fail; it grows as needed.
-        self.value(|buf| {
-            let _ = write!(buf, "{d}");
-        })
-    }
 }
 
 #[cfg(test)]
@@ -77,7 +68,7 @@ mod tests {
         let mut t = HeaderText::new();
         let a = t.int(-42);
         let b = t.uuid(uuid::Uuid::nil()).expect("uuid");
-        let c = t.display(std::net::Ipv4Addr::LOCALHOST).expect("addr");
+        let c = t.bytes(b"127.0.0.1").expect("addr");
         assert_eq!(a, "-42");
         assert_eq!(b, "00000000-0000-0000-0000-000000000000");
         assert_eq!(c, "127.0.0.1");

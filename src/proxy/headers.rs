@@ -33,34 +33,28 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     if h.contains_key(header::CONNECTION) {
         // The tokens are copied out first: removing needs the map mutably. A stack
-        // buffer covers every real `Connection` header; a longer one is copied to the heap.
+        // buffer covers every real `Connection` header; a longer one goes to the heap.
+        let len: usize = h.get_all(header::CONNECTION).iter().map(|v| v.len() + 1).sum();
         let mut stack = [0u8; 256];
         let mut heap = Vec::new();
-        let mut len = 0;
+        let buf = match stack.get_mut(..len) {
+            Some(buf) => buf,
+            None => {
+                heap.resize(len, 0);
+                &mut heap[..]
+            }
+        };
+        let mut at = 0;
         for v in h.get_all(header::CONNECTION) {
             let v = v.as_bytes();
-            if heap.is_empty() && len + v.len() < stack.len() {
-                if let Some(dst) = stack.get_mut(len..len + v.len()) {
-                    dst.copy_from_slice(v);
-                }
-                if let Some(comma) = stack.get_mut(len + v.len()) {
-                    *comma = b',';
-                }
-                len += v.len() + 1;
-            } else {
-                if heap.is_empty() {
-                    heap.extend_from_slice(stack.get(..len).unwrap_or_default());
-                }
-                heap.extend_from_slice(v);
-                heap.push(b',');
+            if let Some(dst) = buf.get_mut(at..at + v.len() + 1) {
+                let (text, comma) = dst.split_at_mut(v.len());
+                text.copy_from_slice(v);
+                comma.fill(b',');
             }
+            at += v.len() + 1;
         }
-        let listed = if heap.is_empty() {
-            stack.get(..len).unwrap_or_default()
-        } else {
-            &heap[..]
-        };
-        for token in listed.split(|b| *b == b',') {
+        for token in buf.split(|b| *b == b',') {
             if let Ok(name) = std::str::from_utf8(token) {
                 let name = name.trim();
                 if !name.is_empty() {
@@ -247,21 +241,7 @@ mod tests {
     }
 
     fn record_with(scopes: &[&str]) -> AuthRecord {
-        AuthRecord::new(crate::model::AuthFields {
-            key_id: uuid::Uuid::new_v4(),
-            organization_id: uuid::Uuid::new_v4(),
-            key_prefix: "pk_test_",
-            key_hint: "abcd",
-            key_active: true,
-            expires_at: None,
-            revoked_at: None,
-            scopes,
-            custom_rate_limit: None,
-            org_active: true,
-            plan: crate::model::Plan::Pro,
-            org_rate_limit_per_minute: 60,
-            monthly_request_limit: 10_000,
-        })
+        AuthRecord::new(crate::model::test_fields("abcd", scopes))
     }
 
     #[test]

@@ -39,7 +39,7 @@ impl Health {
     }
 
     pub async fn answer<B>(&self, req: &Request<B>) -> Option<Response<ProxyBody>> {
-        if req.method() != Method::GET && req.method() != Method::HEAD {
+        if !Self::is_probe(req) {
             return None;
         }
         match req.uri().path() {

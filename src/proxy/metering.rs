@@ -162,20 +162,20 @@ pub struct Metered<B: Body = ProxyBody> {
     pricing: Arc<Pricing>,
 }
 
-impl Metered {
+impl<B> Metered<B>
+where
+    B: Body<Data = Bytes, Error = BoxError> + Send + Unpin + 'static,
+{
     /// `from_upstream`: the body is the upstream's (tokens are read from it, and its
     /// status classifies the row); otherwise keygate answered and `pending` holds why.
-    pub fn wrap<B>(
+    pub fn wrap(
         resp: http::Response<B>,
         mut pending: PendingUsage,
         from_upstream: bool,
         tokens_header: Option<&http::HeaderName>,
         sink: UsageSink,
         pricing: Arc<Pricing>,
-    ) -> http::Response<ProxyBody>
-    where
-        B: Body<Data = Bytes, Error = BoxError> + Send + Unpin + 'static,
-    {
+    ) -> http::Response<ProxyBody> {
         let status = resp.status();
         pending.record.status_code = i32::from(status.as_u16());
         let meter = from_upstream.then(|| {

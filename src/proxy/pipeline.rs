@@ -80,39 +80,35 @@ impl Proxy {
         let mut trace = Trace::begin(req.headers_mut());
         // One snapshot for the whole request: a reload mid-request cannot mix two configs.
         let live = self.live.load_full();
-        let method = req.method().clone();
-        // A clone shares the request line's bytes: no copy of the path per request.
-        let uri = live.access_log.then(|| req.uri().clone());
+        if live.access_log {
+            trace.access = Some((req.method().clone(), req.uri().clone()));
+        }
         // Set once the key is identified: from then on every exit records a usage row,
         // including the client going away while this future waits (the guard's drop).
         let mut pending = Unanswered(None, self.usage.as_ref());
         Ok(match self.proxy(req, peer, &live, &mut trace, &mut pending.0).await {
-            Ok(resp) => self.finish(resp, true, None, trace, pending, &live, uri.as_ref(), &method),
+            Ok(resp) => self.finish(resp, None, trace, pending, &live),
             Err(f) => {
                 if let Some(p) = pending.0.as_mut() {
                     p.set_error(f.reject.code(), f.reject.message());
                 }
                 let code = Some(f.reject.code());
                 let resp = f.reject.into_response(f.rate.as_ref());
-                self.finish(resp, false, code, trace, pending, &live, uri.as_ref(), &method)
+                self.finish(resp, code, trace, pending, &live)
             }
         })
     }
 
-    /// Every answer's last step, the upstream's and keygate's own: timing headers,
-    /// metrics, the access log, and the usage row's body wrapper. Generic so an upstream
-    /// body is boxed once, with its meter around it.
-    #[allow(clippy::too_many_arguments)]
+    /// Every answer's last step, the upstream's (`error` is `None`) and keygate's own:
+    /// timing headers, metrics, the access log, and the usage row's body wrapper.
+    /// Generic so an upstream body is boxed once, with its meter around it.
     fn finish<B>(
         &self,
         mut resp: Response<B>,
-        from_upstream: bool,
         error: Option<&'static str>,
         mut trace: Trace,
         mut pending: Unanswered<'_>,
         live: &Reloadable,
-        uri: Option<&http::Uri>,
-        method: &http::Method,
     ) -> Response<ProxyBody>
     where
         B: http_body::Body<Data = bytes::Bytes, Error = super::body::BoxError> + Send + Unpin + 'static,
@@ -125,14 +121,12 @@ impl Proxy {
             trace.overhead(now),
             trace.upstream(),
         );
-        if let Some(uri) = uri {
-            trace.log(method, uri.path(), resp.status(), error, now);
-        }
+        trace.log(resp.status(), error, now);
         match (pending.0.take(), &self.usage) {
             (Some(p), Some(sink)) => Metered::wrap(
                 resp,
                 p,
-                from_upstream,
+                error.is_none(),
                 live.tokens_header.as_ref(),
                 sink.clone(),
                 live.pricing.clone(),

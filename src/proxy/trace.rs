@@ -26,6 +26,9 @@ pub struct Trace {
     pub record: Option<AuthRecord>,
     /// Where this request's header values are written (`header_text`).
     pub text: HeaderText,
+    /// The request line for the access log, kept only when the log is on. The URI is
+    /// a clone sharing the request line's bytes, not a copy of the path.
+    pub access: Option<(Method, http::Uri)>,
 }
 
 impl Trace {
@@ -52,6 +55,7 @@ impl Trace {
             answered: None,
             record: None,
             text,
+            access: None,
         }
     }
 
@@ -92,7 +96,9 @@ impl Trace {
     }
 
     /// One access-log line, at response-head time.
-    pub fn log(&self, method: &Method, path: &str, status: StatusCode, error: Option<&'static str>, now: Instant) {
+    pub fn log(&self, status: StatusCode, error: Option<&'static str>, now: Instant) {
+        let Some((method, uri)) = &self.access else { return };
+        let path = uri.path();
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         let id = self.id.to_str().unwrap_or("-");
         let rec = self.record.as_ref();
