@@ -42,6 +42,7 @@ pub static MIGRATIONS: &[Migration] = &[
         "usage_reference_checks_indexed",
         "0008_usage_reference_checks_indexed"
     ),
+    migration!(9, "counter_fillfactor", "0009_counter_fillfactor"),
 ];
 
 pub fn latest_version() -> i32 {
