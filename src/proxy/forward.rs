@@ -1,11 +1,13 @@
-//! The upstream side: a pooled keep-alive client (plain HTTP or rustls), the request
-//! target, and the timeouts that turn upstream trouble into 502 or 504.
+//! The upstream side: which pooled client sends (keygate's own HTTP/1 pool for plain
+//! HTTP, `h1pool`; hyper-util's client for TLS, with h2 by ALPN), the request target,
+//! and the timeouts that turn upstream trouble into 502 or 504.
 //!
 //! It sends what the pipeline prepared and classifies failures; header policy lives in
 //! `headers`, and it never reads or buffers a body. With per-core workers each worker
-//! has a client (and so a connection pool) of its own: a pooled connection is driven by
-//! the runtime that opened it, so sharing one pool would wake other threads per request.
+//! has a pool of its own: a pooled connection is driven by the runtime that opened it,
+//! so sharing one pool would wake other threads per request.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::uri::{PathAndQuery, Uri};
@@ -17,15 +19,23 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::body::LimitedBody;
 use super::error::Reject;
+use super::h1pool::{H1Pool, PoolBody, PoolError};
 use crate::config::UpstreamConfig;
 
 pub type UpstreamBody = LimitedBody<Incoming>;
 
 type UpstreamClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
 
+/// One per worker (`workers::current()` picks); one in all for the shared runtime.
+enum Clients {
+    /// Plain HTTP: keygate's own HTTP/1.1 keep-alive pool.
+    Plain(Vec<Arc<H1Pool>>),
+    /// TLS: hyper-util's pooled client, which negotiates h2 or HTTP/1.1 by ALPN.
+    Tls(Vec<UpstreamClient>),
+}
+
 pub struct Upstream {
-    /// One per worker (`workers::current()` picks); one in all for the shared runtime.
-    clients: Vec<UpstreamClient>,
+    clients: Clients,
     scheme: http::uri::Scheme,
     authority: http::uri::Authority,
     /// Base path without a trailing slash; empty for the root.
@@ -46,10 +56,32 @@ pub enum UpstreamSetupError {
 
 impl Upstream {
     pub fn new(cfg: &UpstreamConfig, workers: usize) -> Result<Self, UpstreamSetupError> {
-        let clients = (0..workers.max(1)).map(|_| client(cfg)).collect::<Result<_, _>>()?;
         let base = cfg.url.path().trim_end_matches('/').to_string();
         let scheme = cfg.url.scheme().cloned().unwrap_or(http::uri::Scheme::HTTP);
         let authority = cfg.url.authority().cloned().ok_or(UpstreamSetupError::Url("no host"))?;
+        let workers = workers.max(1);
+        let clients = if scheme == http::uri::Scheme::HTTPS {
+            Clients::Tls((0..workers).map(|_| client(cfg)).collect::<Result<_, _>>()?)
+        } else {
+            // `[::1]` in a URL is `::1` to connect to.
+            let host = authority
+                .host()
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string();
+            let port = authority.port_u16().unwrap_or(80);
+            let pool = || {
+                let p = H1Pool::new(
+                    host.clone(),
+                    port,
+                    cfg.connect_timeout,
+                    cfg.pool_idle_timeout,
+                    cfg.pool_max_idle_per_host,
+                );
+                Arc::new(p)
+            };
+            Clients::Plain((0..workers).map(|_| pool()).collect())
+        };
         let host =
             host_header(&scheme, &authority).ok_or(UpstreamSetupError::Url("the host is not a valid Host header"))?;
         Ok(Upstream {
@@ -74,7 +106,7 @@ fn host_header(scheme: &http::uri::Scheme, authority: &http::uri::Authority) -> 
     http::HeaderValue::from_str(&text).ok()
 }
 
-/// A pooled keep-alive client for the upstream.
+/// hyper-util's pooled keep-alive client, for a TLS upstream.
 fn client(cfg: &UpstreamConfig) -> Result<UpstreamClient, UpstreamSetupError> {
     let mut http = HttpConnector::new();
     http.set_connect_timeout(Some(cfg.connect_timeout));
@@ -123,21 +155,47 @@ impl Upstream {
     }
 
     /// Sends a prepared request. Errors are classified, never described to the client.
-    pub async fn send(&self, mut req: Request<UpstreamBody>) -> Result<Response<Incoming>, SendError> {
-        // The pooled client picks HTTP/1.1 or h2 per connection; the client's version
-        // says nothing about the upstream's.
+    pub async fn send(&self, mut req: Request<UpstreamBody>) -> Result<Response<PoolBody>, SendError> {
+        // The upstream's version is the pool's business; the client's says nothing
+        // about it.
         *req.version_mut() = Version::HTTP_11;
-        let client = &self.clients[super::workers::current() % self.clients.len()];
-        match tokio::time::timeout(self.response_timeout, client.request(req)).await {
-            Err(_) => Err(SendError::Timeout),
-            Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(e)) if e.is_connect() => {
-                tracing::warn!(error = %e, "upstream connect failed");
-                Err(SendError::Connect)
+        let worker = super::workers::current();
+        match &self.clients {
+            Clients::Plain(pools) => {
+                // An HTTP/1.1 request line carries the origin form; hyper's connection
+                // API writes the URI as it is given.
+                let pq = req.uri().path_and_query().cloned();
+                *req.uri_mut() = pq.map_or_else(|| Uri::from_static("/"), Uri::from);
+                let pool = &pools[worker % pools.len()];
+                // Boxed, as hyper-util's response future is: inline it would grow the
+                // request future that hyper moves into its connection state.
+                match tokio::time::timeout(self.response_timeout, Box::pin(pool.send(req))).await {
+                    Err(_) => Err(SendError::Timeout),
+                    Ok(Ok(resp)) => Ok(resp),
+                    Ok(Err(e @ PoolError::Connect(_))) => {
+                        tracing::warn!(error = %e, "upstream connect failed");
+                        Err(SendError::Connect)
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "upstream request failed");
+                        Err(SendError::Other)
+                    }
+                }
             }
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "upstream request failed");
-                Err(SendError::Other)
+            Clients::Tls(clients) => {
+                let client = &clients[worker % clients.len()];
+                match tokio::time::timeout(self.response_timeout, client.request(req)).await {
+                    Err(_) => Err(SendError::Timeout),
+                    Ok(Ok(resp)) => Ok(resp.map(PoolBody::unpooled)),
+                    Ok(Err(e)) if e.is_connect() => {
+                        tracing::warn!(error = %e, "upstream connect failed");
+                        Err(SendError::Connect)
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "upstream request failed");
+                        Err(SendError::Other)
+                    }
+                }
             }
         }
     }

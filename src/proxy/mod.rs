@@ -11,6 +11,7 @@ mod bounded;
 mod error;
 mod forward;
 mod guard;
+mod h1pool;
 mod header_text;
 mod headers;
 mod health;

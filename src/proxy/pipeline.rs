@@ -48,7 +48,7 @@ pub struct Proxy {
 }
 
 /// The upstream's answer on its way out, not yet metered or boxed.
-type FromUpstream = Bounded<Incoming>;
+type FromUpstream = Bounded<super::h1pool::PoolBody>;
 
 /// A refusal, with the rate-limit state to report when a limit was consulted.
 struct Failure {

@@ -30,6 +30,8 @@ pub struct Seen {
 pub struct Log {
     pub seen: Mutex<Vec<Seen>>,
     pub connections: AtomicUsize,
+    /// Connections that have ended (either side closed them).
+    pub closed: AtomicUsize,
     /// Requests whose handling was dropped before it answered (the proxy hung up).
     pub cancelled: AtomicUsize,
     /// Requests currently being handled.
@@ -110,6 +112,22 @@ async fn handle(log: Arc<Log>, conn: usize, req: Request<Incoming>) -> Result<Re
             .header("x-fine", "kept")
             .body(Full::new(Bytes::from_static(b"{\"ok\":true}")).boxed())
             .unwrap(),
+        "/close" => Response::builder()
+            .header("connection", "close")
+            .body(Full::new(Bytes::from_static(b"{\"ok\":true}")).boxed())
+            .unwrap(),
+        "/stream" => {
+            // Ten events a few milliseconds apart, then the end: a response that is
+            // still streaming when the next request could want its connection.
+            let frames = futures_util::stream::iter(0..10).then(|i| async move {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                Ok::<_, Infallible>(Frame::data(Bytes::from(format!("data: {i}\n\n"))))
+            });
+            let mut r = Response::new(BodyExt::boxed(StreamBody::new(frames)));
+            r.headers_mut()
+                .insert("content-type", "text/event-stream".parse().unwrap());
+            r
+        }
         _ => Response::new(Full::new(Bytes::from_static(b"{\"ok\":true}")).boxed()),
     };
     guard.1 = true;
@@ -127,12 +145,13 @@ impl Recorder {
         let task = tokio::spawn(async move {
             while let Ok((sock, _)) = listener.accept().await {
                 let conn = l.connections.fetch_add(1, SeqCst) + 1;
-                let l = l.clone();
+                let (l, closed) = (l.clone(), l.clone());
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| handle(l.clone(), conn, req));
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(sock), svc)
                         .await;
+                    closed.closed.fetch_add(1, SeqCst);
                 });
             }
         });
