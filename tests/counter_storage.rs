@@ -66,6 +66,17 @@ fn usage_row(key: Uuid, org: Uuid) -> UsageRecord {
     }
 }
 
+/// A limiter flush's deltas: one request in `minute` for each key.
+fn one_each(keys: &[Uuid], minute: DateTime<Utc>) -> Vec<counters::WindowCount> {
+    keys.iter()
+        .map(|&id| counters::WindowCount {
+            id,
+            window_start: minute,
+            count: 1,
+        })
+        .collect()
+}
+
 /// Each row's heap page, by key id.
 async fn pages(c: &tokio_postgres::Client, sql: &str) -> HashMap<Uuid, i64> {
     c.query(sql, &[])
@@ -116,14 +127,7 @@ async fn bump_under_a_held_snapshot(db: &TestDb, keys: &[Uuid], org: Uuid, minut
         .await
         .expect("usage batch");
     assert_eq!(out.inserted, KEYS as u64);
-    let deltas: Vec<counters::WindowCount> = keys
-        .iter()
-        .map(|&id| counters::WindowCount {
-            id,
-            window_start: minute,
-            count: 1,
-        })
-        .collect();
+    let deltas = one_each(keys, minute);
     let client = pool.get().await.expect("client");
     let flusher: &tokio_postgres::Client = &client;
     counters::add_key_minutes(flusher, &deltas, &[])
@@ -148,14 +152,7 @@ async fn counter_updates_stay_on_their_page() {
     let (keys, org) = add_keys(&c).await;
     // One minute row per key, written the way the limiter first writes it.
     let minute = window::minute_start_of(Utc::now());
-    let first: Vec<counters::WindowCount> = keys
-        .iter()
-        .map(|&id| counters::WindowCount {
-            id,
-            window_start: minute,
-            count: 1,
-        })
-        .collect();
+    let first = one_each(&keys, minute);
     counters::add_key_minutes(&c, &first, &[]).await.expect("first flush");
 
     let (key_share, minute_share) = bump_under_a_held_snapshot(&db, &keys, org, minute).await;

@@ -172,14 +172,7 @@ impl Upstream {
                 match tokio::time::timeout(self.response_timeout, Box::pin(pool.send(req))).await {
                     Err(_) => Err(SendError::Timeout),
                     Ok(Ok(resp)) => Ok(resp),
-                    Ok(Err(e @ PoolError::Connect(_))) => {
-                        tracing::warn!(error = %e, "upstream connect failed");
-                        Err(SendError::Connect)
-                    }
-                    Ok(Err(e)) => {
-                        tracing::warn!(error = %e, "upstream request failed");
-                        Err(SendError::Other)
-                    }
+                    Ok(Err(e)) => Err(failed(matches!(e, PoolError::Connect(_)), &e)),
                 }
             }
             Clients::Tls(clients) => {
@@ -187,17 +180,21 @@ impl Upstream {
                 match tokio::time::timeout(self.response_timeout, client.request(req)).await {
                     Err(_) => Err(SendError::Timeout),
                     Ok(Ok(resp)) => Ok(resp.map(PoolBody::unpooled)),
-                    Ok(Err(e)) if e.is_connect() => {
-                        tracing::warn!(error = %e, "upstream connect failed");
-                        Err(SendError::Connect)
-                    }
-                    Ok(Err(e)) => {
-                        tracing::warn!(error = %e, "upstream request failed");
-                        Err(SendError::Other)
-                    }
+                    Ok(Err(e)) => Err(failed(e.is_connect(), &e)),
                 }
             }
         }
+    }
+}
+
+/// Logs an upstream failure (the text stays in the log) and classifies it.
+fn failed(connect: bool, e: &dyn std::fmt::Display) -> SendError {
+    if connect {
+        tracing::warn!(error = %e, "upstream connect failed");
+        SendError::Connect
+    } else {
+        tracing::warn!(error = %e, "upstream request failed");
+        SendError::Other
     }
 }
 

@@ -121,7 +121,7 @@ impl H1Pool {
                 Ready::Closed => {}
             }
         }
-        for c in not_yet.into_iter().rev() {
+        for c in not_yet {
             idle.push_front(c);
         }
         found
@@ -156,7 +156,7 @@ impl H1Pool {
 
     /// Takes a connection back after a response that ended cleanly.
     fn give_back(self: &Arc<Self>, tx: SendRequest<UpstreamBody>) {
-        if tx.is_closed() || self.max_idle == 0 {
+        if tx.is_closed() {
             return;
         }
         let start_reaper = {
