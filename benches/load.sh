@@ -11,8 +11,8 @@
 #   nginx    wrk -> nginx proxy_pass -> upstream
 #   kg-1key  wrk -> keygate -> upstream, one key (cached after the first request)
 #   kg-Nkeys wrk -> keygate -> upstream, LOAD_KEYS keys rotated by a wrk Lua script (no
-#            warm-up: round 1 includes the cache misses and limiter seeding, later
-#            rounds are cache hits; compare the per-round rows)
+#            warm-up: first a short cold pass, row kg-Nkeys-cold, where every request is
+#            a cache miss and a limiter seed; then the rounds, which are cache hits)
 # at LOAD_CONNS connections (saturating) and LOAD_LIGHT_CONNS (light load, added latency).
 # For each round: RPS, p50/p99 (wrk --latency), CPU microseconds per request of the proxy
 # process (utime+stime delta from /proc/PID/stat, taken after the process went idle so a
@@ -23,6 +23,7 @@
 # Usage: benches/load.sh   (about 4 minutes plus the build; root or sudo to install packages)
 # Knobs (environment): LOAD_ROUNDS=3 LOAD_DURATION=8 LOAD_LIGHT_DURATION=5
 #   LOAD_LIGHT_ROUNDS=LOAD_ROUNDS (0 skips the light-load rounds)
+#   LOAD_COLD_DURATION=2: the many-keys variants' cold pass (all cache misses), first
 #   LOAD_CONNS=50 LOAD_LIGHT_CONNS=10 LOAD_KEYS=10000 LOAD_PORT_BASE=18400
 #   LOAD_OUT=target/load (results: rounds.tsv, summary.txt, logs)
 #   KEYGATE_BIN=path (skip the build and use this binary)
@@ -53,6 +54,7 @@ cd "$(dirname "$0")/.."
 ROUNDS=${LOAD_ROUNDS:-3}
 DURATION=${LOAD_DURATION:-8}
 LIGHT_DURATION=${LOAD_LIGHT_DURATION:-5}
+COLD_DURATION=${LOAD_COLD_DURATION:-2}
 LIGHT_ROUNDS=${LOAD_LIGHT_ROUNDS:-$ROUNDS}
 CONNS=${LOAD_CONNS:-50}
 LIGHT_CONNS=${LOAD_LIGHT_CONNS:-10}
@@ -317,8 +319,8 @@ settle() { # pids...
 TSV=$OUT/rounds.tsv
 printf 'variant\tconns\tround\trps\tp50_us\tp99_us\tproxy_us\tupstream_us\tdb_us\tclient_us\trss_kb\terrors\trequests\tsyscalls_req\tctxsw_req\n' >"$TSV"
 
-run_round() { # variant conns duration round
-    local v=$1 c=$2 d=$3 r=$4 script=() proxy_pids up_pids db_pids perf_pid=""
+run_round() { # variant conns duration round [label]
+    local v=$1 c=$2 d=$3 r=$4 label=${5:-$1} script=() proxy_pids up_pids db_pids perf_pid=""
     [ -n "${MANY[$v]:-}" ] && script=(-s "$WORK/keys.lua")
     proxy_pids=$(tree "${PID_OF[$v]}")
     up_pids=$(tree "$UP_PID")
@@ -357,7 +359,7 @@ run_round() { # variant conns duration round
     # shellcheck disable=SC2086
     rss=$(mem_kb VmRSS $proxy_pids)
     printf '%s\n' "$out" >>"$OUT/wrk.log"
-    printf '%s\n' "$out" | awk -v v="$v" -v c="$c" -v r="$r" -v tick="$TICK" -v rss="$rss" \
+    printf '%s\n' "$out" | awk -v v="$label" -v c="$c" -v r="$r" -v tick="$TICK" -v rss="$rss" \
         -v dp=$((p1 - p0)) -v du=$((u1 - u0)) -v dd=$((d1 - d0)) -v dw="$w0 $w1" -v sys_n="${sys_n:-}" -v cs_n="${cs_n:-}" -v direct=$([ "$v" = direct ] && echo 1 || echo 0) '
         function us(x) { if (x ~ /us$/) return x + 0; if (x ~ /ms$/) return x * 1000; if (x ~ /s$/) return x * 1e6; return x + 0 }
         / 50% / { p50 = us($2) } / 99% / { p99 = us($2) }
@@ -382,7 +384,7 @@ log "nginx $("$NGINX" -v 2>&1 | sed 's/.*nginx\///'), $(wrk -v 2>&1 | head -n 1 
 log "$ROUNDS rounds x ${DURATION}s at c=$CONNS, $LIGHT_ROUNDS x ${LIGHT_DURATION}s at c=$LIGHT_CONNS; $NKEYS keys; wrk -t1"
 log ""
 # Warm-up: connection pools and the single key's cache entry and limiter cell. Not for
-# kg-Nkeys, whose first round is meant to include its misses.
+# kg-Nkeys, whose cold pass is meant to be all misses.
 for v in "${VARIANTS[@]}"; do
     [ -n "${MANY[$v]:-}" ] && continue
     wrk -t1 -c"$CONNS" -d2s -H "$AUTH" "http://127.0.0.1:${PORT[$v]}$PATH_Q" >/dev/null
@@ -394,6 +396,16 @@ if [ -n "${LOAD_HOLD:-}" ]; then
     while :; do sleep 1; done
 fi
 printf 'variant\tconns\tround\trps\tp50_us\tp99_us\tproxy_us\tupstream_us\tdb_us\tclient_us\trss_kb\terrors\trequests\tsyscalls_req\tctxsw_req\n' >&2
+# The cold pass: each many-keys variant's first COLD_DURATION seconds after start, while
+# every request is a key it has never seen (a cache miss, a lookup and a limiter seed),
+# as after a restart with auth.preload off. Its own row, `<variant>-cold`; if it served
+# more than LOAD_KEYS requests, later ones were hits and it says so.
+for v in "${VARIANTS[@]}"; do
+    [ -n "${MANY[$v]:-}" ] || continue
+    run_round "$v" "$CONNS" "$COLD_DURATION" 1 "$v-cold"
+    cold_n=$(tail -n 1 "$TSV" | cut -f13)
+    [ "${cold_n:-0}" -le "$NKEYS" ] || log "note: $v-cold served $cold_n requests, more than the $NKEYS keys: the rest were cache hits"
+done
 n=${#VARIANTS[@]}
 for r in $(seq 1 "$ROUNDS"); do
     for i in $(seq 0 $((n - 1))); do run_round "${VARIANTS[$(((i + r - 1) % n))]}" "$CONNS" "$DURATION" "$r"; done
@@ -432,14 +444,14 @@ awk -F'\t' -v hwmfile="$HWM" '
             k = order[i]; split(k, kc, SUBSEP)
             R[k] = median(rps[k]); P50[k] = median(p50[k]); P99[k] = median(p99[k]); PX[k] = median(px[k])
         }
-        printf "%-10s %5s %9s %8s %8s %9s %9s %8s %8s %8s %8s %9s %9s %8s\n", "variant", "conns", "RPS", "p50_us", "p99_us", "proxy_us", "upstr_us", "db_us", "wrk_us", "/nginx", "/direct", "cpu/nginx", "HWM_MiB", "errors"
+        printf "%-14s %5s %9s %8s %8s %9s %9s %8s %8s %8s %8s %9s %9s %8s\n", "variant", "conns", "RPS", "p50_us", "p99_us", "proxy_us", "upstr_us", "db_us", "wrk_us", "/nginx", "/direct", "cpu/nginx", "HWM_MiB", "errors"
         for (i = 1; i <= nk; i++) {
             k = order[i]; split(k, kc, SUBSEP); v = kc[1]; c = kc[2]
             n = "nginx" SUBSEP c; d = "direct" SUBSEP c
             rn = (n in R && R[n] > 0) ? sprintf("%.3f", R[k] / R[n]) : "-"
             rd = (d in R && R[d] > 0) ? sprintf("%.3f", R[k] / R[d]) : "-"
             cn = (v != "direct" && n in PX && PX[n] > 0) ? sprintf("%.3f", PX[k] / PX[n]) : "-"
-            printf "%-10s %5d %9.0f %8.0f %8.0f %9s %9.2f %8.2f %8.2f %8s %8s %9s %9.1f %8d\n", v, c, R[k], P50[k], P99[k],
+            printf "%-14s %5d %9.0f %8.0f %8.0f %9s %9.2f %8.2f %8.2f %8s %8s %9s %9.1f %8d\n", v, c, R[k], P50[k], P99[k],
                 (v == "direct" ? "-" : sprintf("%.2f", PX[k])), median(up[k]), median(db[k]), median(cl[k]), rn, rd, cn,
                 hwm[v] / 1024, err[k]
         }
@@ -447,13 +459,13 @@ awk -F'\t' -v hwmfile="$HWM" '
             k = order[i]; split(k, kc, SUBSEP)
             if (k in sc) {
                 if (!hdr++) printf "\nper request, in the proxy process (perf stat, median):\n"
-                printf "  c=%-4d %-10s %6.2f syscalls, %5.2f context switches\n", kc[2], kc[1], median(sc[k]), median(cs[k])
+                printf "  c=%-4d %-14s %6.2f syscalls, %5.2f context switches\n", kc[2], kc[1], median(sc[k]), median(cs[k])
             }
         }
         printf "\nadded latency over direct (median p50 / p99, us):\n"
         for (i = 1; i <= nk; i++) {
             k = order[i]; split(k, kc, SUBSEP); v = kc[1]; c = kc[2]; d = "direct" SUBSEP c
-            if (v != "direct" && d in R) printf "  c=%-4d %-10s +%.0f / +%.0f\n", c, v, P50[k] - P50[d], P99[k] - P99[d]
+            if (v != "direct" && d in R) printf "  c=%-4d %-14s +%.0f / +%.0f\n", c, v, P50[k] - P50[d], P99[k] - P99[d]
         }
     }' "$TSV" | tee "$OUT/summary.txt"
 log ""
