@@ -106,10 +106,7 @@ async fn key_inserted_like_the_python_scripts_is_found_by_the_proxy_lookup() {
     .await
     .expect("key");
     let digest = PresentedKey::parse(key).expect("parse").digest();
-    let rec = keygate::db::keys::lookup(&c, &digest)
-        .await
-        .expect("lookup")
-        .expect("found");
+    let rec = db.lookup(&digest).await.expect("found").record;
     assert_eq!(rec.organization_id, org);
     assert_eq!(scopes(&rec), ["chat"]);
     assert_eq!(rec.rate_limit_per_minute(), 30);
@@ -117,7 +114,7 @@ async fn key_inserted_like_the_python_scripts_is_found_by_the_proxy_lookup() {
     assert!(rec.org_active && rec.key_active);
     // A different well-formed key is not found.
     let other = KeyDigest::of("pk_live_0Sb1bSXz5nV-3bEXK1tR4yB2nQm0rT7uV9wXy_Zq1A8");
-    assert!(keygate::db::keys::lookup(&c, &other).await.expect("lookup").is_none());
+    assert!(db.lookup(&other).await.is_none());
 }
 
 #[tokio::test]
@@ -286,12 +283,8 @@ fn scopes(rec: &keygate::model::AuthRecord) -> Vec<&str> {
 }
 
 async fn lookup(db: &TestDb, key: &str) -> keygate::model::AuthRecord {
-    let c = db.client().await;
     let d = PresentedKey::parse(key).expect("format").digest();
-    keygate::db::keys::lookup(&c, &d)
-        .await
-        .expect("lookup")
-        .expect("key exists")
+    db.lookup(&d).await.expect("key exists").record
 }
 
 #[tokio::test]

@@ -384,7 +384,7 @@ async fn race_a_load(auth: &Arc<Authenticator>, digest: KeyDigest, meanwhile: im
     let (go_tx, go_rx) = mpsc::channel::<()>();
     let go_rx = Mutex::new(go_rx);
     let armed = AtomicBool::new(true);
-    assert!(auth.set_on_load(Box::new(move |_| {
+    assert!(auth.set_on_load(Box::new(move |_, _| {
         if armed.swap(false, Ordering::SeqCst) {
             let _ = loaded_tx.send(());
             let _ = go_rx.lock().expect("go").recv_timeout(DEADLINE);
@@ -676,7 +676,7 @@ async fn preload_keeps_random_keys_away_from_the_database() {
     let loads = Arc::new(AtomicUsize::new(0));
     assert!(auth.set_on_load(Box::new({
         let loads = loads.clone();
-        move |_| {
+        move |_, _| {
             loads.fetch_add(1, Ordering::SeqCst);
         }
     })));

@@ -6,8 +6,10 @@ mod common;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use keygate::auth::Authenticator;
+use keygate::config::AuthConfig;
 use keygate::db::{self, counters, keys, orgs, DbError};
-use keygate::keys::Environment;
+use keygate::keys::{Environment, KeyDigest};
 use keygate::limits::{window, Decision, KeyLimits, LimitKind, Limiter};
 use keygate::model::Plan;
 use uuid::Uuid;
@@ -45,6 +47,11 @@ impl Fixture {
 
     /// A key of `org` with its limits as the proxy would derive them.
     async fn key(&mut self, org: Uuid, per_minute: i64, monthly: i64) -> KeyLimits {
+        self.key_and_digest(org, per_minute, monthly).await.0
+    }
+
+    /// `key`, with the digest a client presenting it would be looked up by.
+    async fn key_and_digest(&mut self, org: Uuid, per_minute: i64, monthly: i64) -> (KeyLimits, KeyDigest) {
         let slug: String = self
             .client
             .query_one("SELECT slug::text FROM organizations WHERE id = $1", &[&org])
@@ -59,13 +66,38 @@ impl Fixture {
             custom_rate_limit: Some(per_minute),
             expires_at: None,
         };
-        let (key, _) = keys::create(&mut self.client, &slug, &spec).await.expect("key");
-        KeyLimits {
+        let (key, secret) = keys::create(&mut self.client, &slug, &spec).await.expect("key");
+        let limits = KeyLimits {
             key_id: key.id,
             org_id: org,
             per_minute,
             monthly,
-        }
+        };
+        (limits, secret.digest)
+    }
+
+    /// Counts as other replicas would have flushed them, through the flush's own
+    /// statements: `minute` and `previous` for the key's current and previous minute of
+    /// `at`, `month` for its organisation's month.
+    async fn counted_elsewhere(&self, k: &KeyLimits, at: DateTime<Utc>, minute: i64, previous: i64, month: i64) {
+        let this = window::minute_start_of(at);
+        let cell = |window_start, count| counters::WindowCount {
+            id: k.key_id,
+            window_start,
+            count,
+        };
+        let cells = [cell(this, minute), cell(this - chrono::Duration::minutes(1), previous)];
+        counters::add_key_minutes(&self.client, &cells, &[])
+            .await
+            .expect("minute rows");
+        let month = counters::WindowCount {
+            id: k.org_id,
+            window_start: window::month_start_of(at),
+            count: month,
+        };
+        counters::add_org_months(&self.client, &[month], &[])
+            .await
+            .expect("month row");
     }
 
     async fn minute_total(&self, key: Uuid, at: DateTime<Utc>) -> i64 {
@@ -88,6 +120,15 @@ impl Fixture {
             .await
             .expect("month row")
             .map_or(0, |r| r.get(0))
+    }
+}
+
+/// Waits out the last seconds of a minute, for tests that read the real clock more
+/// than once and must not see two minutes.
+async fn not_near_a_minute_boundary() {
+    let into = Utc::now().timestamp_millis().rem_euclid(60_000);
+    if into > 55_000 {
+        tokio::time::sleep(Duration::from_millis(u64::try_from(60_500 - into).unwrap_or(0))).await;
     }
 }
 
@@ -144,7 +185,8 @@ async fn the_monthly_count_survives_a_restart() {
         before.flush(&f.pool, now).await.expect("flush");
     }
 
-    let snap = counters::load(&f.client, k.key_id, org, now).await.expect("load");
+    let conn = f.pool.get().await.expect("pooled connection");
+    let snap = counters::load(&conn, k.key_id, org, now).await.expect("load");
     assert_eq!((snap.month_count, snap.minute_count), (5, 5));
     assert_eq!(snap.previous_minute_count, 0);
     let other = f.key(org, 100, 7).await;
@@ -276,4 +318,94 @@ async fn the_quota_migration_rolls_back_and_checks_month_starts() {
         .get(0);
     assert!(!exists);
     db::migrate::up(&mut f.client).await.expect("up again");
+}
+
+#[tokio::test]
+async fn the_key_lookup_reads_what_a_seed_needs_in_the_same_statement() {
+    let mut f = fixture().await;
+    let org = f.org(1_000).await;
+    let (k, digest) = f.key_and_digest(org, 100, 1_000).await;
+    let now = early_in_minute();
+    f.counted_elsewhere(&k, now, 3, 4, 9).await;
+    let conn = f.pool.get().await.expect("pooled connection");
+    let found = keys::lookup(&conn, &digest, now).await.expect("lookup").expect("found");
+    assert_eq!(found.record.key_id, k.key_id);
+    let c = found.counters;
+    assert_eq!((c.minute_count, c.previous_minute_count, c.month_count), (3, 4, 9));
+    assert_eq!(c, counters::load(&conn, k.key_id, org, now).await.expect("load"));
+    // A key nobody counted yet reads zeros, not nothing.
+    let (fresh, fresh_digest) = f.key_and_digest(org, 100, 1_000).await;
+    let c = keys::lookup(&conn, &fresh_digest, now)
+        .await
+        .expect("lookup")
+        .expect("found")
+        .counters;
+    assert_eq!(
+        (c.minute_count, c.previous_minute_count, c.month_count),
+        (0, 0, 9),
+        "{fresh:?}"
+    );
+
+    // The statements are prepared once per connection. One deallocated under them (a
+    // pooler's DISCARD ALL) or whose result type a migration changed is prepared again.
+    conn.batch_execute("DEALLOCATE ALL").await.expect("deallocate");
+    assert!(keys::lookup(&conn, &digest, now)
+        .await
+        .expect("after DEALLOCATE")
+        .is_some());
+    assert_eq!(
+        counters::load(&conn, k.key_id, org, now)
+            .await
+            .expect("after DEALLOCATE"),
+        found.counters
+    );
+    f.client
+        .batch_execute("ALTER TABLE organizations ALTER COLUMN plan TYPE varchar(64)")
+        .await
+        .expect("alter");
+    let again = keys::lookup(&conn, &digest, now)
+        .await
+        .expect("after ALTER")
+        .expect("found");
+    assert_eq!(again.record.key_hint(), found.record.key_hint());
+}
+
+#[tokio::test]
+async fn a_key_seen_first_by_a_lookup_is_seeded_without_a_second_query() {
+    let mut f = fixture().await;
+    let org = f.org(1_000).await;
+    let (k, digest) = f.key_and_digest(org, 5, 1_000).await;
+    let (off, off_digest) = f.key_and_digest(org, 5, 1_000).await;
+    not_near_a_minute_boundary().await;
+    let now = Utc::now();
+    f.counted_elsewhere(&k, now, 4, 0, 4).await;
+    // The defaults an operator gets.
+    let cfg: AuthConfig = keygate::config::Config::from_env(&|n| (n == "DATABASE_URL").then(|| f.db.url.clone()))
+        .expect("config")
+        .auth;
+
+    let auth = Authenticator::new(&cfg, f.pool.clone());
+    let limiter = std::sync::Arc::new(Limiter::new());
+    let enabled = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let on = enabled.clone();
+    assert!(auth.set_on_load(
+        limiter
+            .clone()
+            .seed_on_lookup(move || on.load(std::sync::atomic::Ordering::SeqCst))
+    ));
+    let record = auth.authenticate(&digest).await.expect("authenticated");
+    assert_eq!(KeyLimits::from_auth(&record), k);
+    // The proxy seeds only unknown keys (`ensure_seeded`, its own query); this one is
+    // known, with the other replicas' 4 of 5 this minute already counted.
+    assert!(limiter.is_known(&k));
+    assert!(limiter.check(&k, Utc::now()).is_allowed());
+    match limiter.check(&k, Utc::now()) {
+        Decision::Limited { which, .. } => assert_eq!(which, LimitKind::PerMinute),
+        d => panic!("4 counted elsewhere and 1 here spend a limit of 5, got {d:?}"),
+    }
+
+    // With limits off, a lookup seeds nothing.
+    enabled.store(false, std::sync::atomic::Ordering::SeqCst);
+    auth.authenticate(&off_digest).await.expect("authenticated");
+    assert!(!limiter.is_known(&off));
 }

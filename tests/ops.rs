@@ -205,6 +205,18 @@ async fn metrics_parse_and_move_with_traffic() {
     // The first request's key came from PostgreSQL; the rows went in at least one batch.
     assert!(sample(&after, "keygate_auth_db_lookup_seconds_count") >= 1.0, "{text}");
     assert!(sample(&after, "keygate_usage_flush_seconds_count") >= 1.0, "{text}");
+    // That lookup read the key's limit counters too, so the limiter asked nothing more.
+    let seeds = |source: &str| {
+        sample(
+            &after,
+            &format!("keygate_rate_limit_seeds_total{{source=\"{source}\"}}"),
+        )
+    };
+    assert_eq!(
+        (seeds("lookup"), seeds("query"), seeds("failed")),
+        (1.0, 0.0, 0.0),
+        "{text}"
+    );
     // Every histogram is whole: cumulative buckets ending in +Inf == _count.
     for h in [
         "keygate_overhead_seconds",

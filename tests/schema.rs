@@ -363,10 +363,7 @@ async fn alembic_database_is_adopted_not_clobbered() {
 
     // The seed's key authenticates through the lookup the proxy uses.
     let digest = keygate::keys::PresentedKey::parse(SEED_KEY).expect("format").digest();
-    let rec = keygate::db::keys::lookup(&c, &digest)
-        .await
-        .expect("lookup")
-        .expect("found");
+    let rec = db.lookup(&digest).await.expect("found").record;
     assert_eq!(
         rec.scopes().iter().map(AsRef::as_ref).collect::<Vec<&str>>(),
         ["read", "write"]

@@ -9,12 +9,15 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Instant;
 
+use chrono::Utc;
 use dashmap::mapref::entry::Entry;
 use tokio::sync::watch;
 
 use super::breaker::{Breaker, Permit};
 use super::{AuthError, Inner, Outcome, Scope};
 use crate::db::auth_queries::{self, Selector};
+use crate::db::counters::Snapshot;
+use crate::db::keys::Found;
 use crate::db::DbError;
 use crate::keys::KeyDigest;
 use crate::model::AuthRecord;
@@ -76,10 +79,10 @@ impl Inner {
 
     async fn load_one(&self, digest: &KeyDigest, start: u64) -> Outcome {
         match self.fetch_one(digest).await {
-            Ok(Some(record)) => {
+            Ok(Some(Found { record, counters })) => {
                 // The callers get what was read even if the cache refuses to keep it (an
                 // invalidation arrived meanwhile): they asked before the change was known.
-                self.loaded(&record);
+                self.loaded(&record, Some(&counters));
                 let fresh_until = Instant::now() + self.ttl;
                 self.cache.store_found(*digest, record, start, fresh_until);
                 Ok(record)
@@ -105,7 +108,7 @@ impl Inner {
 
     /// One lookup, unless the breaker is open. Every outcome is reported to the breaker:
     /// "no such key" is a healthy answer, any error (pool, connection, timeout) is not.
-    async fn fetch_one(&self, digest: &KeyDigest) -> Result<Option<AuthRecord>, DbError> {
+    async fn fetch_one(&self, digest: &KeyDigest) -> Result<Option<Found>, DbError> {
         // Dropping the guard after the report is harmless: the report already settled
         // the probe slot (closed, or open again for a cooldown).
         let _probe = match self.breaker.permit(Instant::now()) {
@@ -121,7 +124,7 @@ impl Inner {
         result
     }
 
-    async fn ask(&self, digest: &KeyDigest) -> Result<Option<AuthRecord>, DbError> {
+    async fn ask(&self, digest: &KeyDigest) -> Result<Option<Found>, DbError> {
         let _permit = self
             .lookups
             .acquire()
@@ -136,7 +139,7 @@ impl Inner {
                 attempt += 1;
                 let client = self.pool.get().await?;
                 self.counters.db_lookups.fetch_add(1, Relaxed);
-                match crate::db::keys::lookup(&**client, digest).await {
+                match crate::db::keys::lookup(&client, digest, Utc::now()).await {
                     Err(e) if attempt < LOOKUP_ATTEMPTS && e.is_lost_connection() => {
                         tracing::debug!(error = %e, "key lookup lost its connection; retrying");
                     }
@@ -165,7 +168,7 @@ impl Inner {
         };
         let fresh_until = Instant::now() + self.ttl;
         let n = auth_queries::for_each_record(&**client, selector, |digest, record| {
-            self.loaded(&record);
+            self.loaded(&record, None);
             self.cache.store_found(digest, record, start, fresh_until);
         })
         .await?;
@@ -174,9 +177,9 @@ impl Inner {
         Ok(n)
     }
 
-    fn loaded(&self, record: &AuthRecord) {
+    fn loaded(&self, record: &AuthRecord, counters: Option<&Snapshot>) {
         if let Some(hook) = self.on_load.get() {
-            hook(record);
+            hook(record, counters);
         }
     }
 }

@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::config::{AuthConfig, DatabaseConfig};
+use crate::db::counters::Snapshot;
 use crate::db::DbError;
 use crate::keys::KeyDigest;
 use crate::model::AuthRecord;
@@ -72,8 +73,9 @@ pub struct AuthStats {
     pub breaker_opened: u64,
 }
 
-/// A hook run on every record read from the database, before it is cached.
-pub type OnLoad = Box<dyn Fn(&AuthRecord) + Send + Sync>;
+/// A hook run on every record read from the database, before it is cached, with the
+/// key's limit counters when the read had them (a lookup by digest; not bulk reloads).
+pub type OnLoad = Box<dyn Fn(&AuthRecord, Option<&Snapshot>) + Send + Sync>;
 
 type Outcome = Result<AuthRecord, AuthError>;
 
@@ -220,8 +222,9 @@ impl Authenticator {
     }
 
     /// Sets the hook run on every record read from the database (lookups, preload,
-    /// reloads), before the record is cached, so the limiter can seed its counters. It
-    /// runs on the loading task, so it must be quick and idempotent: a key is reloaded
+    /// reloads), before the record is cached, so the limiter can seed its counters from
+    /// the lookup's snapshot instead of asking again. It runs on the loading task, so it
+    /// must be quick and idempotent: a key is looked up again after its TTL and reloaded
     /// after each change. Set once at start-up; returns false (and drops `f`) if a hook
     /// was already set.
     pub fn set_on_load(&self, f: OnLoad) -> bool {

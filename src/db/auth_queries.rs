@@ -1,9 +1,9 @@
 //! Bulk and by-id loads of authentication records, for the auth cache's preload and
 //! its targeted reloads after a change notification.
 //!
-//! Owns the SELECT of an authentication record (a key joined with its organisation)
-//! and its row mapping, shared with `db::keys::lookup`, and the three loads built on
-//! it. It does not own the lookup by digest (`db::keys`), caching, or when to reload.
+//! Owns the columns of an authentication record (a key joined with its organisation)
+//! and their row mapping, shared with `db::keys::lookup`, and the three loads built on
+//! them. It does not own the lookup by digest (`db::keys`), caching, or when to reload.
 
 use futures_util::TryStreamExt;
 use tokio_postgres::{GenericClient, Row};
@@ -13,11 +13,27 @@ use super::DbError;
 use crate::keys::KeyDigest;
 use crate::model::{AuthFields, AuthRecord};
 
-/// The columns of an authentication record; `db::keys::lookup` adds its WHERE.
-pub(super) const SELECT: &str = "SELECT k.key_hash, k.id, k.organization_id, k.key_prefix, k.key_hint, k.is_active,
+/// The columns of an authentication record over `api_keys k` and `organizations o`, in
+/// [`record_from_row`]'s order. A macro so `db::keys::lookup` can build its statement
+/// (which adds the limit counters) as a constant too.
+macro_rules! record_columns {
+    () => {
+        "k.key_hash, k.id, k.organization_id, k.key_prefix, k.key_hint, k.is_active,
         k.expires_at, k.revoked_at, k.scopes, k.custom_rate_limit::bigint, o.is_active, o.plan,
-        o.rate_limit_per_minute::bigint, o.monthly_request_limit::bigint
-     FROM api_keys k JOIN organizations o ON o.id = k.organization_id";
+        o.rate_limit_per_minute::bigint, o.monthly_request_limit::bigint"
+    };
+}
+pub(super) use record_columns;
+
+/// How many columns [`record_columns`] names; what a statement adds comes after.
+pub(super) const RECORD_COLUMNS: usize = 14;
+
+/// An authentication record's SELECT; the loads below add their WHERE.
+const SELECT: &str = concat!(
+    "SELECT ",
+    record_columns!(),
+    " FROM api_keys k JOIN organizations o ON o.id = k.organization_id"
+);
 
 /// Which records to load.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

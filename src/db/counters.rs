@@ -46,6 +46,22 @@ impl Snapshot {
             month_count: 0,
         }
     }
+
+    /// The start of the minute before `minute_start`: the second window a snapshot reads.
+    pub(super) fn previous_minute_start(&self) -> DateTime<Utc> {
+        window::minute_start(window::minute_of(self.minute_start.timestamp_millis()).0 - 1).unwrap_or(self.minute_start)
+    }
+
+    /// This (empty) snapshot's windows with the three counts read from `row`, starting at
+    /// column `at`: current minute, previous minute, month, as `bigint`s.
+    pub(super) fn read_from(self, row: &tokio_postgres::Row, at: usize) -> Result<Snapshot, DbError> {
+        Ok(Snapshot {
+            minute_count: row.try_get(at)?,
+            previous_minute_count: row.try_get(at + 1)?,
+            month_count: row.try_get(at + 2)?,
+            ..self
+        })
+    }
 }
 
 fn split(rows: &[WindowCount]) -> (Vec<Uuid>, Vec<DateTime<Utc>>, Vec<i64>) {
@@ -165,11 +181,41 @@ LEFT JOIN organization_monthly_usage m
        ON m.organization_id = q.org_id AND m.month_start = $5::timestamptz
 ORDER BY q.n";
 
-/// The snapshot for one key and its organisation as of `now`, in one query. Counts
-/// nobody has flushed yet read as 0.
-pub async fn load(c: &impl GenericClient, key_id: Uuid, org_id: Uuid, now: DateTime<Utc>) -> Result<Snapshot, DbError> {
-    let mut all = load_many(c, &[(key_id, org_id)], now).await?;
-    Ok(all.pop().map_or_else(|| Snapshot::empty(now), |(_, s)| s))
+/// `LOAD` for one pair, as a statement the connection keeps prepared.
+const LOAD_ONE: &str = "
+SELECT COALESCE((SELECT request_count FROM rate_limit_tracking
+                 WHERE api_key_id = $1::uuid AND window_start = $3::timestamptz), 0)::bigint,
+       COALESCE((SELECT request_count FROM rate_limit_tracking
+                 WHERE api_key_id = $1::uuid AND window_start = $4::timestamptz), 0)::bigint,
+       COALESCE((SELECT request_count FROM organization_monthly_usage
+                 WHERE organization_id = $2::uuid AND month_start = $5::timestamptz), 0)::bigint";
+
+/// The snapshot for one key and its organisation as of `now`, in one round trip on a
+/// prepared statement: a key's first request after the limiter forgot it waits on it.
+/// Counts nobody has flushed yet read as 0.
+pub async fn load(
+    c: &deadpool_postgres::Client,
+    key_id: Uuid,
+    org_id: Uuid,
+    now: DateTime<Utc>,
+) -> Result<Snapshot, DbError> {
+    let empty = Snapshot::empty(now);
+    let rows = super::cached::query(
+        c,
+        LOAD_ONE,
+        &[
+            &key_id,
+            &org_id,
+            &empty.minute_start,
+            &empty.previous_minute_start(),
+            &empty.month_start,
+        ],
+    )
+    .await?;
+    match rows.first() {
+        Some(row) => empty.read_from(row, 0),
+        None => Ok(empty),
+    }
 }
 
 /// Snapshots for many (key id, organisation id) pairs in one query, for preloading.
@@ -180,26 +226,20 @@ pub async fn load_many(
     now: DateTime<Utc>,
 ) -> Result<Vec<(Uuid, Snapshot)>, DbError> {
     let empty = Snapshot::empty(now);
-    let previous = window::minute_start(window::minute_of(empty.minute_start.timestamp_millis()).0 - 1)
-        .unwrap_or(empty.minute_start);
     let (keys, orgs): (Vec<Uuid>, Vec<Uuid>) = pairs.iter().copied().unzip();
     let rows = c
         .query(
             LOAD,
-            &[&keys, &orgs, &empty.minute_start, &previous, &empty.month_start],
+            &[
+                &keys,
+                &orgs,
+                &empty.minute_start,
+                &empty.previous_minute_start(),
+                &empty.month_start,
+            ],
         )
         .await?;
     rows.iter()
-        .map(|r| {
-            Ok((
-                r.try_get(0)?,
-                Snapshot {
-                    minute_count: r.try_get(1)?,
-                    previous_minute_count: r.try_get(2)?,
-                    month_count: r.try_get(3)?,
-                    ..empty
-                },
-            ))
-        })
+        .map(|r| Ok((r.try_get(0)?, empty.read_from(r, 1)?)))
         .collect()
 }

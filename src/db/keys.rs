@@ -5,6 +5,7 @@ use chrono::{DateTime, Utc};
 use tokio_postgres::{GenericClient, Row};
 use uuid::Uuid;
 
+use super::counters::Snapshot;
 use super::DbError;
 use crate::keys::{Environment, KeyDigest, NewKey};
 use crate::model::{ApiKey, AuthRecord};
@@ -243,16 +244,59 @@ pub async fn rotate(
     Ok((old, new, key))
 }
 
+/// A key found by its digest, with the limit counters the limiter seeds it from.
+#[derive(Debug, Clone, Copy)]
+pub struct Found {
+    pub record: AuthRecord,
+    /// As of the lookup's `now`: a key seen for the first time needs no second query.
+    pub counters: Snapshot,
+}
+
+/// The lookup by hash and the key's counter snapshot (`db::counters::load`'s three
+/// cells) in one statement, so a cache miss costs one round trip.
+const LOOKUP: &str = concat!(
+    "SELECT ",
+    super::auth_queries::record_columns!(),
+    ",
+       COALESCE((SELECT request_count FROM rate_limit_tracking
+                 WHERE api_key_id = k.id AND window_start = $2::timestamptz), 0)::bigint,
+       COALESCE((SELECT request_count FROM rate_limit_tracking
+                 WHERE api_key_id = k.id AND window_start = $3::timestamptz), 0)::bigint,
+       COALESCE((SELECT request_count FROM organization_monthly_usage
+                 WHERE organization_id = k.organization_id AND month_start = $4::timestamptz), 0)::bigint
+     FROM api_keys k JOIN organizations o ON o.id = k.organization_id
+     WHERE k.key_hash = $1"
+);
+
 /// The authentication lookup: one indexed query by hash, joined with the organisation,
-/// in the same shape as the auth cache's bulk loads (`db::auth_queries`). The stored hash
-/// is compared with the computed one in constant time before the row is trusted.
-pub async fn lookup(c: &impl GenericClient, digest: &KeyDigest) -> Result<Option<AuthRecord>, DbError> {
-    let sql = format!("{} WHERE k.key_hash = $1", super::auth_queries::SELECT);
-    let Some(row) = c.query_opt(&sql, &[&digest.to_hex()]).await? else {
+/// in the same shape as the auth cache's bulk loads (`db::auth_queries`), on a statement
+/// the connection keeps prepared. The stored hash is compared with the computed one in
+/// constant time before the row is trusted.
+pub async fn lookup(
+    c: &deadpool_postgres::Client,
+    digest: &KeyDigest,
+    now: DateTime<Utc>,
+) -> Result<Option<Found>, DbError> {
+    let empty = Snapshot::empty(now);
+    let rows = super::cached::query(
+        c,
+        LOOKUP,
+        &[
+            &digest.to_hex(),
+            &empty.minute_start,
+            &empty.previous_minute_start(),
+            &empty.month_start,
+        ],
+    )
+    .await?;
+    let Some(row) = rows.first() else {
         return Ok(None);
     };
-    match super::auth_queries::record_from_row(&row)? {
-        Some((stored, record)) if stored.ct_eq(digest) => Ok(Some(record)),
+    match super::auth_queries::record_from_row(row)? {
+        Some((stored, record)) if stored.ct_eq(digest) => Ok(Some(Found {
+            record,
+            counters: empty.read_from(row, super::auth_queries::RECORD_COLUMNS)?,
+        })),
         _ => Ok(None),
     }
 }

@@ -5,6 +5,7 @@
 //! this module says how it is stored.
 
 pub mod auth_queries;
+mod cached;
 pub mod counters;
 pub mod keys;
 mod mask;

@@ -1,10 +1,12 @@
-//! The limiter's two touch points with the database outside `flush` itself: the
-//! periodic flush task and seeding a key the first time this process sees it.
+//! The limiter's touch points with the database outside `flush` itself: the periodic
+//! flush task and seeding a key the first time this process sees it, from the auth
+//! lookup's counters or, when the key was already cached, from a query of its own.
 //!
 //! Owns when those happen and what a failure degrades to (local counting, never a
 //! refused or stalled request). The statements are `db::counters`'; the protocol is
 //! `flush.rs`'.
 
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,6 +53,23 @@ impl Limiter {
         }
     }
 
+    /// The auth cache's on-load hook (`Authenticator::set_on_load`): a key the limiter
+    /// does not track yet is seeded from the counters its lookup read in the same
+    /// statement, so its first request makes no second query. `enabled` is asked each
+    /// time (limits can be turned on and off by a reload); off, nothing is seeded.
+    pub fn seed_on_lookup(self: Arc<Self>, enabled: impl Fn() -> bool + Send + Sync + 'static) -> crate::auth::OnLoad {
+        Box::new(move |record, counters| {
+            let Some(counters) = counters.filter(|_| enabled()) else {
+                return;
+            };
+            let key = KeyLimits::from_auth(record);
+            if !self.is_known(&key) {
+                self.seed(&key, counters, Utc::now());
+                self.seeds.from_lookup.fetch_add(1, Relaxed);
+            }
+        })
+    }
+
     /// Seeds `key` from the database unless this process already tracks it: one
     /// query per key per process (again only after two idle minutes). Concurrent
     /// first requests for one key share a single load. If the database cannot answer,
@@ -69,8 +88,12 @@ impl Limiter {
         let _turn = gate.lock().await;
         if !self.is_known(key) {
             match load(pool, key, now).await {
-                Ok(snapshot) => self.seed(key, &snapshot, now),
+                Ok(snapshot) => {
+                    self.seed(key, &snapshot, now);
+                    self.seeds.by_query.fetch_add(1, Relaxed);
+                }
                 Err(e) => {
+                    self.seeds.failed.fetch_add(1, Relaxed);
                     tracing::debug!(error = %e, key_id = %key.key_id, "cannot load limit counters; starting from zero");
                     // Counting from zero now makes the key known, so a down database
                     // costs one attempt per key, not one per request.
@@ -89,7 +112,7 @@ const SEED_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 async fn load(pool: &Pool, key: &KeyLimits, now: DateTime<Utc>) -> Result<counters::Snapshot, crate::db::DbError> {
     let load = async {
         let client = pool.get().await?;
-        counters::load(&**client, key.key_id, key.org_id, now).await
+        counters::load(&client, key.key_id, key.org_id, now).await
     };
     tokio::time::timeout(SEED_TIMEOUT, load)
         .await

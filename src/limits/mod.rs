@@ -115,6 +115,13 @@ pub struct Tracked {
     /// Unflushed deltas whose window their cell has moved past (database down for a
     /// while); they wait for the next successful flush.
     pub spilled: usize,
+    /// Keys seeded from the counters their auth lookup read (no query of their own).
+    pub seeded_from_lookup: u64,
+    /// Keys seeded by a query of their own (`ensure_seeded`: the key was cached, but
+    /// the limiter did not know it, as after a preload or two idle minutes).
+    pub seeded_by_query: u64,
+    /// Seeds whose query failed or timed out: those keys started from zero.
+    pub seed_failures: u64,
 }
 
 /// Deltas that lost their cell's slot, keyed by (id, window) as in [`Orphan`].
@@ -139,6 +146,16 @@ pub struct Limiter {
     flushing: tokio::sync::Mutex<()>,
     /// One load per key at a time in `ensure_seeded`; entries live only while loading.
     seeding: DashMap<Uuid, std::sync::Arc<tokio::sync::Mutex<()>>>,
+    seeds: Seeds,
+}
+
+/// How keys got their starting counts, for `/metrics`: a key seeded by a query of its
+/// own made its first request wait on a second round trip.
+#[derive(Debug, Default)]
+struct Seeds {
+    from_lookup: std::sync::atomic::AtomicU64,
+    by_query: std::sync::atomic::AtomicU64,
+    failed: std::sync::atomic::AtomicU64,
 }
 
 /// The cells hold only counters that every step leaves consistent, so a panic while
@@ -162,10 +179,14 @@ impl Limiter {
 
     pub fn tracked(&self) -> Tracked {
         let spill = lock(&self.spill);
+        let seeds = |n: &std::sync::atomic::AtomicU64| n.load(std::sync::atomic::Ordering::Relaxed);
         Tracked {
             keys: self.keys.len(),
             orgs: self.orgs.len(),
             spilled: spill.keys.len() + spill.orgs.len(),
+            seeded_from_lookup: seeds(&self.seeds.from_lookup),
+            seeded_by_query: seeds(&self.seeds.by_query),
+            seed_failures: seeds(&self.seeds.failed),
         }
     }
 

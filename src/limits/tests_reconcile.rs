@@ -111,7 +111,8 @@ fn idle_cells_are_evicted_unless_they_hold_unflushed_counts() {
         Tracked {
             keys: 0,
             orgs: 0,
-            spilled: 0
+            spilled: 0,
+            ..l.tracked()
         }
     );
 }

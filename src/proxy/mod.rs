@@ -89,6 +89,10 @@ pub async fn serve(
         tracing::info!(keys = n, "preloaded keys");
     }
     let limiter = Arc::new(Limiter::new());
+    // A key's lookup reads its limit counters in the same statement; seeding from them
+    // saves the second round trip `ensure_seeded` would make on a cache miss.
+    let limits_on = live.clone();
+    auth.set_on_load(limiter.clone().seed_on_lookup(move || limits_on.load().limits_enabled));
     // Usage rows get their own pool, so a stuck writer cannot starve key lookups.
     let usage = if cfg.usage.enabled {
         let (sink, writer) = crate::usage::writer::channel(&cfg.usage);

@@ -106,6 +106,9 @@ pub fn render(handle: &PrometheusHandle, s: &Sources) -> String {
     let t = s.limiter.tracked();
     gauge!("keygate_rate_limit_tracked", "kind" => "keys").set(t.keys as f64);
     gauge!("keygate_rate_limit_tracked", "kind" => "orgs").set(t.orgs as f64);
+    counter!("keygate_rate_limit_seeds_total", "source" => "lookup").absolute(t.seeded_from_lookup);
+    counter!("keygate_rate_limit_seeds_total", "source" => "query").absolute(t.seeded_by_query);
+    counter!("keygate_rate_limit_seeds_total", "source" => "failed").absolute(t.seed_failures);
     if let Some(u) = &s.usage {
         let u = u.snapshot();
         gauge!("keygate_usage_queue_depth").set(u.queued as f64);

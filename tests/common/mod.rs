@@ -339,6 +339,16 @@ impl TestDb {
             .expect("config from url")
             .database
     }
+
+    /// The proxy's lookup by digest (`db::keys::lookup`), on a pooled connection as the
+    /// proxy makes it, as of now.
+    pub async fn lookup(&self, digest: &keygate::keys::KeyDigest) -> Option<keygate::db::keys::Found> {
+        let pool = keygate::db::pool(&self.database_config(), 1).expect("pool");
+        let conn = pool.get().await.expect("pooled connection");
+        keygate::db::keys::lookup(&conn, digest, chrono::Utc::now())
+            .await
+            .expect("lookup")
+    }
 }
 
 pub async fn connect(url: &str) -> tokio_postgres::Client {
