@@ -139,6 +139,55 @@ async fn json_logs_parse_and_never_contain_a_key() {
 
 /// Parses Prometheus text exposition strictly enough to catch a broken page: every
 /// sample line is `name{labels} value` with a float value. Returns (series, value).
+#[tokio::test]
+async fn text_access_lines_carry_each_request_and_follow_the_level_filter() {
+    let (db, key) = seeded_db().await;
+    let up = Upstream::start(&[]).await;
+    let mut gw = Gateway::start(&db, up.port, "").await;
+    let ok = get(&gw.url("/echo"), &[("authorization", &bearer(&key))]).await;
+    get(&gw.url("/echo"), &[]).await;
+    let _ = gw.proc.terminate(Duration::from_secs(15));
+    let logs = gw.logs();
+    let access: Vec<&str> = logs.lines().filter(|l| l.contains(" keygate::access: ")).collect();
+    assert_eq!(access.len(), 2, "{logs}");
+    let id = ok.header("x-request-id").expect("request id");
+    let line = access
+        .iter()
+        .find(|l| l.contains(&format!("request_id=\"{id}\"")))
+        .unwrap_or_else(|| panic!("no line for {id}: {logs}"));
+    // `2026-12-02T12:52:56.130532Z  INFO keygate::access: request_id="…" method=GET …`
+    let (stamp, rest) = line.split_at(27);
+    assert!(chrono::DateTime::parse_from_rfc3339(stamp).is_ok(), "{line}");
+    assert!(rest.starts_with("  INFO keygate::access: request_id=\""), "{line}");
+    let hint = format!("key=pk_test_…{}", &key[key.len() - 4..]);
+    for field in [
+        "method=GET",
+        "path=\"/echo\"",
+        "status=200",
+        "org=",
+        "key_id=",
+        &hint,
+        "total_ms=",
+        "upstream_ms=",
+    ] {
+        assert!(line.contains(field), "{field} missing: {line}");
+    }
+    let missing = access.iter().find(|l| !l.contains(id)).expect("the 401's line");
+    assert!(missing.contains("status=401 error=\"missing_api_key\""), "{missing}");
+    assert!(!missing.contains("key_id="), "{missing}");
+
+    // The access target can be turned off by the level filter like any other.
+    let mut quiet = Gateway::start(&db, up.port, "[log]\nlevel = \"info,keygate::access=off\"\n").await;
+    assert_eq!(
+        get(&quiet.url("/echo"), &[("authorization", &bearer(&key))])
+            .await
+            .status,
+        200
+    );
+    let _ = quiet.proc.terminate(Duration::from_secs(15));
+    assert!(!quiet.logs().contains("keygate::access"), "{}", quiet.logs());
+}
+
 fn parse_prometheus(text: &str) -> Vec<(String, f64)> {
     let mut out = Vec::new();
     for line in text.lines().filter(|l| !l.is_empty() && !l.starts_with('#')) {

@@ -66,6 +66,15 @@ pub fn init(format: LogFormat, level: &str, buffered: bool) -> LogGuard {
     if installed.is_err() {
         return LogGuard(None);
     }
+    if !ansi {
+        // Access lines skip tracing's formatter for the same bytes, written by hand
+        // into the same buffer (a coloured terminal keeps tracing's, with its colours).
+        let shared = Arc::clone(&shared);
+        crate::proxy::access_log::install(crate::proxy::access_log::Sink {
+            format,
+            write: Box::new(move |line| shared.append(line)),
+        });
+    }
     let flusher = {
         let shared = Arc::clone(&shared);
         std::thread::Builder::new()

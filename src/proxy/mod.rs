@@ -6,6 +6,7 @@
 //! grace period) → stop background tasks, each of which flushes once more → exit.
 //! Nothing on the request path lives here; see `pipeline`.
 
+pub(crate) mod access_log;
 mod body;
 mod bounded;
 mod error;

@@ -98,44 +98,23 @@ impl Trace {
     /// One access-log line, at response-head time.
     pub fn log(&self, status: StatusCode, error: Option<&'static str>, now: Instant) {
         let Some((method, uri)) = &self.access else { return };
-        let path = uri.path();
-        let id = self.id.to_str().unwrap_or("-");
-        let rec = self.record.as_ref();
-        let (org, key) = (rec.map(|r| r.organization_id), rec.map(|r| r.key_id));
-        tracing::info!(
-            target: "keygate::access",
-            request_id = id,
-            method = %method,
-            path,
-            status = status.as_u16(),
+        super::access_log::write(&super::access_log::Entry {
+            request_id: self.id.to_str().unwrap_or("-"),
+            method,
+            path: uri.path(),
+            status,
             error,
-            org = org.map(tracing::field::display),
-            key_id = key.map(tracing::field::display),
-            // `pk_test_…zh3g`, formatted straight into the line, no `String` first.
-            key = rec.map(|r| tracing::field::display(r.display_hint())),
-            total_ms = ms(now - self.started),
-            upstream_ms = self.upstream().map(ms),
-            overhead_ms = ms(self.overhead(now)),
-        );
+            record: self.record.as_ref(),
+            total: now - self.started,
+            upstream: self.upstream(),
+            overhead: self.overhead(now),
+        });
     }
-}
-
-/// `d` rounded to the microsecond.
-fn micros(d: Duration) -> u64 {
-    u64::try_from(d.as_nanos().saturating_add(500) / 1000).unwrap_or(u64::MAX)
-}
-
-/// `d` in milliseconds, rounded to the microsecond, for the access log: a float that
-/// prints as at most three decimals (`0.002`), where `as_secs_f64() * 1000.0` printed
-/// binary noise (`0.0020719999999999996`).
-fn ms(d: Duration) -> f64 {
-    // The quotient is the double nearest to n/1000, which prints back as n/1000.
-    micros(d) as f64 / 1000.0
 }
 
 /// `d` in milliseconds with three decimals, rounded to the microsecond.
 fn millis(b: &mut BytesMut, d: Duration) {
-    let micros = micros(d);
+    let micros = super::access_log::micros(d);
     b.put_slice(itoa::Buffer::new().format(micros / 1000).as_bytes());
     let frac = micros % 1000;
     // Three digits, zero-padded: 7 µs is ".007".
@@ -182,20 +161,6 @@ mod tests {
         t.stamp(&mut out, t.started + Duration::from_millis(12));
         assert_eq!(out[OVERHEAD], "2.000");
         assert_eq!(out[SERVER_TIMING], "keygate;dur=2.000, upstream;dur=10.000");
-    }
-
-    #[test]
-    fn access_log_milliseconds_print_without_binary_noise() {
-        let shown = |nanos: u64| ms(Duration::from_nanos(nanos)).to_string();
-        assert_eq!(shown(2_072), "0.002");
-        assert_eq!(shown(528_777), "0.529");
-        assert_eq!(shown(1_500_000), "1.5");
-        assert_eq!(shown(0), "0");
-        for n in (0..5_000_000).step_by(997) {
-            let text = shown(n);
-            let decimals = text.split_once('.').map_or(0, |(_, f)| f.len());
-            assert!(decimals <= 3, "{n} ns printed as {text}");
-        }
     }
 
     #[test]
