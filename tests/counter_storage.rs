@@ -1,9 +1,12 @@
-//! How the counter tables are stored (migration 9): keygate's own counter updates, the
+//! How the counter tables are stored and touched (migrations 9 and 10): keygate's own
+//! counter updates, the
 //! usage writer's bump of `api_keys` and the limiter's upsert into `rate_limit_tracking`,
 //! keep each row's new version on its page (a heap-only update, no index entries) even
 //! while another transaction's snapshot keeps the old versions alive, as the writer's
 //! and the limiter's overlapping statements do under load. At the default fillfactor
-//! they cannot, which the test shows too by rolling the migration back.
+//! they cannot, which the test shows too by rolling the migration back. And those
+//! updates set `updated_at` themselves, so the touch trigger's function is not called
+//! for each row, while every other writer still has it maintained.
 //!
 //! Against a real PostgreSQL, through keygate's real statements.
 
@@ -176,7 +179,8 @@ async fn counter_updates_stay_on_their_page() {
 
     // At the default fillfactor the same updates move nearly every row, and each move is
     // an entry in every index of the table: what the migration saves.
-    let out = db.keygate(&["migrate", "down", "--steps", "1"]);
+    let to_8 = (db::migrate::latest_version() - 8).to_string();
+    let out = db.keygate(&["migrate", "down", "--steps", &to_8]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(fillfactors(&c).await, [None, None]);
     c.batch_execute("VACUUM FULL api_keys, rate_limit_tracking")
@@ -191,4 +195,154 @@ async fn counter_updates_stay_on_their_page() {
 
     db.migrate();
     assert_eq!(fillfactors(&c).await, [half.clone(), half]);
+}
+
+const TOUCH_CALLS: &str = "SELECT coalesce(sum(calls), 0)::int8 FROM pg_stat_user_functions
+    WHERE funcname = 'keygate_touch_updated_at'";
+
+async fn touch_calls_in(tx: &tokio_postgres::Transaction<'_>) -> i64 {
+    tx.query_one(
+        "SELECT coalesce(pg_stat_get_xact_function_calls('keygate_touch_updated_at'::regproc), 0)",
+        &[],
+    )
+    .await
+    .expect("calls")
+    .get(0)
+}
+
+#[tokio::test]
+async fn counter_writes_set_updated_at_without_the_touch_function() {
+    let (db, _key) = seeded_db().await;
+    let mut c = db.client().await;
+    let (keys, org) = add_keys(&c).await;
+    c.batch_execute(&format!("ALTER DATABASE {} SET track_functions = 'all'", db.name))
+        .await
+        .expect("track functions");
+    let stamp = |table: &'static str| format!("SELECT max(updated_at) FROM {table} WHERE organization_id = $1");
+
+    // The usage writer's bump, on its own pooled sessions: every key's updated_at moves,
+    // and once the sessions end and report, the function has not run once.
+    let before: DateTime<Utc> = c.query_one(&stamp("api_keys"), &[&org]).await.expect("q").get(0);
+    {
+        let pool = db::pool(&db.database_config(), 2).expect("pool");
+        let rows: Vec<UsageRecord> = keys.iter().map(|&k| usage_row(k, org)).collect();
+        let out = db::usage::write_fresh_batch(&pool, &rows, Duration::from_secs(30))
+            .await
+            .expect("usage batch");
+        assert_eq!(out.inserted, KEYS as u64);
+        let stale: i64 = c
+            .query_one(
+                "SELECT count(*) FROM api_keys WHERE organization_id = $1 AND updated_at <= $2",
+                &[&org, &before],
+            )
+            .await
+            .expect("q")
+            .get(0);
+        assert_eq!(stale, 1, "only the seeded key, which had no usage, keeps its stamp");
+        // The control: a plain update on the same sessions does call it, once.
+        let conn = pool.get().await.expect("conn");
+        conn.execute("UPDATE api_keys SET name = name || '' WHERE id = $1", &[&keys[0]])
+            .await
+            .expect("control");
+    }
+    let settled = eventually(Duration::from_secs(10), async || {
+        let sessions: i64 = c
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .await
+            .expect("q")
+            .get(0);
+        sessions == 0
+    })
+    .await;
+    assert!(settled, "the pool's sessions did not end");
+    let calls: i64 = c.query_one(TOUCH_CALLS, &[]).await.expect("q").get(0);
+    assert_eq!(calls, 1, "the bump called the touch function (1 is the control)");
+    c.batch_execute("SET track_functions = 'all'")
+        .await
+        .expect("track here too");
+
+    // The limiter's upserts: one flush inserts the cells, the next (in a transaction
+    // here, to count its calls) adds to them.
+    let minute = window::minute_start_of(Utc::now());
+    let month = counters::WindowCount {
+        id: org,
+        window_start: window::month_start_of(Utc::now()),
+        count: 1,
+    };
+    counters::add_key_minutes(&c, &one_each(&keys, minute), &[])
+        .await
+        .expect("minutes");
+    counters::add_org_months(&c, &[month], &[]).await.expect("month");
+    let tx = c.transaction().await.expect("tx");
+    counters::add_key_minutes(&tx, &one_each(&keys, minute), &[])
+        .await
+        .expect("minutes");
+    counters::add_org_months(&tx, &[month], &[]).await.expect("month");
+    assert_eq!(
+        touch_calls_in(&tx).await,
+        0,
+        "the limiter's upserts called the touch function"
+    );
+    let now_stamped = |table: &'static str| {
+        format!(
+            "SELECT bool_and(updated_at = now()) FROM {table} WHERE {}",
+            match table {
+                "rate_limit_tracking" => "window_start = $1",
+                _ => "month_start = $1",
+            }
+        )
+    };
+    let minutes: bool = tx
+        .query_one(&now_stamped("rate_limit_tracking"), &[&minute])
+        .await
+        .expect("q")
+        .get(0);
+    let months: bool = tx
+        .query_one(
+            &now_stamped("organization_monthly_usage"),
+            &[&window::month_start_of(Utc::now())],
+        )
+        .await
+        .expect("q")
+        .get(0);
+    assert!(minutes && months, "upserted rows carry the transaction's time");
+
+    // Any other writer still gets updated_at maintained, by the function; a statement
+    // that sets it explicitly keeps its value.
+    tx.execute("UPDATE api_keys SET name = 'renamed' WHERE id = $1", &[&keys[0]])
+        .await
+        .expect("rename");
+    tx.execute(
+        "UPDATE rate_limit_tracking SET request_count = request_count + 1 WHERE api_key_id = $1",
+        &[&keys[1]],
+    )
+    .await
+    .expect("by hand");
+    assert_eq!(touch_calls_in(&tx).await, 2);
+    let renamed: bool = tx
+        .query_one("SELECT updated_at = now() FROM api_keys WHERE id = $1", &[&keys[0]])
+        .await
+        .expect("q")
+        .get(0);
+    assert!(renamed, "a rename moves updated_at");
+    tx.execute(
+        "UPDATE organizations SET updated_at = '2001-02-03T04:05:06Z' WHERE id = $1",
+        &[&org],
+    )
+    .await
+    .expect("explicit");
+    let kept: String = tx
+        .query_one(
+            "SELECT to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD') FROM organizations WHERE id = $1",
+            &[&org],
+        )
+        .await
+        .expect("q")
+        .get(0);
+    assert_eq!(kept, "2001-02-03");
+    assert_eq!(touch_calls_in(&tx).await, 2);
+    tx.rollback().await.expect("rollback");
 }

@@ -43,6 +43,7 @@ pub static MIGRATIONS: &[Migration] = &[
         "0008_usage_reference_checks_indexed"
     ),
     migration!(9, "counter_fillfactor", "0009_counter_fillfactor"),
+    migration!(10, "touch_when_unset", "0010_touch_when_unset"),
 ];
 
 pub fn latest_version() -> i32 {

@@ -116,7 +116,8 @@ const INSERT: &str = "WITH ins AS (
 ), bumped AS (
     UPDATE api_keys k
     SET total_requests = k.total_requests + l.n,
-        last_used_at = greatest(k.last_used_at, l.last_used)
+        last_used_at = greatest(k.last_used_at, l.last_used),
+        updated_at = now()
     FROM locked l
     WHERE k.id = l.id
     RETURNING l.n
