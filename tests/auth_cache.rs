@@ -926,3 +926,51 @@ async fn stale_records_are_served_only_up_to_the_ceiling() {
     );
     f.allow_connections(true).await;
 }
+
+/// A key in use is reloaded before its record expires: a hit in the last fifth of the
+/// TTL starts a background lookup and is answered from the cache at once, so active
+/// keys never wait on the database, and a change that no notification announced still
+/// arrives within the TTL.
+#[tokio::test]
+async fn records_in_use_are_refreshed_before_they_expire() {
+    let f = fixture().await;
+    let ttl = Duration::from_secs(2);
+    let auth = f.authenticator(&AuthConfig {
+        listen_notify: false,
+        ..cfg(ttl, Duration::from_secs(5), 16)
+    });
+    let loaded = Instant::now();
+    auth.authenticate(&f.digest).await.expect("first lookup");
+    let lookups = || auth.stats().db_lookups;
+    assert!(auth.cached(&f.digest).is_some());
+    assert_eq!(
+        (lookups(), auth.stats().refreshes),
+        (1, 0),
+        "an early hit starts nothing"
+    );
+
+    // Revoked behind the cache's back: no notification, no sync task.
+    f.revoke(f.key_id).await;
+    tokio::time::sleep_until((loaded + ttl * 85 / 100).into()).await;
+    let served = auth.cached(&f.digest).expect("still fresh").expect("found");
+    assert_eq!(served.status(Utc::now()), KeyStatus::Active, "answered from the cache");
+    assert!(eventually(DEADLINE, async || lookups() == 2).await, "no reload started");
+    assert!(auth.stats().refreshes >= 1);
+    assert!(
+        eventually(DEADLINE, async || {
+            auth.cached(&f.digest)
+                .and_then(Result::ok)
+                .is_some_and(|r| r.status(Utc::now()) == KeyStatus::Revoked)
+        })
+        .await,
+        "the reload did not bring the revocation in"
+    );
+
+    // Past the first record's TTL the reloaded one is still fresh: no request misses.
+    tokio::time::sleep_until((loaded + ttl * 120 / 100).into()).await;
+    assert!(
+        auth.cached(&f.digest).is_some(),
+        "the refreshed record should outlive the first"
+    );
+    assert_eq!(lookups(), 2);
+}

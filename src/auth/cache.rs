@@ -72,7 +72,8 @@ struct Slot {
 
 /// What the hot path learns from one probe.
 pub(crate) enum Probe {
-    Hit(AuthRecord),
+    /// The record, and until when it is fresh.
+    Hit(AuthRecord, Instant),
     Unknown,
     /// Absent, expired or invalidated: ask the database.
     Miss,
@@ -116,7 +117,7 @@ impl Cache {
                 record,
                 fresh_until,
                 invalidated: false,
-            }) if now < *fresh_until => Probe::Hit(*record),
+            }) if now < *fresh_until => Probe::Hit(*record, *fresh_until),
             Some(State::Found { .. }) => Probe::Miss,
             Some(State::Unknown { fresh_until }) if now < *fresh_until => Probe::Unknown,
             _ if authoritative => Probe::Unknown,

@@ -63,6 +63,8 @@ pub struct AuthStats {
     pub db_reloads: u64,
     /// Expired records served because the database could not be asked.
     pub stale_served: u64,
+    /// Reloads started by a hit near the end of its record's freshness.
+    pub refreshes: u64,
     /// Invalidations applied (notifications, resyncs and direct calls).
     pub invalidations: u64,
     /// Full resyncs after the listener (re)connected.
@@ -86,6 +88,8 @@ struct Counters {
     db_lookups: AtomicU64,
     db_reloads: AtomicU64,
     stale_served: AtomicU64,
+    /// Hits near the end of their record's freshness that started (or joined) a reload.
+    refreshes: AtomicU64,
     invalidations: AtomicU64,
     resyncs: AtomicU64,
 }
@@ -96,6 +100,8 @@ struct Inner {
     lookups: Semaphore,
     pool: Pool,
     ttl: Duration,
+    /// How long before a record's freshness ends a hit starts its reload.
+    refresh_ahead: Duration,
     negative_ttl: Duration,
     /// The whole budget of one lookup, pool checkout included: a frozen database
     /// (no error, no answer) must not hold requests forever.
@@ -123,6 +129,7 @@ impl Authenticator {
                 lookups: Semaphore::new(cfg.max_concurrent_lookups.max(1)),
                 pool,
                 ttl: cfg.cache_ttl,
+                refresh_ahead: cfg.cache_ttl / 5,
                 negative_ttl: cfg.negative_cache_ttl,
                 lookup_timeout: cfg.lookup_timeout,
                 serve_stale_for: cfg.serve_stale_for,
@@ -140,9 +147,11 @@ impl Authenticator {
     /// answer.
     pub async fn authenticate(&self, digest: &KeyDigest) -> Result<AuthRecord, AuthError> {
         let inner = &self.inner;
-        match inner.cache.probe(digest, Instant::now()) {
-            Probe::Hit(record) => {
+        let now = Instant::now();
+        match inner.cache.probe(digest, now) {
+            Probe::Hit(record, fresh_until) => {
                 inner.counters.hits.fetch_add(1, Relaxed);
+                inner.refresh_if_due(digest, now, fresh_until);
                 return Ok(record);
             }
             Probe::Unknown => {
@@ -165,8 +174,12 @@ impl Authenticator {
     /// The cache's answer alone, without ever asking the database: `None` when the
     /// digest would need a lookup. Lets callers gate lookups without slowing hits.
     pub fn cached(&self, digest: &KeyDigest) -> Option<Result<AuthRecord, AuthError>> {
-        let answer = match self.inner.cache.probe(digest, Instant::now()) {
-            Probe::Hit(record) => Ok(record),
+        let now = Instant::now();
+        let answer = match self.inner.cache.probe(digest, now) {
+            Probe::Hit(record, fresh_until) => {
+                self.inner.refresh_if_due(digest, now, fresh_until);
+                Ok(record)
+            }
             Probe::Unknown => Err(AuthError::Unknown),
             Probe::Miss => return None,
         };
@@ -213,6 +226,7 @@ impl Authenticator {
             db_lookups: c.db_lookups.load(Relaxed),
             db_reloads: c.db_reloads.load(Relaxed),
             stale_served: c.stale_served.load(Relaxed),
+            refreshes: c.refreshes.load(Relaxed),
             invalidations: c.invalidations.load(Relaxed),
             resyncs: c.resyncs.load(Relaxed),
             listener_connected: self.inner.listener_connected.load(Relaxed),
@@ -254,6 +268,24 @@ impl Authenticator {
     }
 }
 impl Inner {
+    /// A hit in the last fifth of its record's freshness also starts the digest's
+    /// reload in the background (or joins the one under way), so a key in use is
+    /// refreshed before it expires, and its requests never wait on the lookup: without
+    /// it, every active key's request waited once per TTL, and keys loaded together
+    /// (after a restart) all expired in the same second. The TTL still bounds how old a
+    /// served record can be. Skipped while the breaker is not closed, and outside a
+    /// Tokio runtime (benches).
+    fn refresh_if_due(self: &Arc<Self>, digest: &KeyDigest, now: Instant, fresh_until: Instant) {
+        if now + self.refresh_ahead < fresh_until
+            || self.breaker.state(now) != BreakerState::Closed
+            || tokio::runtime::Handle::try_current().is_err()
+        {
+            return;
+        }
+        self.counters.refreshes.fetch_add(1, Relaxed);
+        drop(self.join_or_start(digest));
+    }
+
     fn invalidate(&self, scope: Scope) {
         self.counters.invalidations.fetch_add(1, Relaxed);
         self.cache.invalidate(scope);

@@ -96,6 +96,7 @@ pub fn render(handle: &PrometheusHandle, s: &Sources) -> String {
     counter!("keygate_auth_db_lookups_total").absolute(a.db_lookups);
     counter!("keygate_auth_db_reloads_total").absolute(a.db_reloads);
     counter!("keygate_auth_stale_served_total").absolute(a.stale_served);
+    counter!("keygate_auth_refreshes_total").absolute(a.refreshes);
     counter!("keygate_auth_invalidations_total").absolute(a.invalidations);
     gauge!("keygate_auth_breaker_open").set(match a.breaker {
         crate::auth::BreakerState::Closed => 0.0,
