@@ -927,14 +927,14 @@ async fn stale_records_are_served_only_up_to_the_ceiling() {
     f.allow_connections(true).await;
 }
 
-/// A key in use is reloaded before its record expires: a hit in the last fifth of the
-/// TTL starts a background lookup and is answered from the cache at once, so active
+/// A key in use is reloaded before its record expires: a hit in the last tenth of the
+/// TTL (from between the last fifth and tenth, by digest) starts a background lookup and is answered from the cache at once, so active
 /// keys never wait on the database, and a change that no notification announced still
 /// arrives within the TTL.
 #[tokio::test]
 async fn records_in_use_are_refreshed_before_they_expire() {
     let f = fixture().await;
-    let ttl = Duration::from_secs(2);
+    let ttl = Duration::from_secs(4);
     let auth = f.authenticator(&AuthConfig {
         listen_notify: false,
         ..cfg(ttl, Duration::from_secs(5), 16)
@@ -951,7 +951,7 @@ async fn records_in_use_are_refreshed_before_they_expire() {
 
     // Revoked behind the cache's back: no notification, no sync task.
     f.revoke(f.key_id).await;
-    tokio::time::sleep_until((loaded + ttl * 85 / 100).into()).await;
+    tokio::time::sleep_until((loaded + ttl * 91 / 100).into()).await;
     let served = auth.cached(&f.digest).expect("still fresh").expect("found");
     assert_eq!(served.status(Utc::now()), KeyStatus::Active, "answered from the cache");
     assert!(eventually(DEADLINE, async || lookups() == 2).await, "no reload started");

@@ -100,7 +100,7 @@ struct Inner {
     lookups: Semaphore,
     pool: Pool,
     ttl: Duration,
-    /// How long before a record's freshness ends a hit starts its reload.
+    /// A fifth of the TTL: the most a reload can lead the end of freshness by.
     refresh_ahead: Duration,
     negative_ttl: Duration,
     /// The whole budget of one lookup, pool checkout included: a frozen database
@@ -268,15 +268,20 @@ impl Authenticator {
     }
 }
 impl Inner {
-    /// A hit in the last fifth of its record's freshness also starts the digest's
-    /// reload in the background (or joins the one under way), so a key in use is
-    /// refreshed before it expires, and its requests never wait on the lookup: without
-    /// it, every active key's request waited once per TTL, and keys loaded together
-    /// (after a restart) all expired in the same second. The TTL still bounds how old a
-    /// served record can be. Skipped while the breaker is not closed, and outside a
-    /// Tokio runtime (benches).
+    /// A hit late in its record's freshness also starts the digest's reload in the
+    /// background (or joins the one under way), so a key in use is refreshed before it
+    /// expires, and its requests never wait on the lookup: without it, every active
+    /// key's request waited once per TTL. Where in the last fifth of the TTL a key's
+    /// reload becomes due (between 20% and 10% before the end) depends on its digest,
+    /// so keys loaded together (after a restart) are reloaded spread over a tenth of
+    /// the TTL rather than in one burst. The TTL still
+    /// bounds how old a served record can be. Skipped while the breaker is not closed,
+    /// and outside a Tokio runtime (benches).
     fn refresh_if_due(self: &Arc<Self>, digest: &KeyDigest, now: Instant, fresh_until: Instant) {
-        if now + self.refresh_ahead < fresh_until
+        let ahead = self
+            .refresh_ahead
+            .mul_f64(0.5 + f64::from(digest.as_bytes()[0]) / 512.0);
+        if now + ahead < fresh_until
             || self.breaker.state(now) != BreakerState::Closed
             || tokio::runtime::Handle::try_current().is_err()
         {
