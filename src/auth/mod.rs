@@ -271,12 +271,11 @@ impl Inner {
     /// A hit late in its record's freshness also starts the digest's reload in the
     /// background (or joins the one under way), so a key in use is refreshed before it
     /// expires, and its requests never wait on the lookup: without it, every active
-    /// key's request waited once per TTL. Where in the last fifth of the TTL a key's
-    /// reload becomes due (between 20% and 10% before the end) depends on its digest,
-    /// so keys loaded together (after a restart) are reloaded spread over a tenth of
-    /// the TTL rather than in one burst. The TTL still
-    /// bounds how old a served record can be. Skipped while the breaker is not closed,
-    /// and outside a Tokio runtime (benches).
+    /// key's request waited once per TTL. The reload becomes due between 20% and 10%
+    /// of the TTL before the end, by digest, so keys loaded together (after a restart)
+    /// are reloaded spread over a tenth of the TTL rather than in one burst. The TTL
+    /// still bounds how old a served record can be. Skipped while the breaker is not
+    /// closed, and outside a Tokio runtime (benches).
     fn refresh_if_due(self: &Arc<Self>, digest: &KeyDigest, now: Instant, fresh_until: Instant) {
         let ahead = self
             .refresh_ahead
