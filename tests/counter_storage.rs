@@ -69,6 +69,15 @@ fn usage_row(key: Uuid, org: Uuid) -> UsageRecord {
     }
 }
 
+/// One usage row per key, written as the writer's first attempt writes a batch.
+async fn usage_batch(pool: &deadpool_postgres::Pool, keys: &[Uuid], org: Uuid) {
+    let rows: Vec<UsageRecord> = keys.iter().map(|&k| usage_row(k, org)).collect();
+    let out = db::usage::write_fresh_batch(pool, &rows, Duration::from_secs(30))
+        .await
+        .expect("usage batch");
+    assert_eq!(out.inserted, keys.len() as u64);
+}
+
 /// A limiter flush's deltas: one request in `minute` for each key.
 fn one_each(keys: &[Uuid], minute: DateTime<Utc>) -> Vec<counters::WindowCount> {
     keys.iter()
@@ -125,11 +134,7 @@ async fn bump_under_a_held_snapshot(db: &TestDb, keys: &[Uuid], org: Uuid, minut
     let (keys_before, minutes_before) = (pages(&c, KEY_PAGES).await, pages(&c, MINUTE_PAGES).await);
 
     let pool = db::pool(&db.database_config(), 2).expect("pool");
-    let rows: Vec<UsageRecord> = keys.iter().map(|&k| usage_row(k, org)).collect();
-    let out = db::usage::write_fresh_batch(&pool, &rows, Duration::from_secs(30))
-        .await
-        .expect("usage batch");
-    assert_eq!(out.inserted, KEYS as u64);
+    usage_batch(&pool, keys, org).await;
     let deltas = one_each(keys, minute);
     let client = pool.get().await.expect("client");
     let flusher: &tokio_postgres::Client = &client;
@@ -218,18 +223,20 @@ async fn counter_writes_set_updated_at_without_the_touch_function() {
     c.batch_execute(&format!("ALTER DATABASE {} SET track_functions = 'all'", db.name))
         .await
         .expect("track functions");
-    let stamp = |table: &'static str| format!("SELECT max(updated_at) FROM {table} WHERE organization_id = $1");
 
     // The usage writer's bump, on its own pooled sessions: every key's updated_at moves,
     // and once the sessions end and report, the function has not run once.
-    let before: DateTime<Utc> = c.query_one(&stamp("api_keys"), &[&org]).await.expect("q").get(0);
+    let before: DateTime<Utc> = c
+        .query_one(
+            "SELECT max(updated_at) FROM api_keys WHERE organization_id = $1",
+            &[&org],
+        )
+        .await
+        .expect("q")
+        .get(0);
     {
         let pool = db::pool(&db.database_config(), 2).expect("pool");
-        let rows: Vec<UsageRecord> = keys.iter().map(|&k| usage_row(k, org)).collect();
-        let out = db::usage::write_fresh_batch(&pool, &rows, Duration::from_secs(30))
-            .await
-            .expect("usage batch");
-        assert_eq!(out.inserted, KEYS as u64);
+        usage_batch(&pool, &keys, org).await;
         let stale: i64 = c
             .query_one(
                 "SELECT count(*) FROM api_keys WHERE organization_id = $1 AND updated_at <= $2",

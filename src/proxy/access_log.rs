@@ -174,7 +174,7 @@ impl Line<'_> {
     /// A string field: quoted in both formats, escaped as each formatter escapes.
     fn str(&mut self, name: &str, v: &str) {
         self.name(name);
-        if v.bytes().all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\') {
+        if plain(v) {
             self.out.push(b'"');
             self.out.extend_from_slice(v.as_bytes());
             self.out.push(b'"');
@@ -198,19 +198,21 @@ impl Line<'_> {
         }
     }
 
-    /// `pk_test_…zh3g`, as `AuthRecord::display_hint` shows it.
+    /// `pk_test_…zh3g`, as `AuthRecord::display_hint` shows it: bare in text (a
+    /// `Display` field), a JSON string.
     fn hint(&mut self, name: &str, prefix: &str, hint: &str) {
-        let shown = format_args!("{prefix}…{hint}");
-        let plain = |s: &str| s.bytes().all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\');
-        if !self.json || (plain(prefix) && plain(hint)) {
-            self.name(name);
-            let _ = if self.json {
-                write!(self.out, "\"{shown}\"")
-            } else {
-                write!(self.out, "{shown}")
-            };
-        } else {
-            self.str(name, &shown.to_string());
+        if self.json && !(plain(prefix) && plain(hint)) {
+            return self.str(name, &format!("{prefix}…{hint}"));
+        }
+        self.name(name);
+        if self.json {
+            self.out.push(b'"');
+        }
+        self.out.extend_from_slice(prefix.as_bytes());
+        self.out.extend_from_slice("…".as_bytes());
+        self.out.extend_from_slice(hint.as_bytes());
+        if self.json {
+            self.out.push(b'"');
         }
     }
 
@@ -227,11 +229,11 @@ impl Line<'_> {
         if us >= 1 << 53 {
             // Past what the float holds exactly: let the formatter decide.
             let v = ms(d);
-            let _ = if self.json {
-                serde_json::to_writer(&mut *self.out, &v).map_err(std::io::Error::other)
+            if self.json {
+                let _ = serde_json::to_writer(&mut *self.out, &v);
             } else {
-                write!(self.out, "{v:?}")
-            };
+                let _ = write!(self.out, "{v:?}");
+            }
             return;
         }
         self.out
@@ -251,6 +253,12 @@ impl Line<'_> {
         self.out.push(b'.');
         self.out.extend_from_slice(&digits[..keep]);
     }
+}
+
+/// Printable ASCII without quote or backslash: written as is, quoted, by both
+/// formatters (anything else goes through their own escaping).
+fn plain(s: &str) -> bool {
+    s.bytes().all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\')
 }
 
 /// RFC 3339 in UTC with microseconds, as `tracing-subscriber`'s `SystemTime` timer
