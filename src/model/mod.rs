@@ -3,10 +3,11 @@
 //! Plain data with the rules that need no I/O (a key's status at an instant). How they
 //! are stored is `db`'s business; how they are cached is the proxy's. The compact
 //! authentication record the cache holds is in `auth_record`, the interner it shares
-//! prefixes and scopes through in `intern`.
+//! prefixes and scopes through in `intern`, an address's text in `ip_text`.
 
 mod auth_record;
 pub mod intern;
+pub mod ip_text;
 
 #[cfg(test)]
 pub(crate) use auth_record::test_fields;

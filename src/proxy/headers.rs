@@ -10,6 +10,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use super::error::Reject;
 use super::header_text::HeaderText;
 use crate::config::{IdentityHeaders, KeySource};
+use crate::model::ip_text::IpText;
 use crate::model::AuthRecord;
 
 /// RFC 9110 7.6.1 plus the de-facto ones (`keep-alive`, `proxy-connection`).
@@ -167,7 +168,7 @@ pub fn set_forwarded(h: &mut HeaderMap, peer: IpAddr, host: Option<HeaderValue>,
             b.extend_from_slice(prior.as_bytes());
             b.extend_from_slice(b", ");
         }
-        let _ = std::fmt::Write::write_fmt(b, format_args!("{peer}"));
+        b.extend_from_slice(IpText::new(peer).as_bytes());
     });
     if let Some(v) = value {
         h.insert(XFF, v);
