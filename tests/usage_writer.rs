@@ -695,3 +695,84 @@ async fn a_refused_direct_copy_falls_back_to_staging() {
     let ids: Vec<Uuid> = batch.iter().map(|r| r.id).collect();
     assert_eq!(f.stored(&ids).await, 9);
 }
+
+/// A batch whose COPY stream spans many of the encoder's 64 KiB pieces is stored whole,
+/// on the direct path and on the staging path alike, and a row cut at a piece boundary
+/// arrives intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_larger_than_one_copy_piece_is_stored_whole_on_both_paths() {
+    let f = fixture().await;
+    let pool = f.pool();
+    let rows = || -> Vec<UsageRecord> {
+        (0..1_500)
+            .map(|i| {
+                let mut r = f.record(i);
+                // About 700 bytes a row: the stream is about 1 MiB, sixteen pieces.
+                r.user_agent = Some(format!("agent-{i}-{}", "y".repeat(i % 600)));
+                if i % 2 == 1 {
+                    r.ip_address = Some("2001:db8::7".parse().unwrap());
+                }
+                r.model = (i % 5 != 0).then(|| format!("model-{i}"));
+                r.cost_micros = (i % 7 != 0).then_some(i as i64 * 1_001);
+                r
+            })
+            .collect()
+    };
+    let (direct, staged) = (rows(), rows());
+    let limit = Duration::from_secs(20);
+    let o = db::usage::write_fresh_batch(&pool, &direct, limit).await.unwrap();
+    assert_eq!(o.inserted, 1_500);
+    let o = db::usage::write_batch(&pool, &staged, limit).await.unwrap();
+    assert_eq!(o.inserted, 1_500);
+    let ids = |v: &[UsageRecord]| v.iter().map(|r| r.id).collect::<Vec<_>>();
+    assert_eq!(f.stored(&ids(&direct)).await, 1_500);
+    assert_eq!(f.stored(&ids(&staged)).await, 1_500);
+    let sample = [0, 1, 93, 94, 95, 700, 1_498, 1_499];
+    let pick = |v: &[UsageRecord]| sample.iter().map(|&i| v[i].id).collect::<Vec<_>>();
+    let (a, b) = (
+        rows_as_text(&f, &pick(&direct)).await,
+        rows_as_text(&f, &pick(&staged)).await,
+    );
+    // Same rows apart from the timestamps each `record` call took.
+    let strip = |v: Vec<String>| -> Vec<String> {
+        v.into_iter()
+            .map(|s| {
+                s.split('|')
+                    .enumerate()
+                    .filter(|(i, _)| *i != 2)
+                    .map(|(_, p)| p)
+                    .collect::<Vec<_>>()
+                    .join("|")
+            })
+            .collect()
+    };
+    assert_eq!(strip(a.clone()), strip(b));
+    let last = &a[7];
+    let want = format!("|1.500499|model-1499|2001:db8::7|agent-1499-{}|f", "y".repeat(299));
+    assert!(last.ends_with(&want), "{last}");
+    let row = f
+        .client
+        .query_one(
+            "SELECT cost_usd::text, user_agent, model, ip_address FROM api_key_usage WHERE id = $1",
+            &[&direct[700].id],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, Option<String>>(0), None, "700 is a multiple of 7: no cost");
+    assert_eq!(
+        row.get::<_, Option<String>>(1),
+        Some(format!("agent-700-{}", "y".repeat(100)))
+    );
+    assert_eq!(row.get::<_, Option<String>>(2), None);
+    assert_eq!(row.get::<_, Option<String>>(3).as_deref(), Some("192.0.2.7"));
+    let cost: Option<String> = f
+        .client
+        .query_one(
+            "SELECT cost_usd::text FROM api_key_usage WHERE id = $1",
+            &[&staged[1_499].id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(cost.as_deref(), Some("1.500499"));
+}

@@ -6,6 +6,7 @@
 
 pub mod auth_queries;
 mod cached;
+mod copy_rows;
 pub mod counters;
 pub mod keys;
 mod mask;

@@ -14,39 +14,11 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::{Object, Pool};
-use tokio_postgres::binary_copy::BinaryCopyInWriter;
-use tokio_postgres::types::{ToSql, Type};
 
+use super::copy_rows::{copy_rows, CostColumn};
 use super::DbError;
+use crate::model::ip_text::IpText;
 use crate::usage::{self, UsageRecord};
-
-/// `api_key_usage.ip_address` is `varchar(45)`, long enough for any IPv6 text form.
-const IP_ADDRESS_MAX: usize = 45;
-
-/// A stack buffer for an address's text, so a row's address costs no allocation.
-struct IpText {
-    buf: [u8; IP_ADDRESS_MAX],
-}
-
-impl Default for IpText {
-    fn default() -> Self {
-        IpText {
-            buf: [0; IP_ADDRESS_MAX],
-        }
-    }
-}
-
-impl IpText {
-    /// The usual text form (`IpAddr`'s `Display`); never longer than the column.
-    fn format(&mut self, ip: std::net::IpAddr) -> &str {
-        use std::io::Write;
-        let mut out = &mut self.buf[..];
-        // Cannot fail: the longest form (eight full IPv6 groups) is 39 bytes.
-        let _ = write!(out, "{ip}");
-        let len = IP_ADDRESS_MAX - out.len();
-        std::str::from_utf8(&self.buf[..len]).unwrap_or_default()
-    }
-}
 
 /// The session's staging table. `ON COMMIT DELETE ROWS` empties it at every commit,
 /// so a pooled connection reuses it without any cleanup statement. Strings are `text`
@@ -63,27 +35,6 @@ CREATE TEMP TABLE IF NOT EXISTS keygate_usage_staging (
 const COPY: &str = "COPY keygate_usage_staging (id, api_key_id, organization_id, \"timestamp\", endpoint, \
     method, status_code, response_time_ms, prompt_tokens, completion_tokens, tokens_used, cost_micros, model, \
     ip_address, user_agent, error_code, error_message) FROM STDIN (FORMAT binary)";
-
-/// Column types of [`COPY`], in order.
-const COPY_TYPES: [Type; 17] = [
-    Type::UUID,
-    Type::UUID,
-    Type::UUID,
-    Type::TIMESTAMPTZ,
-    Type::TEXT,
-    Type::TEXT,
-    Type::INT4,
-    Type::INT4,
-    Type::INT4,
-    Type::INT4,
-    Type::INT4,
-    Type::INT8,
-    Type::TEXT,
-    Type::TEXT,
-    Type::TEXT,
-    Type::TEXT,
-    Type::TEXT,
-];
 
 /// One statement per batch. Rows whose key or organisation is gone are filtered out
 /// (the reference check would otherwise refuse the whole batch on every retry, forever);
@@ -237,28 +188,24 @@ fn refused_row(e: &tokio_postgres::Error) -> bool {
 }
 
 /// A row's text fields made to fit their columns, shared by both COPY paths.
-struct Cleaned<'a> {
-    endpoint: Cow<'a, str>,
-    method: Cow<'a, str>,
-    model: Option<Cow<'a, str>>,
-    ip_text: IpText,
-    /// Length of the address's text in `ip_text`; `None` without an address.
-    ip_len: Option<usize>,
-    agent: Option<Cow<'a, str>>,
-    code: Option<Cow<'a, str>>,
-    message: Option<Cow<'a, str>>,
+pub(super) struct Cleaned<'a> {
+    pub(super) endpoint: Cow<'a, str>,
+    pub(super) method: Cow<'a, str>,
+    pub(super) model: Option<Cow<'a, str>>,
+    /// Always fits `ip_address`, `varchar(45)`.
+    ip: Option<IpText>,
+    pub(super) agent: Option<Cow<'a, str>>,
+    pub(super) code: Option<Cow<'a, str>>,
+    pub(super) message: Option<Cow<'a, str>>,
 }
 
 impl<'a> Cleaned<'a> {
-    fn new(r: &'a UsageRecord) -> Self {
-        let mut ip_text = IpText::default();
-        let ip_len = r.ip_address.map(|ip| ip_text.format(ip).len());
+    pub(super) fn new(r: &'a UsageRecord) -> Self {
         Cleaned {
             endpoint: clean(&r.endpoint, usage::ENDPOINT_MAX),
             method: clean(&r.method, usage::METHOD_MAX),
             model: r.model.as_deref().map(|s| clean(s, usage::MODEL_MAX)),
-            ip_text,
-            ip_len,
+            ip: r.ip_address.map(IpText::new),
             agent: r.user_agent.as_deref().map(|s| clean(s, usage::USER_AGENT_MAX)),
             code: r.error_code.as_deref().map(|s| clean(s, usage::ERROR_CODE_MAX)),
             message: r.error_message.as_deref().map(|s| clean(s, usize::MAX)),
@@ -266,41 +213,9 @@ impl<'a> Cleaned<'a> {
     }
 
     /// The client address as the column's text.
-    fn ip(&self) -> Option<&str> {
-        let len = self.ip_len?;
-        std::str::from_utf8(&self.ip_text.buf[..len]).ok()
+    pub(super) fn ip(&self) -> Option<&str> {
+        self.ip.as_ref().map(IpText::as_str)
     }
-}
-
-/// One row in the column order both COPY statements share; only the cost's wire type
-/// differs (integer micro-dollars into staging, `numeric` straight into the table).
-pub(super) async fn write_row(
-    writer: std::pin::Pin<&mut BinaryCopyInWriter>,
-    r: &UsageRecord,
-    cost: &(dyn ToSql + Sync),
-) -> Result<(), tokio_postgres::Error> {
-    let c = Cleaned::new(r);
-    let ip = c.ip();
-    let values: [&(dyn ToSql + Sync); 17] = [
-        &r.id,
-        &r.api_key_id,
-        &r.organization_id,
-        &r.timestamp,
-        &c.endpoint,
-        &c.method,
-        &r.status_code,
-        &r.response_time_ms,
-        &r.prompt_tokens,
-        &r.completion_tokens,
-        &r.tokens_used,
-        cost,
-        &c.model,
-        &ip,
-        &c.agent,
-        &c.code,
-        &c.message,
-    ];
-    writer.write(&values).await
 }
 
 async fn write_in(client: &mut Object, rows: &[UsageRecord]) -> Result<BatchOutcome, UsageWriteError> {
@@ -308,13 +223,7 @@ async fn write_in(client: &mut Object, rows: &[UsageRecord]) -> Result<BatchOutc
     let tx = client.transaction().await?;
     tx.batch_execute(STAGE).await?;
     let copy = tx.prepare_cached(COPY).await?;
-    let sink = tx.copy_in(&copy).await?;
-    let writer = BinaryCopyInWriter::new(sink, &COPY_TYPES);
-    let mut writer = std::pin::pin!(writer);
-    for r in rows {
-        write_row(writer.as_mut(), r, &r.cost_micros).await?;
-    }
-    let staged = writer.as_mut().finish().await?;
+    let staged = copy_rows(tx.copy_in(&copy).await?, rows, CostColumn::Micros).await?;
     let insert = tx.prepare_cached(INSERT).await?;
     let inserted: i64 = tx.query_one(&insert, &[]).await?.try_get(0)?;
     let inserted = inserted.max(0) as u64;
@@ -368,19 +277,5 @@ mod tests {
         assert_eq!(clean("abc", 2), "ab");
         assert_eq!(clean("a\0b", 10), "ab");
         assert_eq!(clean("é", 1), "");
-    }
-
-    #[test]
-    fn addresses_are_written_as_text() {
-        let mut t = super::IpText::default();
-        for ip in [
-            "192.0.2.7",
-            "::1",
-            "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255",
-            "::ffff:203.0.113.9",
-        ] {
-            let parsed: std::net::IpAddr = ip.parse().expect("address");
-            assert_eq!(t.format(parsed), parsed.to_string());
-        }
     }
 }

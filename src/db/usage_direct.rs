@@ -13,36 +13,14 @@ use std::collections::HashMap;
 use bytes::{BufMut, BytesMut};
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Transaction;
-use tokio_postgres::binary_copy::BinaryCopyInWriter;
-use tokio_postgres::types::{to_sql_checked, IsNull, ToSql, Type};
 use uuid::Uuid;
 
-use super::usage::write_row;
+use super::copy_rows::{copy_rows, CostColumn};
 use crate::usage::UsageRecord;
 
 const COPY: &str = "COPY api_key_usage (id, api_key_id, organization_id, \"timestamp\", endpoint, \
     method, status_code, response_time_ms, prompt_tokens, completion_tokens, tokens_used, cost_usd, model, \
     ip_address, user_agent, error_code, error_message) FROM STDIN (FORMAT binary)";
-
-const TYPES: [Type; 17] = [
-    Type::UUID,
-    Type::UUID,
-    Type::UUID,
-    Type::TIMESTAMPTZ,
-    Type::VARCHAR,
-    Type::VARCHAR,
-    Type::INT4,
-    Type::INT4,
-    Type::INT4,
-    Type::INT4,
-    Type::INT4,
-    Type::NUMERIC,
-    Type::VARCHAR,
-    Type::VARCHAR,
-    Type::VARCHAR,
-    Type::VARCHAR,
-    Type::TEXT,
-];
 
 /// Keys are locked in id order, as the staging path does, so two batches touching the
 /// same keys queue instead of deadlocking. `updated_at` is set here so the touch
@@ -63,17 +41,13 @@ WHERE k.id = v.id";
 /// (all of them, or an error and nothing).
 pub(super) async fn copy_batch(tx: &Transaction<'_>, rows: &[UsageRecord]) -> Result<u64, tokio_postgres::Error> {
     let copy = tx.prepare_cached(COPY).await?;
-    let sink = tx.copy_in(&copy).await?;
-    let writer = BinaryCopyInWriter::new(sink, &TYPES);
-    let mut writer = std::pin::pin!(writer);
+    let stored = copy_rows(tx.copy_in(&copy).await?, rows, CostColumn::Numeric).await?;
     let mut per_key: HashMap<Uuid, (i64, DateTime<Utc>)> = HashMap::new();
     for r in rows {
-        write_row(writer.as_mut(), r, &r.cost_micros.map(Micros)).await?;
         let e = per_key.entry(r.api_key_id).or_insert((0, r.timestamp));
         e.0 += 1;
         e.1 = e.1.max(r.timestamp);
     }
-    let stored = writer.as_mut().finish().await?;
     let (mut ids, mut counts, mut last) = (Vec::new(), Vec::new(), Vec::new());
     for (id, (n, at)) in per_key {
         ids.push(id);
@@ -98,7 +72,7 @@ impl Micros {
     /// PostgreSQL's binary numeric: digit count, weight of the first base-10000 digit,
     /// sign, display scale, then the digits, most significant first, without leading or
     /// trailing zero digits.
-    fn encode(self, out: &mut BytesMut) {
+    pub(super) fn encode(self, out: &mut BytesMut) {
         let m = self.0.clamp(-MICROS_MAX, MICROS_MAX);
         let abs = m.unsigned_abs();
         let (int, frac) = (abs / 1_000_000, abs % 1_000_000);
@@ -118,19 +92,6 @@ impl Micros {
             out.put_i16(d as i16);
         }
     }
-}
-
-impl ToSql for Micros {
-    fn to_sql(&self, _: &Type, out: &mut BytesMut) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
-        self.encode(out);
-        Ok(IsNull::No)
-    }
-
-    fn accepts(ty: &Type) -> bool {
-        *ty == Type::NUMERIC
-    }
-
-    to_sql_checked!();
 }
 
 #[cfg(test)]
