@@ -9,6 +9,8 @@
 //! built by the proxy) nor the price table (`config::Pricing`).
 
 mod json_scan;
+#[cfg(test)]
+mod json_scan_tests;
 mod sse;
 #[cfg(test)]
 mod sse_tests;
