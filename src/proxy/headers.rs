@@ -28,8 +28,8 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 /// Removes hop-by-hop headers, including every header that `Connection` names.
 /// `Transfer-Encoding` goes too: hyper frames each side itself.
 ///
-/// Runs twice per request, so the common case (no hop-by-hop header but `Connection`)
-/// is one pass over the names, not a hashed removal per listed name, and the names a
+/// Runs twice per request, so the common case (`Connection: keep-alive`, nothing else
+/// hop-by-hop) is one pass over the names and one hashed removal, and the other names a
 /// `Connection` header lists are removed by `&str` (no `HeaderName` is built for them).
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     if h.contains_key(header::CONNECTION) {
@@ -58,19 +58,32 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
         for token in buf.split(|b| *b == b',') {
             if let Ok(name) = std::str::from_utf8(token) {
                 let name = name.trim();
-                if !name.is_empty() {
+                // `keep-alive` (the usual token) and the other fixed names go in the
+                // pass below; a hashed removal here would find them a second time.
+                let fixed = HOP_BY_HOP.iter().any(|n| n.as_str().eq_ignore_ascii_case(name));
+                if !name.is_empty() && !fixed {
                     h.remove(name);
                 }
             }
         }
     }
-    let any = h
-        .keys()
-        .any(|k| HOP_BY_HOP.contains(k) || *k == header::TRANSFER_ENCODING);
-    if any {
-        for n in HOP_BY_HOP.iter() {
+    // Which of them are present, found in the same pass: an upstream's response carries
+    // `Connection: keep-alive` nearly always, and removing all nine names by hash when
+    // only one or two are there cost more than the rest of the function.
+    let mut present = 0u16;
+    for k in h.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|n| n == k) {
+            present |= 1 << i;
+        } else if *k == header::TRANSFER_ENCODING {
+            present |= 1 << HOP_BY_HOP.len();
+        }
+    }
+    for (i, n) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
             h.remove(n);
         }
+    }
+    if present & (1 << HOP_BY_HOP.len()) != 0 {
         h.remove(header::TRANSFER_ENCODING);
     }
 }
@@ -339,6 +352,19 @@ mod tests {
         h.insert("x-kept", HeaderValue::from_static("v"));
         strip_hop_by_hop(&mut h);
         assert_eq!(h.keys().map(HeaderName::as_str).collect::<Vec<_>>(), ["x-kept"]);
+
+        // One fixed name alone, in any case, with `Connection` naming a fixed one too.
+        let mut h = map(&[("Upgrade", "h2c"), ("x-a", "1")]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().map(HeaderName::as_str).collect::<Vec<_>>(), ["x-a"]);
+        let mut h = map(&[
+            ("connection", "Keep-Alive, TE"),
+            ("keep-alive", "5"),
+            ("te", "x"),
+            ("x-a", "1"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().map(HeaderName::as_str).collect::<Vec<_>>(), ["x-a"]);
 
         // Nothing hop-by-hop at all: the map is untouched.
         let mut h = map(&[("content-type", "text/plain"), ("x-a", "1")]);
