@@ -13,8 +13,9 @@ use crate::config::{IdentityHeaders, KeySource};
 use crate::model::ip_text::IpText;
 use crate::model::AuthRecord;
 
-/// RFC 9110 7.6.1 plus the de-facto ones (`keep-alive`, `proxy-connection`).
-const HOP_BY_HOP: [HeaderName; 8] = [
+/// RFC 9110 7.6.1 plus the de-facto ones (`keep-alive`, `proxy-connection`). A `static`:
+/// each use of a `const` array of `HeaderName`s built and dropped a temporary copy.
+static HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
