@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use http::{header, HeaderMap, HeaderValue, Request, Response};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -148,20 +148,23 @@ impl Proxy {
             return Err(Reject::KeyInQuery.into());
         }
         let ip = client_ip(peer, req.headers(), &live.trusted_proxies);
-        let record = self.identify(req.headers(), ip, live).await?;
+        // One clock read for the whole request: the failed-key minute, the key's
+        // status, the limiter's window and the usage row all see its arrival.
+        let now = Utc::now();
+        let record = self.identify(req.headers(), ip, live, now).await?;
         let Some(record) = record else {
             // Fail-open: the store is down and the operator chose availability.
             return Ok(self.forward(req, None, peer, live, trace, None).await?);
         };
         trace.record = Some(record);
         if self.usage.is_some() {
-            *pending = Some(PendingUsage::new(&req, &record, ip, trace.started, Utc::now()));
+            *pending = Some(PendingUsage::new(&req, &record, ip, trace.started, now));
         }
-        authorise(&record, &req, &live.routes)?;
+        authorise(&record, &req, &live.routes, now)?;
         check_content_length(req.headers(), live.max_body_bytes)?;
         // Before the rate check, so a request refused here consumes no rate budget.
         let slot = self.take_slot(&record)?;
-        let rate = self.limit(&record, live.limits_enabled).await?;
+        let rate = self.limit(&record, live.limits_enabled, now).await?;
         let mut resp = self
             .forward(req, Some(&record), peer, live, trace, slot)
             .await
@@ -181,8 +184,9 @@ impl Proxy {
         h: &HeaderMap,
         ip: std::net::IpAddr,
         live: &Reloadable,
+        now: DateTime<Utc>,
     ) -> Result<Option<AuthRecord>, Reject> {
-        let now = Utc::now().timestamp();
+        let now = now.timestamp();
         let minute = now.div_euclid(60);
         let invalid = || {
             self.failed_auth.record(ip, minute);
@@ -220,12 +224,11 @@ impl Proxy {
         }
     }
 
-    async fn limit(&self, rec: &AuthRecord, enabled: bool) -> Result<Option<RateHeaders>, Failure> {
+    async fn limit(&self, rec: &AuthRecord, enabled: bool, now: DateTime<Utc>) -> Result<Option<RateHeaders>, Failure> {
         if !enabled {
             return Ok(None);
         }
         let limits = KeyLimits::from_auth(rec);
-        let now = Utc::now();
         if !self.limiter.is_known(&limits) {
             Box::pin(self.limiter.ensure_seeded(&self.pool, &limits, now)).await;
         }
@@ -327,8 +330,8 @@ impl Drop for Unanswered<'_> {
     }
 }
 
-fn authorise<B>(rec: &AuthRecord, req: &Request<B>, routes: &Routes) -> Result<(), Reject> {
-    match rec.status(Utc::now()) {
+fn authorise<B>(rec: &AuthRecord, req: &Request<B>, routes: &Routes, now: DateTime<Utc>) -> Result<(), Reject> {
+    match rec.status(now) {
         KeyStatus::Active => {}
         KeyStatus::Revoked => return Err(Reject::KeyRevoked),
         KeyStatus::Expired => return Err(Reject::KeyExpired),
