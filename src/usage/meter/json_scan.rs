@@ -157,9 +157,9 @@ impl JsonScan {
         while i < chunk.len() {
             // Runs of bytes that cannot change the state go at once (into the capture,
             // when one is open), then the byte that ends the run goes through the state
-            // machine below, in the same turn. A byte-class table, not memchr: strings
-            // and numbers in chat bodies are short, where memchr's set-up cost more than
-            // it saved (measured on the meter bench).
+            // machine below, in the same turn. Not memchr: strings and numbers in chat
+            // bodies are short, where its set-up cost more than it saved (measured on the
+            // meter bench); string runs take a word at a time, the rest a class table.
             let rest = chunk.get(i..).unwrap_or_default();
             let stop = if self.in_string {
                 if self.escaped {
