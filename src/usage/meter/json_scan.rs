@@ -46,15 +46,13 @@ const CAPTURE_START: usize = 256;
 /// Longest wanted key ("message"); longer keys are recognised as "not wanted" by length.
 const KEY_MAX: usize = 8;
 
-/// Byte classes for [`JsonScan::feed`]'s runs: which bytes end a run in a string, in a
-/// nested value, and at the top level.
-const STRING_END: u8 = 1;
-const NESTED: u8 = 2;
-const TOP: u8 = 4;
+/// Byte classes for [`JsonScan::feed`]'s runs outside strings: which bytes end a run in
+/// a nested value, and at the top level. (Runs inside strings are [`string_run`]'s.)
+const NESTED: u8 = 1;
+const TOP: u8 = 2;
 const CLASS: [u8; 256] = {
     let mut t = [0u8; 256];
-    t[b'"' as usize] = STRING_END | NESTED | TOP;
-    t[b'\\' as usize] = STRING_END;
+    t[b'"' as usize] = NESTED | TOP;
     let mut i = 0;
     let brackets = *b"{}[]";
     while i < brackets.len() {
@@ -161,27 +159,22 @@ impl JsonScan {
             // bodies are short, where its set-up cost more than it saved (measured on the
             // meter bench); string runs take a word at a time, the rest a class table.
             let rest = chunk.get(i..).unwrap_or_default();
-            let stop = if self.in_string {
+            let run = if self.in_string {
+                // An escaped byte is the state machine's alone.
                 if self.escaped {
                     0
                 } else {
-                    STRING_END
-                }
-            } else if self.depth >= 2 {
-                // Inside a nested value only quotes and brackets count.
-                NESTED
-            } else {
-                // At depth 1 (and 0) the separators count too.
-                TOP
-            };
-            if stop != 0 {
-                let run = if stop == STRING_END {
                     string_run(rest)
-                } else {
-                    rest.iter()
-                        .position(|&c| CLASS[usize::from(c)] & stop != 0)
-                        .unwrap_or(rest.len())
-                };
+                }
+            } else {
+                // Inside a nested value only quotes and brackets count; at depth 1 (and
+                // 0) the separators too.
+                let stop = if self.depth >= 2 { NESTED } else { TOP };
+                rest.iter()
+                    .position(|&c| CLASS[usize::from(c)] & stop != 0)
+                    .unwrap_or(rest.len())
+            };
+            if run > 0 {
                 let bytes = rest.get(..run).unwrap_or_default();
                 if self.reading_key {
                     self.key_bytes(bytes);
