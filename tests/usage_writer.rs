@@ -696,9 +696,9 @@ async fn a_refused_direct_copy_falls_back_to_staging() {
     assert_eq!(f.stored(&ids).await, 9);
 }
 
-/// A batch whose COPY stream spans many of the encoder's 64 KiB pieces is stored whole,
-/// on the direct path and on the staging path alike, and a row cut at a piece boundary
-/// arrives intact.
+/// A batch whose COPY stream spans many of the encoder's 64 KiB pieces (pieces end
+/// between rows) is stored whole, on the direct path and on the staging path alike, and
+/// rows from the first to the last arrive intact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_larger_than_one_copy_piece_is_stored_whole_on_both_paths() {
     let f = fixture().await;
@@ -707,7 +707,7 @@ async fn a_batch_larger_than_one_copy_piece_is_stored_whole_on_both_paths() {
         (0..1_500)
             .map(|i| {
                 let mut r = f.record(i);
-                // About 700 bytes a row: the stream is about 1 MiB, sixteen pieces.
+                // About 480 bytes a row: the stream is about 0.7 MiB, eleven pieces.
                 r.user_agent = Some(format!("agent-{i}-{}", "y".repeat(i % 600)));
                 if i % 2 == 1 {
                     r.ip_address = Some("2001:db8::7".parse().unwrap());
