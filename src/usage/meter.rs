@@ -2,12 +2,16 @@
 //!
 //! Owns [`TokenMeter`] (fed every body data frame, in order, on the hot path; it never
 //! holds or delays the stream), the decoding of OpenAI-style `usage` objects (and the
-//! Anthropic `input_tokens`/`output_tokens` aliases), and [`cost_micros`]. The byte-level
+//! Anthropic `input_tokens`/`output_tokens` aliases; `wire` defines them, `flat` is a
+//! fast path for the plain ones), and [`cost_micros`]. The byte-level
 //! work lives in `json_scan` (JSON structure) and `sse` (event-stream framing); both are
 //! constant-memory state machines, so results do not depend on how the body was split
 //! into frames. It does not own where the numbers go (the [`UsageRecord`](super::UsageRecord)
 //! built by the proxy) nor the price table (`config::Pricing`).
 
+mod flat;
+#[cfg(test)]
+mod flat_tests;
 mod json_scan;
 #[cfg(test)]
 mod json_scan_tests;
@@ -157,8 +161,9 @@ struct Seen {
     completion: Option<i64>,
     total: Option<i64>,
     model: Option<String>,
-    /// The raw JSON of the last model value: every SSE chunk repeats it, and comparing
-    /// bytes avoids decoding (and allocating) the same string once per token.
+    /// The raw JSON of the last model value once a second one arrived: every SSE chunk
+    /// repeats it, and comparing bytes avoids decoding (and allocating) the same string
+    /// once per token.
     model_raw: Vec<u8>,
 }
 
@@ -170,17 +175,26 @@ impl Seen {
         }
         match field {
             Field::Usage => {
-                if let Ok(usage) = serde_json::from_slice::<WireUsage>(raw) {
+                let usage = flat::usage(raw).or_else(|| serde_json::from_slice::<WireUsage>(raw).ok());
+                if let Some(usage) = usage {
                     self.merge(&usage);
                 }
             }
             Field::Model => {
                 if raw != self.model_raw.as_slice() {
-                    if let Ok(ModelName(Some(model))) = serde_json::from_slice(raw) {
+                    // A JSON body names its model once: only a second sighting (a
+                    // stream's next chunk) keeps the raw bytes to compare against.
+                    if self.model.is_some() {
+                        self.model_raw.clear();
+                        self.model_raw.extend_from_slice(raw);
+                    }
+                    let model = flat::model(raw).or_else(|| match serde_json::from_slice(raw) {
+                        Ok(ModelName(name)) => name,
+                        Err(_) => None,
+                    });
+                    if let Some(model) = model {
                         self.set_model(model);
                     }
-                    self.model_raw.clear();
-                    self.model_raw.extend_from_slice(raw);
                 }
             }
             Field::Message => {
