@@ -15,13 +15,15 @@
 //! - token counts are never negative, a model is never empty, and the meter's heap stays
 //!   bounded (its capture caps: a few KiB, asserted below 32 KiB);
 //! - `cost_micros` on the result does not panic;
-//! - an ignored content type reads nothing.
+//! - an ignored content type reads nothing;
+//! - the body read whole as a `usage` object and as a model name: wherever the meter's
+//!   fast path answers, serde's decode gives the same answer (`fast_path_agrees`).
 
 #![no_main]
 
 use http::HeaderValue;
 use keygate::config::{Price, Pricing};
-use keygate::usage::meter::{cost_micros, TokenMeter, Tokens};
+use keygate::usage::meter::{cost_micros, fast_path_agrees, TokenMeter, Tokens};
 use libfuzzer_sys::fuzz_target;
 
 const MAX_CUTS: usize = 16;
@@ -47,6 +49,7 @@ fuzz_target!(|data: &[u8]| {
         Tokens::default(),
         "ignored type read tokens"
     );
+    assert!(fast_path_agrees(body), "the fast path and serde disagree");
 });
 
 /// Parses the input header; a short or odd header just means fewer cuts.

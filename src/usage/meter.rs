@@ -129,6 +129,17 @@ impl TokenMeter {
     }
 }
 
+/// The fuzz target's oracle (`fuzz/fuzz_targets/usage_scanner.rs`): wherever the fast
+/// path (`flat`) answers for `raw`, as a `usage` object or as a model name, serde
+/// (`wire`) gives the same answer. Not for use outside tests and fuzzing.
+#[doc(hidden)]
+pub fn fast_path_agrees(raw: &[u8]) -> bool {
+    let usage = flat::usage(raw).is_none_or(|fast| serde_json::from_slice::<WireUsage>(raw).ok() == Some(fast));
+    let model = flat::model(raw)
+        .is_none_or(|fast| matches!(serde_json::from_slice(raw), Ok(ModelName(Some(name))) if name == fast));
+    usage && model
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Json,
