@@ -135,8 +135,7 @@ impl TokenMeter {
 #[doc(hidden)]
 pub fn fast_path_agrees(raw: &[u8]) -> bool {
     let usage = flat::usage(raw).is_none_or(|fast| serde_json::from_slice::<WireUsage>(raw).ok() == Some(fast));
-    let model = flat::model(raw)
-        .is_none_or(|fast| matches!(serde_json::from_slice(raw), Ok(ModelName(Some(name))) if name == fast));
+    let model = flat::model(raw).is_none_or(|fast| ModelName::decode(raw).is_some_and(|name| name == fast));
     usage && model
 }
 
@@ -176,6 +175,8 @@ struct Seen {
     /// repeats it, and comparing bytes avoids decoding (and allocating) the same string
     /// once per token.
     model_raw: Vec<u8>,
+    /// A model value arrived before, usable or not: the next one is a stream's repeat.
+    model_sighted: bool,
 }
 
 impl Seen {
@@ -194,16 +195,15 @@ impl Seen {
             Field::Model => {
                 if raw != self.model_raw.as_slice() {
                     // A JSON body names its model once: only a second sighting (a
-                    // stream's next chunk) keeps the raw bytes to compare against.
-                    if self.model.is_some() {
+                    // stream's next chunk) keeps the raw bytes to compare against. That
+                    // includes values that are no usable name (a number, an empty
+                    // string), so a stream repeating one is not decoded on every chunk.
+                    if self.model_sighted {
                         self.model_raw.clear();
                         self.model_raw.extend_from_slice(raw);
                     }
-                    let model = flat::model(raw).or_else(|| match serde_json::from_slice(raw) {
-                        Ok(ModelName(name)) => name,
-                        Err(_) => None,
-                    });
-                    if let Some(model) = model {
+                    self.model_sighted = true;
+                    if let Some(model) = flat::model(raw).or_else(|| ModelName::decode(raw)) {
                         self.set_model(model);
                     }
                 }

@@ -83,6 +83,22 @@ fn cumulative_usage_last_one_wins_and_null_does_not_erase() {
 }
 
 #[test]
+fn repeated_unusable_models_neither_win_nor_hide_a_later_name() {
+    // Repeats are compared as raw bytes, usable names or not: an unusable repeat must
+    // still be skipped without erasing a name, and a name after it must still count.
+    let ev = |model: &str| format!("data: {{\"model\":{model},\"choices\":[]}}\n\n");
+    let body: String = [
+        "5", "5", "\"\"", "\"\"", "\"a\"", "5", "5", "\"a\"", "7", "\"b\"", "\"b\"", "[1]",
+    ]
+    .iter()
+    .map(|m| ev(m))
+    .collect();
+    assert_eq!(feed_all_ways(SSE, body.as_bytes()), tokens(None, None, None, "b"));
+    let never: String = std::iter::repeat_n(ev("5"), 50).collect();
+    assert_eq!(feed_all_ways(SSE, never.as_bytes()), tokens(None, None, None, ""));
+}
+
+#[test]
 fn anthropic_stream_adds_input_and_output() {
     let body = concat!(
         "event: message_start\n",

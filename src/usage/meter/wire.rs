@@ -40,6 +40,16 @@ pub(super) struct Count(pub Option<i64>);
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub(super) struct ModelName(pub Option<String>);
 
+impl ModelName {
+    /// The name in one raw JSON value, as serde reads it; `None` for any other value or
+    /// malformed input.
+    pub fn decode(raw: &[u8]) -> Option<String> {
+        serde_json::from_slice::<Self>(raw)
+            .ok()
+            .and_then(|ModelName(name)| name)
+    }
+}
+
 impl<'de> Deserialize<'de> for Count {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         d.deserialize_any(Lenient(|v: Leaf<'_>| match v {
