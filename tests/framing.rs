@@ -1,6 +1,6 @@
 //! Hostile framing and headers on raw sockets: a request-smuggling matrix, identity and
 //! hop-by-hop spoofing in both directions (Connection-listed names, trailers, odd
-//! spellings), and an upstream that answers garbage.
+//! spellings), an upstream that answers garbage, and the h2 preface while HTTP/2 is off.
 
 mod common;
 
@@ -282,5 +282,52 @@ async fn a_malformed_upstream_answer_is_502_and_its_connection_is_not_reused() {
         bad.connections.load(std::sync::atomic::Ordering::SeqCst),
         2,
         "the broken connection was reused, or more were opened than needed"
+    );
+}
+
+/// With `server.http2` off (the default), the HTTP/2 connection preface is refused: the
+/// connection closes with nothing or an error status, a prior-knowledge h2 client gets
+/// an error, not a response, and nothing reaches the upstream.
+#[tokio::test]
+async fn the_h2_preface_is_refused_when_http2_is_off() {
+    let (_db, key, rec, gw) = gateway_on_recorder("").await;
+    // The preface, an empty SETTINGS frame, then an HTTP/1.1 request that must not be
+    // read as a second request on the same connection.
+    let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00".to_vec();
+    bytes.extend_from_slice(
+        format!("GET /after-preface HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\r\n").as_bytes(),
+    );
+    let raw = raw_exchange(gw.port, &bytes, QUIET).await;
+    let codes = statuses(&raw);
+    assert!(
+        codes.iter().all(|c| (400..600).contains(c) && *c != 500),
+        "the preface was answered with {codes:?}: {:?}",
+        String::from_utf8_lossy(&raw)
+    );
+    assert!(
+        codes.len() <= 1,
+        "more than one answer on a refused connection: {codes:?}"
+    );
+
+    let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let req = http::Request::get(gw.url("/over-h2"))
+        .header("authorization", bearer(&key))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .expect("request");
+    let res = tokio::time::timeout(Duration::from_secs(5), h2.request(req))
+        .await
+        .expect("h2 client hung");
+    assert!(
+        res.is_err(),
+        "an h2 request was answered with http2 off: {:?}",
+        res.map(|r| r.status())
+    );
+
+    assert!(rec.log.paths().is_empty(), "the upstream saw {:?}", rec.log.paths());
+    assert_eq!(
+        get(&gw.url("/after"), &[("authorization", &bearer(&key))]).await.status,
+        200
     );
 }
