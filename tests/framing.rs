@@ -309,9 +309,7 @@ async fn the_h2_preface_is_refused_when_http2_is_off() {
         "more than one answer on a refused connection: {codes:?}"
     );
 
-    let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .http2_only(true)
-        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let h2 = h2_client();
     let req = http::Request::get(gw.url("/over-h2"))
         .header("authorization", bearer(&key))
         .body(http_body_util::Full::new(bytes::Bytes::new()))

@@ -520,9 +520,7 @@ async fn cleartext_http2_works_when_switched_on() {
         )
     })
     .await;
-    let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .http2_only(true)
-        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let h2 = h2_client();
     let req = http::Request::get(gw.url("/sub/path?q=1"))
         .header("authorization", bearer(&key))
         .body(http_body_util::Full::new(bytes::Bytes::new()))
