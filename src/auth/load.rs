@@ -14,6 +14,7 @@ use dashmap::mapref::entry::Entry;
 use tokio::sync::watch;
 
 use super::breaker::{Breaker, Permit};
+use super::cache::Probe;
 use super::{AuthError, Inner, Outcome, Scope};
 use crate::db::auth_queries::{self, Selector};
 use crate::db::counters::Snapshot;
@@ -35,14 +36,38 @@ pub(super) struct Flight {
 }
 
 impl Inner {
+    /// For a request whose probe missed: joins the digest's flight, or answers from the
+    /// cache if a flight finished since that probe, or starts one. Without the second
+    /// look, a request preempted between its probe and here (a loaded box) found the
+    /// flight gone and asked the database again for an answer already cached.
+    pub(super) fn join_or_load(self: &Arc<Self>, digest: &KeyDigest) -> watch::Receiver<Option<Outcome>> {
+        self.flight(digest, true)
+    }
+
     /// Joins the digest's flight if it began after the last invalidation; otherwise
-    /// starts a new one. The map guard is dropped before the task is spawned.
+    /// starts a new one, whatever the cache holds (a refresh ahead of expiry).
     pub(super) fn join_or_start(self: &Arc<Self>, digest: &KeyDigest) -> watch::Receiver<Option<Outcome>> {
+        self.flight(digest, false)
+    }
+
+    /// The map guard is dropped before the task is spawned. The cache is read under it,
+    /// which is safe because nothing takes an in-flight lock while holding a cache lock.
+    fn flight(self: &Arc<Self>, digest: &KeyDigest, recheck: bool) -> watch::Receiver<Option<Outcome>> {
         let (start, tx, rx) = match self.inflight.entry(*digest) {
             Entry::Occupied(e) if self.cache.unchanged_since(e.get().start) => {
                 return e.get().done.clone();
             }
             entry => {
+                // A flight stores its answer before it leaves this map, so holding the
+                // entry, any answer that flight produced is visible here.
+                let cached = match recheck.then(|| self.cache.probe(digest, Instant::now())) {
+                    Some(Probe::Hit(record, _)) => Some(Ok(record)),
+                    Some(Probe::Unknown) => Some(Err(AuthError::Unknown)),
+                    Some(Probe::Miss) | None => None,
+                };
+                if let Some(outcome) = cached {
+                    return watch::channel(Some(outcome)).1;
+                }
                 let start = self.cache.begin();
                 let (tx, rx) = watch::channel(None);
                 let flight = Flight {
@@ -191,5 +216,74 @@ struct ProbeGuard<'a>(&'a Breaker);
 impl Drop for ProbeGuard<'_> {
     fn drop(&mut self) {
         self.0.abandon_probe();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::Authenticator;
+    use crate::config::Config;
+    use crate::model::{AuthFields, Plan};
+    use uuid::Uuid;
+
+    fn record() -> AuthRecord {
+        AuthRecord::new(AuthFields {
+            key_id: Uuid::new_v4(),
+            organization_id: Uuid::new_v4(),
+            key_prefix: "pk_test_",
+            key_hint: "tstA",
+            key_active: true,
+            expires_at: None,
+            revoked_at: None,
+            scopes: &["chat"],
+            custom_rate_limit: None,
+            org_active: true,
+            plan: Plan::Pro,
+            org_rate_limit_per_minute: 60,
+            monthly_request_limit: 1000,
+        })
+    }
+
+    /// Nothing listens on port 1: any lookup fails, so an answer can only come from the cache.
+    fn offline() -> Authenticator {
+        let url = "postgres://keygate@127.0.0.1:1/none".to_string();
+        let cfg = Config::from_env(&move |n| (n == "DATABASE_URL").then(|| url.clone())).expect("config");
+        let pool = crate::db::pool(&cfg.database, 1).expect("pool");
+        Authenticator::new(&cfg.auth, pool)
+    }
+
+    /// What a request preempted between its probe and joining sees: the flight it
+    /// would have joined has stored its answer and gone. It must take that answer.
+    #[tokio::test]
+    async fn a_miss_whose_flight_already_finished_takes_the_cached_answer() {
+        let auth = offline();
+        let (unknown, known) = (KeyDigest::of("unknown"), KeyDigest::of("known"));
+        let record = record();
+        auth.bench_insert(unknown, None);
+        auth.bench_insert(known, Some(record));
+        let inner = &auth.inner;
+        let mut rx = inner.join_or_load(&unknown);
+        assert!(matches!(
+            *rx.wait_for(Option::is_some).await.expect("answer"),
+            Some(Err(AuthError::Unknown))
+        ));
+        let mut rx = inner.join_or_load(&known);
+        let answer = *rx.wait_for(Option::is_some).await.expect("answer");
+        assert!(matches!(answer, Some(Ok(r)) if r.key_id == record.key_id));
+        assert!(inner.inflight.is_empty(), "a flight was started for a cached answer");
+    }
+
+    /// A refresh ahead of expiry must still read the database, whatever the cache holds.
+    #[tokio::test]
+    async fn a_refresh_starts_a_flight_despite_a_cached_record() {
+        let auth = offline();
+        let known = KeyDigest::of("known");
+        auth.bench_insert(known, Some(record()));
+        let mut rx = auth.inner.join_or_start(&known);
+        let answer = *rx.wait_for(Option::is_some).await.expect("answer");
+        // The offline store fails the lookup; the fresh record is served as stale.
+        assert!(matches!(answer, Some(Ok(_))));
+        assert_eq!(auth.inner.counters.stale_served.load(Relaxed), 1);
     }
 }

@@ -161,7 +161,7 @@ impl Authenticator {
             Probe::Miss => {}
         }
         inner.counters.misses.fetch_add(1, Relaxed);
-        let mut done = inner.join_or_start(digest);
+        let mut done = inner.join_or_load(digest);
         // A closed channel means the load task died without answering (a panic, or the
         // runtime shutting down): nothing is known, so the store counts as unavailable.
         let answer = match done.wait_for(Option::is_some).await {
