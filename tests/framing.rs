@@ -1,6 +1,7 @@
 //! Hostile framing and headers on raw sockets: a request-smuggling matrix, identity and
 //! hop-by-hop spoofing in both directions (Connection-listed names, trailers, odd
-//! spellings), an upstream that answers garbage, and the h2 preface while HTTP/2 is off.
+//! spellings), an upstream that answers garbage, the h2 preface while HTTP/2 is off, and
+//! `Expect: 100-continue`.
 
 mod common;
 
@@ -327,5 +328,60 @@ async fn the_h2_preface_is_refused_when_http2_is_off() {
     assert_eq!(
         get(&gw.url("/after"), &[("authorization", &bearer(&key))]).await.status,
         200
+    );
+}
+
+/// `Expect: 100-continue`, as curl sends it before a large body: a refused request gets
+/// its final status without being invited to send the body; an admitted one gets
+/// `100 Continue`, then its answer, and the body reaches the upstream whole, without
+/// the expectation (keygate answered it; Envoy's default does the same).
+#[tokio::test]
+async fn expect_100_continue_is_answered_only_for_an_admitted_request() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_db, key, rec, gw) = gateway_on_recorder("").await;
+    let head = |key: &str| {
+        format!(
+            "POST /expect HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\
+             Expect: 100-continue\r\nContent-Type: text/plain\r\nContent-Length: 11\r\n\r\n"
+        )
+    };
+    let unknown = "pk_live_BBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBA";
+    let refused = raw_exchange(gw.port, head(unknown).as_bytes(), QUIET).await;
+    assert_eq!(statuses(&refused), vec![401], "{:?}", String::from_utf8_lossy(&refused));
+
+    let mut sock = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
+        .await
+        .expect("connect");
+    sock.write_all(head(&key).as_bytes()).await.expect("write head");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf))
+            .await
+            .expect("no interim answer to the expectation")
+            .expect("read");
+        assert!(n > 0, "closed before answering: {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        got.starts_with(b"HTTP/1.1 100 Continue\r\n"),
+        "{:?}",
+        String::from_utf8_lossy(&got)
+    );
+    sock.write_all(b"hello world").await.expect("write body");
+    loop {
+        match tokio::time::timeout(QUIET, sock.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    assert_eq!(statuses(&got), vec![100, 200], "{:?}", String::from_utf8_lossy(&got));
+    let seen = rec.log.seen();
+    assert_eq!(seen.len(), 1, "the upstream saw {:?}", rec.log.paths());
+    assert_eq!(&seen[0].body[..], b"hello world");
+    assert!(
+        !seen[0].headers.contains_key("expect"),
+        "the expectation was passed on: {:?}",
+        seen[0].headers
     );
 }

@@ -27,7 +27,11 @@ static HOP_BY_HOP: [HeaderName; 8] = [
 ];
 
 /// Removes hop-by-hop headers, including every header that `Connection` names.
-/// `Transfer-Encoding` goes too: hyper frames each side itself.
+/// `Transfer-Encoding` goes too: hyper frames each side itself. So does `Expect`, as in
+/// Envoy's default: keygate's server answers `100 Continue` itself, and only once the
+/// request is admitted and its body is read for forwarding, so a refused request never
+/// invites the body; passed on, it would only make the upstream send a 100 of its own,
+/// which hyper's client discards (or a 417 from one that supports no expectations).
 ///
 /// Runs twice per request, so the common case (`Connection: keep-alive`, nothing else
 /// hop-by-hop) is one pass over the names and one hashed removal, and the other names a
@@ -86,10 +90,13 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     if present & (1 << HOP_BY_HOP.len()) != 0 {
         h.remove(header::TRANSFER_ENCODING);
     }
+    if present & (1 << (HOP_BY_HOP.len() + 1)) != 0 {
+        h.remove(header::EXPECT);
+    }
 }
 
-/// The position of a hop-by-hop name in [`HOP_BY_HOP`] (`Transfer-Encoding` just past
-/// it). A `match` on the text, because it compiles to a switch on the length and one
+/// The position of a hop-by-hop name in [`HOP_BY_HOP`] (`Transfer-Encoding` and
+/// `Expect` just past it). A `match` on the text, because it compiles to a switch on the length and one
 /// compare, where comparing `HeaderName`s against the array cost eight compares a header.
 fn hop_index(name: &str) -> Option<usize> {
     Some(match name {
@@ -102,6 +109,7 @@ fn hop_index(name: &str) -> Option<usize> {
         "trailer" => 6,
         "upgrade" => 7,
         "transfer-encoding" => HOP_BY_HOP.len(),
+        "expect" => HOP_BY_HOP.len() + 1,
         _ => return None,
     })
 }
@@ -334,6 +342,7 @@ mod tests {
             ("te", "trailers"),
             ("upgrade", "websocket"),
             ("proxy-authorization", "x"),
+            ("expect", "100-continue"),
             ("content-type", "application/json"),
         ]);
         strip_hop_by_hop(&mut h);
@@ -347,6 +356,7 @@ mod tests {
             assert_eq!(hop_index(n.as_str()), Some(i), "{n}");
         }
         assert_eq!(hop_index(header::TRANSFER_ENCODING.as_str()), Some(HOP_BY_HOP.len()));
+        assert_eq!(hop_index(header::EXPECT.as_str()), Some(HOP_BY_HOP.len() + 1));
         assert_eq!(hop_index("content-type"), None);
     }
 
