@@ -6,6 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::net::*;
+use common::recorder::*;
 use common::*;
 
 fn usage_toml(spool: &std::path::Path, extra: &str) -> String {
@@ -225,6 +226,68 @@ async fn tokens_and_cost_for_json_sse_and_header() {
         h.get::<_, Option<i64>>(3),
         Some(expected_cost(header_total, 0, 0.001, 0.002))
     );
+}
+
+/// A client that asks for gzip (the OpenAI SDKs' HTTP client does) still gets a metered
+/// row: the upstream is asked for plain bodies. A body that arrives encoded anyway is
+/// passed on byte for byte and not read, so its row has no tokens rather than wrong ones.
+#[tokio::test]
+async fn compression_asked_for_by_the_client_does_not_cost_the_tokens() {
+    let (db, key) = seeded_db().await;
+    let spool = tempfile::tempdir().expect("tmp");
+    let rec = Recorder::start().await;
+    let gw = Gateway::start(&db, rec.port, &usage_toml(spool.path(), "")).await;
+    let headers = [
+        ("authorization", bearer(&key)),
+        ("accept-encoding", "gzip, deflate, br, zstd".to_string()),
+    ];
+    let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+
+    let negotiated = post(&gw.url("/negotiate"), &headers, "{}").await;
+    assert_eq!(negotiated.status, 200);
+    assert!(!negotiated.headers.contains_key("content-encoding"));
+    assert_eq!(negotiated.json()["usage"]["total_tokens"], 7);
+    let seen = rec.log.seen();
+    assert_eq!(
+        seen[0].headers.get("accept-encoding").map(|v| v.as_bytes()),
+        Some(&b"identity"[..]),
+        "the client's codings reached the upstream"
+    );
+
+    let encoded = post(&gw.url("/encoded"), &headers, "{}").await;
+    assert_eq!(encoded.status, 200);
+    assert_eq!(encoded.headers["content-encoding"], "br");
+    assert!(
+        encoded.body.starts_with(b"{\"id\":\"c1\""),
+        "the encoded body was altered"
+    );
+
+    assert_eq!(wait_rows(&db, 2, Duration::from_secs(10)).await, 2);
+    let tokens = |endpoint: &'static str| {
+        let db = &db;
+        async move {
+            let row = db
+                .client()
+                .await
+                .query_one(
+                    "SELECT prompt_tokens, completion_tokens, tokens_used, model FROM api_key_usage WHERE endpoint = $1",
+                    &[&endpoint],
+                )
+                .await
+                .expect("row");
+            (
+                row.get::<_, Option<i32>>(0),
+                row.get::<_, Option<i32>>(1),
+                row.get::<_, Option<i32>>(2),
+                row.get::<_, Option<String>>(3),
+            )
+        }
+    };
+    assert_eq!(
+        tokens("/negotiate").await,
+        (Some(3), Some(4), Some(7), Some("m1".to_string()))
+    );
+    assert_eq!(tokens("/encoded").await, (None, None, None, None));
 }
 
 #[tokio::test]

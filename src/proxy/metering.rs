@@ -183,7 +183,15 @@ where
                 .and_then(|n| resp.headers().get(n))
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.trim().parse::<i64>().ok());
-            TokenMeter::new(resp.headers().get(header::CONTENT_TYPE), header_total)
+            // An encoded body (an upstream that compresses unasked, or one asked to by
+            // `[upstream.headers]`) is passed on untouched and not read: its row gets
+            // only the tokens header's total.
+            let plain = resp
+                .headers()
+                .get(header::CONTENT_ENCODING)
+                .is_none_or(|v| v.as_bytes().eq_ignore_ascii_case(b"identity"));
+            let content_type = resp.headers().get(header::CONTENT_TYPE).filter(|_| plain);
+            TokenMeter::new(content_type, header_total)
         });
         if from_upstream {
             if let Some((code, message)) = upstream_class(status) {

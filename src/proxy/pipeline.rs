@@ -287,6 +287,10 @@ impl Proxy {
             headers::strip_key(h, &live.key_sources);
         }
         headers::set_forwarded(h, peer.ip(), host, &mut trace.text);
+        // The meter reads tokens from the body as it passes, which it cannot do once
+        // compressed (the OpenAI SDKs' HTTP client asks for gzip). An operator
+        // who wants compression anyway sets `accept-encoding` in `[upstream.headers]`.
+        h.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
         for (name, value) in &live.upstream_headers {
             h.insert(name.clone(), value.clone());
         }

@@ -78,6 +78,11 @@ async fn handle(log: Arc<Log>, conn: usize, req: Request<Incoming>) -> Result<Re
     let (parts, body) = req.into_parts();
     let path = parts.uri.path().to_string();
     let collected = body.collect().await.ok();
+    let wants_gzip = parts
+        .headers
+        .get("accept-encoding")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("gzip"));
     let trailers = collected.as_ref().and_then(|c| c.trailers().cloned());
     let body = collected.map(|c| c.to_bytes()).unwrap_or_default();
     log.seen.lock().unwrap().push(Seen {
@@ -127,6 +132,23 @@ async fn handle(log: Arc<Log>, conn: usize, req: Request<Incoming>) -> Result<Re
             r.headers_mut()
                 .insert("content-type", "text/event-stream".parse().unwrap());
             r
+        }
+        "/negotiate" | "/encoded" => {
+            // A chat answer with usage. `/negotiate` compresses when asked, as a server
+            // behind a compressing front end does (the body then stands for gzip bytes
+            // no meter can read); `/encoded` labels its plain body as compressed always.
+            let chat = r#"{"id":"c1","model":"m1","usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#;
+            let builder = Response::builder().header("content-type", "application/json");
+            match (path.as_str(), wants_gzip) {
+                ("/negotiate", true) => builder
+                    .header("content-encoding", "gzip")
+                    .body(Full::new(Bytes::from_static(b"\x1f\x8b\x08\x00not-really-gzip")).boxed()),
+                ("/negotiate", false) => builder.body(Full::new(Bytes::from_static(chat.as_bytes())).boxed()),
+                _ => builder
+                    .header("content-encoding", "br")
+                    .body(Full::new(Bytes::from_static(chat.as_bytes())).boxed()),
+            }
+            .unwrap()
         }
         _ => Response::new(Full::new(Bytes::from_static(b"{\"ok\":true}")).boxed()),
     };
