@@ -224,25 +224,9 @@ mod tests {
     use super::*;
     use crate::auth::Authenticator;
     use crate::config::Config;
-    use crate::model::{AuthFields, Plan};
-    use uuid::Uuid;
 
     fn record() -> AuthRecord {
-        AuthRecord::new(AuthFields {
-            key_id: Uuid::new_v4(),
-            organization_id: Uuid::new_v4(),
-            key_prefix: "pk_test_",
-            key_hint: "tstA",
-            key_active: true,
-            expires_at: None,
-            revoked_at: None,
-            scopes: &["chat"],
-            custom_rate_limit: None,
-            org_active: true,
-            plan: Plan::Pro,
-            org_rate_limit_per_minute: 60,
-            monthly_request_limit: 1000,
-        })
+        AuthRecord::new(crate::model::test_fields("tstA", &["chat"]))
     }
 
     /// Nothing listens on port 1: any lookup fails, so an answer can only come from the cache.

@@ -96,8 +96,9 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
 }
 
 /// The position of a hop-by-hop name in [`HOP_BY_HOP`] (`Transfer-Encoding` and
-/// `Expect` just past it). A `match` on the text, because it compiles to a switch on the length and one
-/// compare, where comparing `HeaderName`s against the array cost eight compares a header.
+/// `Expect` just past it). A `match` on the text, because it compiles to a switch on
+/// the length and one compare, where comparing `HeaderName`s against the array cost
+/// eight compares a header.
 fn hop_index(name: &str) -> Option<usize> {
     Some(match name {
         "connection" => 0,
