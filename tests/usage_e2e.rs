@@ -288,6 +288,36 @@ async fn compression_asked_for_by_the_client_does_not_cost_the_tokens() {
         (Some(3), Some(4), Some(7), Some("m1".to_string()))
     );
     assert_eq!(tokens("/encoded").await, (None, None, None, None));
+
+    // The documented override: an operator's `accept-encoding` wins over keygate's, and
+    // the compressed answer is passed on unread.
+    let spool2 = tempfile::tempdir().expect("tmp");
+    let gw2 = Gateway::start(
+        &db,
+        rec.port,
+        &format!(
+            "[upstream.headers]\naccept-encoding = \"gzip\"\n{}",
+            usage_toml(spool2.path(), "")
+        ),
+    )
+    .await;
+    let overridden = post(&gw2.url("/negotiate"), &headers, "{}").await;
+    assert_eq!(overridden.headers["content-encoding"], "gzip");
+    assert!(overridden.body.starts_with(b"\x1f\x8b"), "the gzip body was altered");
+    let last = rec.log.seen().pop().expect("seen");
+    assert_eq!(last.headers["accept-encoding"], "gzip");
+    assert_eq!(wait_rows(&db, 3, Duration::from_secs(10)).await, 3);
+    let unmetered: i64 = db
+        .client()
+        .await
+        .query_one(
+            "SELECT count(*) FROM api_key_usage WHERE endpoint = '/negotiate' AND tokens_used IS NULL",
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(unmetered, 1);
 }
 
 #[tokio::test]
