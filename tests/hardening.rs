@@ -3,6 +3,7 @@
 mod common;
 
 use common::net::*;
+use common::recorder::{raw_exchange, statuses, Recorder};
 use common::*;
 use std::time::Duration;
 
@@ -124,7 +125,7 @@ async fn the_canary_key_never_leaks() {
         .trim()
         .to_string();
     let body_part = canary[8..].to_string();
-    let rec = common::recorder::Recorder::start().await;
+    let rec = Recorder::start().await;
     let spool = tempfile::tempdir().expect("spool");
     let extra = format!(
         "[server]\nmax_body_bytes = \"1KiB\"\n[log]\nformat = \"json\"\n\
@@ -237,4 +238,143 @@ async fn the_canary_key_never_leaks() {
         json_log.len() + text_log.len(),
         gw.spool_texts().len()
     );
+}
+
+/// Spellings of `/admin/k` that a normalizing upstream or router resolves to the admin
+/// route. Sent byte for byte on a raw socket, since clients clean paths up first.
+const ADMIN_SPELLINGS: &[&str] = &[
+    "/v1/../admin/k",
+    "/v1/chat/../../admin/k",
+    "/%61dmin/k",
+    "/%41dmin/k",
+    "/ad%6Din/k",
+    "/%2e%2e/admin/k",
+    "/v1/%2e%2E/admin/k",
+    "/./admin/k",
+    "//admin/k",
+    "/v1/..//admin/k",
+    "/admin%2Fk",
+    "/admin%2fk",
+    "/admin%5Ck",
+    "/admin\\k",
+    "/v1%2F..%2Fadmin/k",
+    "/v1/..%2Fadmin/k",
+    "/v1/..%5Cadmin/k",
+    "/v1/.%2e/admin/k",
+    "/ADMIN/k",
+    "/Admin/k",
+    "/v1/..;/admin/k",
+    "/v1/..;x=y/admin/k",
+    "/admin;jsessionid=1/k",
+    "/v1/..%3B/admin/k",
+    "/admin",
+    "/admin/",
+];
+
+async fn raw_get(port: u16, path: &str, key: &str) -> (u16, String) {
+    raw_request(port, "GET", path, key).await
+}
+
+async fn raw_request(port: u16, method: &str, path: &str, key: &str) -> (u16, String) {
+    let req =
+        format!("{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nConnection: close\r\n\r\n");
+    let raw = raw_exchange(port, req.as_bytes(), Duration::from_secs(5)).await;
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let status = statuses(&raw).first().copied().unwrap_or(0);
+    (status, text)
+}
+
+/// A key without the admin scope must not reach `/admin/` by another spelling of the
+/// path: the path-confusion class of Envoy's CVE-2019-9901 and CVE-2021-29492.
+#[tokio::test]
+async fn no_spelling_of_a_path_skips_its_scope() {
+    let (db, _seed) = seeded_db().await;
+    let chat = db.ok(&[
+        "keys", "create", "--org", "default", "--name", "chat", "--scopes", "chat",
+    ]);
+    let admin = db.ok(&[
+        "keys", "create", "--org", "default", "--name", "adm", "--scopes", "admin",
+    ]);
+    let (chat, admin) = (chat.trim(), admin.trim());
+    let rec = Recorder::start().await;
+    let routes = "[[routes]]\nprefix = \"/admin\"\nscopes = [\"admin\"]\n\
+                  [[routes]]\nprefix = \"/v1/models\"\nmethods = [\"GET\"]\nscopes = [\"read\"]\n";
+    let gw = Gateway::start(&db, rec.port, routes).await;
+    let port = gw.addr().port();
+
+    for path in ADMIN_SPELLINGS {
+        let (status, text) = raw_get(port, path, chat).await;
+        assert_eq!(status, 403, "{path} without the admin scope: {text}");
+        assert!(text.contains("insufficient_scope"), "{path}: {text}");
+    }
+    // Frameworks answer HEAD with the GET handler, so HEAD needs what GET needs.
+    let (status, text) = raw_request(port, "HEAD", "/v1/models", chat).await;
+    assert_eq!(status, 403, "HEAD of a GET-only rule: {text}");
+    assert_eq!(
+        rec.log.paths(),
+        Vec::<String>::new(),
+        "a hostile spelling reached the upstream"
+    );
+
+    // The admin key gets through, and the upstream sees the path keygate authorised.
+    for (path, forwarded) in [
+        ("/v1/../admin/k", "/admin/k"),
+        ("/%61dmin/k", "/admin/k"),
+        ("/admin%2fk", "/admin%2Fk"),
+    ] {
+        let (status, text) = raw_get(port, path, admin).await;
+        assert_eq!(status, 200, "{path} with the admin scope: {text}");
+        assert_eq!(rec.log.paths().last().map(String::as_str), Some(forwarded), "{path}");
+    }
+
+    // Ordinary paths are normalized too, and the query string passes on untouched.
+    let (status, _) = raw_get(port, "/v1/./chat/%63ompletions?x=%2e%2e/a&y=..", chat).await;
+    assert_eq!(status, 200);
+    let last = rec.log.seen().last().cloned().expect("reached the upstream");
+    assert_eq!(last.path, "/v1/chat/completions");
+    assert_eq!(last.query.as_deref(), Some("x=%2e%2e/a&y=.."));
+
+    // A `%` that starts no escape has no one meaning: refused before it reaches anyone.
+    let before = rec.log.seen().len();
+    for path in ["/v1/chat%zz", "/v1/chat%4", "/v1/chat%", "/%%32%65%%32%65/admin/k"] {
+        let (status, text) = raw_get(port, path, admin).await;
+        assert_eq!(status, 400, "{path}: {text}");
+        assert!(text.contains("malformed_request_path"), "{path}: {text}");
+    }
+    assert_eq!(rec.log.seen().len(), before, "a malformed path reached the upstream");
+
+    // The usage rows carry the normalized path: what was billed is what was served.
+    let c = db.client().await;
+    // The refusals after authentication, the HEAD, three admin and one chat request.
+    let want = ADMIN_SPELLINGS.len() as i64 + 5;
+    let ok = eventually(Duration::from_secs(10), async || {
+        c.query_one("SELECT count(*) FROM api_key_usage", &[])
+            .await
+            .is_ok_and(|r| r.get::<_, i64>(0) >= want)
+    })
+    .await;
+    assert!(ok, "fewer than {want} usage rows");
+    let normalized: i64 = c
+        .query_one(
+            "SELECT count(*) FROM api_key_usage WHERE endpoint = '/v1/chat/completions'",
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(normalized, 1, "no usage row with the normalized endpoint");
+    let endpoints: Vec<String> = c
+        .query("SELECT endpoint FROM api_key_usage", &[])
+        .await
+        .expect("rows")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for e in &endpoints {
+        let dot_segment = e.split('/').any(|s| s == "." || s == "..");
+        assert!(
+            !dot_segment && !e.contains("%61") && !e.contains("%2f"),
+            "a usage row kept a raw spelling: {e}"
+        );
+    }
 }

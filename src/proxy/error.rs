@@ -39,6 +39,8 @@ pub enum Reject {
     TooManyFailures { retry_after_secs: u64 },
     #[error("API key in query string")]
     KeyInQuery,
+    #[error("malformed request path")]
+    PathMalformed,
     #[error("request body too large")]
     BodyTooLarge,
     #[error("request headers too large")]
@@ -64,7 +66,7 @@ impl Reject {
             RateLimited { .. } | QuotaExceeded { .. } | TooManyFailures { .. } | TooManyConcurrent => {
                 StatusCode::TOO_MANY_REQUESTS
             }
-            KeyInQuery | BodyMalformed => StatusCode::BAD_REQUEST,
+            KeyInQuery | PathMalformed | BodyMalformed => StatusCode::BAD_REQUEST,
             BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             BodyTimeout => StatusCode::REQUEST_TIMEOUT,
@@ -90,6 +92,7 @@ impl Reject {
             TooManyFailures { .. } => "too_many_failed_authentications",
             TooManyConcurrent => "too_many_concurrent_requests",
             KeyInQuery => "api_key_in_query",
+            PathMalformed => "malformed_request_path",
             BodyTooLarge => "payload_too_large",
             HeadersTooLarge => "headers_too_large",
             BodyTimeout => "request_timeout",
@@ -115,6 +118,7 @@ impl Reject {
             TooManyFailures { .. } => "Too many requests with invalid API keys from this client; retry later.",
             TooManyConcurrent => "This API key has too many requests in flight; retry when one finishes.",
             KeyInQuery => "Send the API key in a header, never in the URL; rotate a key that was sent in one.",
+            PathMalformed => "The request path has a `%` that does not start a valid escape.",
             BodyTooLarge => "The request body is larger than this gateway accepts.",
             HeadersTooLarge => "The request headers are larger than this gateway accepts.",
             BodyTimeout => "The request body stopped arriving.",
@@ -179,6 +183,7 @@ mod tests {
             Reject::TooManyFailures { retry_after_secs: 9 },
             Reject::TooManyConcurrent,
             Reject::KeyInQuery,
+            Reject::PathMalformed,
             Reject::BodyTooLarge,
             Reject::HeadersTooLarge,
             Reject::BodyTimeout,

@@ -1,5 +1,5 @@
-//! The request path, as a pipeline: health → extract key → authenticate → authorise →
-//! limit → forward. Each step either passes the request on or returns a [`Reject`];
+//! The request path, as a pipeline: health → normalize the path → extract key →
+//! authenticate → authorise → limit → forward. Each step either passes the request on or returns a [`Reject`];
 //! [`Proxy::handle`] is the single place a rejection becomes a response.
 
 use std::net::SocketAddr;
@@ -19,6 +19,7 @@ use super::guard::{key_in_query, FailedAuth};
 use super::headers::{self, RateHeaders};
 use super::health::Health;
 use super::metering::{client_ip, Metered, PendingUsage};
+use super::path;
 use super::reload::{Live, Reloadable};
 use super::routes::{covers, Routes};
 use super::trace::Trace;
@@ -137,7 +138,7 @@ impl Proxy {
 
     async fn proxy(
         &self,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         peer: SocketAddr,
         live: &Reloadable,
         trace: &mut Trace,
@@ -147,6 +148,8 @@ impl Proxy {
         if key_in_query(req.uri().query()) {
             return Err(Reject::KeyInQuery.into());
         }
+        // From here on, scopes, the usage row and the upstream all see one path.
+        let lenient = path::normalize_request(&mut req).map_err(|_| Reject::PathMalformed)?;
         let ip = client_ip(peer, req.headers(), &live.trusted_proxies);
         // One clock read for the whole request: the failed-key minute, the key's
         // status, the limiter's window and the usage row all see its arrival.
@@ -160,7 +163,7 @@ impl Proxy {
         if self.usage.is_some() {
             *pending = Some(PendingUsage::new(&req, &record, ip, trace.started, now));
         }
-        authorise(&record, &req, &live.routes, now)?;
+        authorise(&record, &req, lenient.as_deref(), &live.routes, now)?;
         check_content_length(req.headers(), live.max_body_bytes)?;
         // Before the rate check, so a request refused here consumes no rate budget.
         let slot = self.take_slot(&record)?;
@@ -334,7 +337,16 @@ impl Drop for Unanswered<'_> {
     }
 }
 
-fn authorise<B>(rec: &AuthRecord, req: &Request<B>, routes: &Routes, now: DateTime<Utc>) -> Result<(), Reject> {
+/// A path needs the scopes of every rule a router might match it to: its normalized
+/// form and its lenient reading, each case-sensitively and not. No spelling of a path
+/// reaches a route more cheaply than the route's own.
+fn authorise<B>(
+    rec: &AuthRecord,
+    req: &Request<B>,
+    lenient: Option<&str>,
+    routes: &Routes,
+    now: DateTime<Utc>,
+) -> Result<(), Reject> {
     match rec.status(now) {
         KeyStatus::Active => {}
         KeyStatus::Revoked => return Err(Reject::KeyRevoked),
@@ -344,8 +356,16 @@ fn authorise<B>(rec: &AuthRecord, req: &Request<B>, routes: &Routes, now: DateTi
     if !rec.org_active {
         return Err(Reject::OrganizationDisabled);
     }
-    if !covers(rec.scopes(), routes.required(req.method(), req.uri().path())) {
-        return Err(Reject::MissingScope);
+    if routes.is_empty() {
+        return Ok(());
+    }
+    let (granted, method) = (rec.scopes(), req.method());
+    let readings = std::iter::once(req.uri().path()).chain(lenient);
+    for path in readings {
+        let needed = [routes.required(method, path), routes.required_any_case(method, path)];
+        if !needed.iter().all(|n| covers(granted, n)) {
+            return Err(Reject::MissingScope);
+        }
     }
     Ok(())
 }

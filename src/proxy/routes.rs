@@ -17,19 +17,40 @@ impl Routes {
 
     /// The scopes required for `method path`; empty when no rule matches.
     pub fn required(&self, method: &Method, path: &str) -> &[String] {
+        self.find(method, path, false)
+    }
+
+    /// As a case-insensitive router (IIS, ASP.NET, some Spring set-ups) would match
+    /// `path`: for checking that `/ADMIN` needs what `/admin` needs.
+    pub fn required_any_case(&self, method: &Method, path: &str) -> &[String] {
+        self.find(method, path, true)
+    }
+
+    fn find(&self, method: &Method, path: &str, any_case: bool) -> &[String] {
         self.rules
             .iter()
-            .find(|r| prefix_matches(&r.prefix, path) && (r.methods.is_empty() || r.methods.contains(method)))
+            .find(|r| prefix_matches(&r.prefix, path, any_case) && method_matches(&r.methods, method))
             .map_or(&[], |r| r.scopes.as_slice())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
     }
 }
 
+/// A rule for GET also covers HEAD: most frameworks answer HEAD with the GET handler,
+/// so leaving it out would let HEAD run that handler without the scope.
+fn method_matches(methods: &[Method], method: &Method) -> bool {
+    methods.is_empty() || methods.contains(method) || (method == Method::HEAD && methods.contains(&Method::GET))
+}
+
 /// Segment-aware: `/v1/chat` matches `/v1/chat` and `/v1/chat/completions`, not `/v1/chatty`.
-fn prefix_matches(prefix: &str, path: &str) -> bool {
-    match path.strip_prefix(prefix) {
-        Some(rest) => rest.is_empty() || prefix.ends_with('/') || rest.starts_with('/'),
-        None => false,
-    }
+fn prefix_matches(prefix: &str, path: &str, any_case: bool) -> bool {
+    let rest = match path.get(..prefix.len()) {
+        Some(head) if head == prefix || (any_case && head.eq_ignore_ascii_case(prefix)) => &path[prefix.len()..],
+        _ => return false,
+    };
+    rest.is_empty() || prefix.ends_with('/') || rest.starts_with('/')
 }
 
 /// Whether `granted` covers every scope in `required`.
@@ -62,6 +83,27 @@ mod tests {
         assert_eq!(r.required(&Method::GET, "/admin/users"), ["admin"]);
         assert!(r.required(&Method::GET, "/admin").is_empty());
         assert!(r.required(&Method::POST, "/chat").is_empty());
+    }
+
+    #[test]
+    fn head_needs_what_get_needs() {
+        let r = Routes::new(vec![rule("/v1/models", &[Method::GET], &["read"])]);
+        assert_eq!(r.required(&Method::HEAD, "/v1/models"), ["read"]);
+        assert!(r.required(&Method::POST, "/v1/models").is_empty());
+        let head_only = Routes::new(vec![rule("/x", &[Method::HEAD], &["h"])]);
+        assert!(head_only.required(&Method::GET, "/x").is_empty());
+    }
+
+    #[test]
+    fn any_case_matching_is_only_asked_for_explicitly() {
+        let r = Routes::new(vec![rule("/admin/", &[], &["admin"]), rule("/v1", &[], &["read"])]);
+        assert!(r.required(&Method::GET, "/ADMIN/keys").is_empty());
+        assert_eq!(r.required_any_case(&Method::GET, "/ADMIN/keys"), ["admin"]);
+        assert_eq!(r.required_any_case(&Method::GET, "/Admin/"), ["admin"]);
+        assert_eq!(r.required_any_case(&Method::GET, "/V1"), ["read"]);
+        assert!(r.required_any_case(&Method::GET, "/V1x").is_empty());
+        // A prefix boundary inside a multi-byte character is no match, not a panic.
+        assert!(r.required_any_case(&Method::GET, "/éé").is_empty());
     }
 
     #[test]

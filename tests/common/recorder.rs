@@ -20,6 +20,7 @@ use tokio::net::TcpListener;
 pub struct Seen {
     pub method: String,
     pub path: String,
+    pub query: Option<String>,
     pub headers: HeaderMap,
     pub body: Bytes,
     pub trailers: Option<HeaderMap>,
@@ -88,6 +89,7 @@ async fn handle(log: Arc<Log>, conn: usize, req: Request<Incoming>) -> Result<Re
     log.seen.lock().unwrap().push(Seen {
         method: parts.method.to_string(),
         path: path.clone(),
+        query: parts.uri.query().map(str::to_string),
         headers: parts.headers,
         body,
         trailers,
