@@ -190,6 +190,11 @@ fn each_rule_names_its_key() {
         ),
         ("[[routes]]\nscopes = [\"a\"]", "routes[0].prefix"),
         ("[[routes]]\nprefix = \"v1\"", "routes[0].prefix"),
+        ("[[routes]]\nprefix = \"/v1/../admin\"", "routes[0].prefix"),
+        ("[[routes]]\nprefix = \"/%61dmin\"", "routes[0].prefix"),
+        ("[[routes]]\nprefix = \"/admin%zz\"", "routes[0].prefix"),
+        ("[[routes]]\nprefix = \"//admin\"", "routes[0].prefix"),
+        ("[[routes]]\nprefix = \"/admin;x\"", "routes[0].prefix"),
         ("[[routes]]\nprefix = \"/v1\"\nmethods = [\"G T\"]", "routes[0].methods"),
         ("[[routes]]\nprefix = \"/v1\"\nscopes = [\"a,b\"]", "routes[0].scopes"),
         ("[log]\nformat = \"xml\"", "log.format"),
@@ -342,4 +347,15 @@ fn a_pathological_log_filter_parses_quickly() {
         "{:?}",
         started.elapsed()
     );
+}
+
+#[test]
+fn a_route_prefix_must_be_written_as_requests_are_matched() {
+    let e = err("[[routes]]\nprefix = \"/v1/./chat/../%61dmin\"\n");
+    assert!(e.contains("is matched as `/v1/admin`"), "{e}");
+    let e = err("[[routes]]\nprefix = \"/admin%2Fkeys\"\n");
+    assert!(e.contains("escaped separator"), "{e}");
+    // Escapes of reserved characters are the normalized form, so they are fine.
+    let c = parse("[[routes]]\nprefix = \"/files/a%20b\"\n[[routes]]\nprefix = \"/admin/\"\n").expect("valid");
+    assert_eq!(c.routes.len(), 2);
 }

@@ -252,6 +252,7 @@ fn route(i: usize, r: RawRoute) -> R<RouteRule> {
             format!("`{prefix}` must start with /"),
         ));
     }
+    normalized_prefix(&prefix).map_err(|why| ConfigError::invalid(key("prefix"), why))?;
     let methods = r
         .methods
         .iter()
@@ -271,6 +272,20 @@ fn route(i: usize, r: RawRoute) -> R<RouteRule> {
         methods,
         scopes: r.scopes,
     })
+}
+
+/// Paths are matched after `proxy::path` normalized them, so a prefix in any other
+/// spelling could never match: an operator's typo that would silently guard nothing.
+fn normalized_prefix(prefix: &str) -> Result<(), String> {
+    use crate::proxy::path;
+    match path::normalize(prefix) {
+        Err(_) => Err(format!("`{prefix}` has a `%` that starts no valid escape")),
+        Ok(n) if n != prefix => Err(format!("`{prefix}` is matched as `{n}`; write that")),
+        Ok(_) if path::lenient_view(prefix).is_some() => Err(format!(
+            "`{prefix}` has `//`, `\\`, `;` or an escaped separator, which requests are also read without"
+        )),
+        Ok(_) => Ok(()),
+    }
 }
 
 fn log(l: RawLog) -> R<LogConfig> {
