@@ -28,7 +28,7 @@ seconds=${1:-20}
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-    targets=(key_parser config_loader usage_scanner)
+    targets=(key_parser config_loader usage_scanner path_normalizer)
 fi
 case $seconds in
 '' | *[!0-9]*) echo "usage: scripts/fuzz.sh [SECONDS] [TARGET...]" >&2; exit 2 ;;

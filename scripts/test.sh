@@ -13,7 +13,7 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
 cargo test --lib --bins --tests --no-fail-fast 2>&1 | tee "$log" || status=$?
-# Bounded fuzzing of the key parser, config loader and usage scanner (fuzz/README.md).
+# Bounded fuzzing of the key parser, config loader, usage scanner and path normalizer (fuzz/README.md).
 ./scripts/fuzz.sh 15 || status=$?
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
