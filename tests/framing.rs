@@ -1,7 +1,7 @@
 //! Hostile framing and headers on raw sockets: a request-smuggling matrix, identity and
 //! hop-by-hop spoofing in both directions (Connection-listed names, trailers, odd
-//! spellings), an upstream that answers garbage, the h2 preface while HTTP/2 is off, and
-//! `Expect: 100-continue`.
+//! spellings), an upstream that answers garbage, the h2 preface while HTTP/2 is off,
+//! `CONNECT`, and `Expect: 100-continue`.
 
 mod common;
 
@@ -329,6 +329,36 @@ async fn the_h2_preface_is_refused_when_http2_is_off() {
         get(&gw.url("/after"), &[("authorization", &bearer(&key))]).await.status,
         200
     );
+}
+
+/// A reverse proxy opens no tunnels: `CONNECT` with a valid key is refused before it
+/// reaches the upstream, the bytes after it are never relayed anywhere, and an
+/// `Upgrade` reaches the upstream as a plain request.
+#[tokio::test]
+async fn connect_and_upgrades_are_never_relayed() {
+    let (_db, key, rec, gw) = gateway_on_recorder("").await;
+    for target in ["127.0.0.1:22", &format!("127.0.0.1:{}", rec.port)] {
+        let req = format!(
+            "CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nAuthorization: Bearer {key}\r\n\r\n\
+             GET /through-the-tunnel HTTP/1.1\r\nHost: x\r\n\r\n"
+        );
+        let raw = raw_exchange(gw.port, req.as_bytes(), QUIET).await;
+        let text = String::from_utf8_lossy(&raw);
+        assert_eq!(statuses(&raw).first(), Some(&501), "{text}");
+        assert!(text.contains("method_not_supported"), "{text}");
+    }
+    assert!(rec.log.paths().is_empty(), "the upstream saw {:?}", rec.log.paths());
+
+    // An upgrade is not relayed: the upstream sees a plain request without it.
+    let req = format!(
+        "GET /ws HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nConnection: Upgrade\r\n\
+         Upgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    let raw = raw_exchange(gw.port, req.as_bytes(), QUIET).await;
+    assert_eq!(statuses(&raw), [200], "{}", String::from_utf8_lossy(&raw));
+    let seen = rec.log.seen();
+    assert_eq!(seen.len(), 1);
+    assert!(seen[0].headers.get("upgrade").is_none() && seen[0].headers.get("connection").is_none());
 }
 
 /// `Expect: 100-continue`, as curl sends it before a large body: a refused request gets

@@ -41,6 +41,8 @@ pub enum Reject {
     KeyInQuery,
     #[error("malformed request path")]
     PathMalformed,
+    #[error("CONNECT refused")]
+    Tunnel,
     #[error("request body too large")]
     BodyTooLarge,
     #[error("request headers too large")]
@@ -67,6 +69,7 @@ impl Reject {
                 StatusCode::TOO_MANY_REQUESTS
             }
             KeyInQuery | PathMalformed | BodyMalformed => StatusCode::BAD_REQUEST,
+            Tunnel => StatusCode::NOT_IMPLEMENTED,
             BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             BodyTimeout => StatusCode::REQUEST_TIMEOUT,
@@ -93,6 +96,7 @@ impl Reject {
             TooManyConcurrent => "too_many_concurrent_requests",
             KeyInQuery => "api_key_in_query",
             PathMalformed => "malformed_request_path",
+            Tunnel => "method_not_supported",
             BodyTooLarge => "payload_too_large",
             HeadersTooLarge => "headers_too_large",
             BodyTimeout => "request_timeout",
@@ -119,6 +123,7 @@ impl Reject {
             TooManyConcurrent => "This API key has too many requests in flight; retry when one finishes.",
             KeyInQuery => "Send the API key in a header, never in the URL; rotate a key that was sent in one.",
             PathMalformed => "The request path has a `%` that does not start a valid escape.",
+            Tunnel => "This gateway forwards requests to its upstream; it does not open tunnels.",
             BodyTooLarge => "The request body is larger than this gateway accepts.",
             HeadersTooLarge => "The request headers are larger than this gateway accepts.",
             BodyTimeout => "The request body stopped arriving.",
@@ -184,6 +189,7 @@ mod tests {
             Reject::TooManyConcurrent,
             Reject::KeyInQuery,
             Reject::PathMalformed,
+            Reject::Tunnel,
             Reject::BodyTooLarge,
             Reject::HeadersTooLarge,
             Reject::BodyTimeout,

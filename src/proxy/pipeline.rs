@@ -148,6 +148,11 @@ impl Proxy {
         if key_in_query(req.uri().query()) {
             return Err(Reject::KeyInQuery.into());
         }
+        // A reverse proxy has no use for a tunnel, and an upstream that answered one
+        // with 2xx would leave the connection's bytes unexamined (Envoy refuses too).
+        if req.method() == http::Method::CONNECT {
+            return Err(Reject::Tunnel.into());
+        }
         // From here on, scopes, the usage row and the upstream all see one path.
         let lenient = path::normalize_request(&mut req).map_err(|_| Reject::PathMalformed)?;
         let ip = client_ip(peer, req.headers(), &live.trusted_proxies);
