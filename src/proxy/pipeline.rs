@@ -1,6 +1,7 @@
-//! The request path, as a pipeline: health → normalize the path → extract key →
-//! authenticate → authorise → limit → forward. Each step either passes the request on or returns a [`Reject`];
-//! [`Proxy::handle`] is the single place a rejection becomes a response.
+//! The request path, as a pipeline: health → guards → normalize the path → extract key
+//! → authenticate → authorise → limit → forward. Each step either passes the request on
+//! or returns a [`Reject`]; [`Proxy::handle`] is the single place a rejection becomes a
+//! response.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
