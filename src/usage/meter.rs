@@ -1,9 +1,10 @@
 //! Token and cost accounting read from a response body as it streams through the proxy.
 //!
 //! Owns [`TokenMeter`] (fed every body data frame, in order, on the hot path; it never
-//! holds or delays the stream), the decoding of OpenAI-style `usage` objects (and the
-//! Anthropic `input_tokens`/`output_tokens` aliases; `wire` defines them, `flat` is a
-//! fast path for the plain ones), and [`cost_micros`]. The byte-level
+//! holds or delays the stream), the decoding of OpenAI-style `usage` objects (and
+//! Anthropic's `input_tokens`/`output_tokens`, with its cached prompt tokens counted as
+//! prompt tokens; `wire` defines them, `flat` is a fast path for the plain ones), and
+//! [`cost_micros`]. The byte-level
 //! work lives in `json_scan` (JSON structure) and `sse` (event-stream framing); both are
 //! constant-memory state machines, so results do not depend on how the body was split
 //! into frames. It does not own where the numbers go (the [`UsageRecord`](super::UsageRecord)
@@ -170,6 +171,9 @@ struct Seen {
     prompt: Option<i64>,
     completion: Option<i64>,
     total: Option<i64>,
+    /// Anthropic's parts of the prompt (`input_tokens`, cache writes, cache reads), each
+    /// merged on its own: a later event may repeat one and leave out the others.
+    anthropic_prompt: [Option<i64>; 3],
     model: Option<String>,
     /// The raw JSON of the last model value once a second one arrived: every SSE chunk
     /// repeats it, and comparing bytes avoids decoding (and allocating) the same string
@@ -228,7 +232,7 @@ impl Seen {
     }
 
     fn merge(&mut self, usage: &WireUsage) {
-        let prompt = usage.prompt_tokens.0.or(usage.input_tokens.0);
+        let prompt = usage.prompt_tokens.0.or_else(|| self.merge_anthropic_prompt(usage));
         let completion = usage.completion_tokens.0.or(usage.output_tokens.0);
         let total = usage.total_tokens.0;
         if prompt.is_none() && completion.is_none() && total.is_none() {
@@ -239,6 +243,29 @@ impl Seen {
         // A newer object without `total_tokens` must not keep an older, stale total: the
         // total is then derived from the (newer) parts instead.
         self.total = total;
+    }
+
+    /// The prompt as OpenAI counts it (cached tokens included) from Anthropic's parts,
+    /// when this object has any: billing only `input_tokens` would leave out every
+    /// cached token, often most of an agent's prompt.
+    fn merge_anthropic_prompt(&mut self, usage: &WireUsage) -> Option<i64> {
+        let parts = [
+            usage.input_tokens.0,
+            usage.cache_creation_input_tokens.0,
+            usage.cache_read_input_tokens.0,
+        ];
+        if parts.iter().all(Option::is_none) {
+            return None;
+        }
+        for (kept, new) in self.anthropic_prompt.iter_mut().zip(parts) {
+            *kept = new.or(*kept);
+        }
+        Some(
+            self.anthropic_prompt
+                .iter()
+                .flatten()
+                .fold(0i64, |sum, n| sum.saturating_add(*n)),
+        )
     }
 }
 

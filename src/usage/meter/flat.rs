@@ -80,6 +80,8 @@ fn field(key: &[u8]) -> Option<u8> {
         b"total_tokens" => 2,
         b"input_tokens" => 3,
         b"output_tokens" => 4,
+        b"cache_creation_input_tokens" => 5,
+        b"cache_read_input_tokens" => 6,
         _ => return None,
     })
 }
@@ -90,7 +92,9 @@ fn slot(u: &mut WireUsage, k: u8) -> &mut Count {
         1 => &mut u.completion_tokens,
         2 => &mut u.total_tokens,
         3 => &mut u.input_tokens,
-        _ => &mut u.output_tokens,
+        4 => &mut u.output_tokens,
+        5 => &mut u.cache_creation_input_tokens,
+        _ => &mut u.cache_read_input_tokens,
     }
 }
 

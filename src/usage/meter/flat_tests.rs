@@ -29,6 +29,7 @@ const KEYS: &[&str] = &[
     "output_tokens",
     "prompt_tokens_details",
     "cache_read_input_tokens",
+    "cache_creation_input_tokens",
     "service_tier",
     "",
     "prompt\\u005ftokens",
@@ -166,6 +167,10 @@ fn the_shapes_upstreams_send_take_the_fast_path() {
     );
     let u = flat::usage(anthropic.as_bytes()).expect("anthropic");
     assert_eq!((u.input_tokens, u.output_tokens), (Count(Some(2095)), Count(Some(503))));
+    assert_eq!(
+        (u.cache_creation_input_tokens, u.cache_read_input_tokens),
+        (Count(Some(0)), Count(Some(0)))
+    );
 }
 
 #[test]

@@ -115,6 +115,29 @@ fn anthropic_stream_adds_input_and_output() {
 }
 
 #[test]
+fn anthropic_stream_counts_cached_prompt_tokens_once() {
+    // `message_start` has the prompt's parts; the final `message_delta` repeats them
+    // cumulatively (newer API versions), or has only `output_tokens` (older ones).
+    let start = concat!(
+        "event: message_start\n",
+        "data: {\"type\":\"message_start\",\"message\":{\"model\":\"claude-sonnet-4\",\"usage\":",
+        "{\"input_tokens\":3,\"cache_creation_input_tokens\":0,\"cache_read_input_tokens\":9000,\"output_tokens\":1}}}\n\n",
+    );
+    let deltas = [
+        "{\"input_tokens\":3,\"cache_creation_input_tokens\":0,\"cache_read_input_tokens\":9000,\"output_tokens\":42}",
+        "{\"output_tokens\":42}",
+        "{\"input_tokens\":3,\"output_tokens\":42}",
+    ];
+    for usage in deltas {
+        let body = format!(
+            "{start}event: message_delta\ndata: {{\"type\":\"message_delta\",\"delta\":{{}},\"usage\":{usage}}}\n\n"
+        );
+        let want = tokens(Some(9003), Some(42), Some(9045), "claude-sonnet-4");
+        assert_eq!(feed_all_ways(SSE, body.as_bytes()), want, "{usage}");
+    }
+}
+
+#[test]
 fn field_grammar_multiline_data_bom_and_comments() {
     // Data lines join with "\n"; no space after the colon is fine; a bare `data` line adds
     // an empty line; `datum:` and `data :` are other fields; a leading BOM is skipped.

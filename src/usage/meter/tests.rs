@@ -124,6 +124,21 @@ fn anthropic_aliases_in_json() {
 }
 
 #[test]
+fn anthropic_cached_prompt_tokens_are_prompt_tokens() {
+    // Anthropic bills cache writes and reads as input; `input_tokens` is only the rest.
+    let body = br#"{"id":"msg_1","type":"message","model":"claude-sonnet-4","content":[],
+        "usage":{"input_tokens":4,"cache_creation_input_tokens":1200,"cache_read_input_tokens":30000,
+        "cache_creation":{"ephemeral_5m_input_tokens":1200},"output_tokens":50}}"#;
+    let want = tokens(Some(31_204), Some(50), Some(31_254), "claude-sonnet-4");
+    assert_eq!(feed_all_ways(JSON, body), want);
+    // An OpenAI-style object that also names cache counts (LiteLLM's) already counts
+    // them in `prompt_tokens`: not added twice.
+    let body = br#"{"model":"m","usage":{"prompt_tokens":100,"completion_tokens":5,"total_tokens":105,
+        "cache_read_input_tokens":80}}"#;
+    assert_eq!(feed_all_ways(JSON, body), tokens(Some(100), Some(5), Some(105), "m"));
+}
+
+#[test]
 fn oversized_usage_value_is_dropped_not_grown() {
     let body = format!(
         r#"{{"usage":{{"total_tokens":9,"pad":"{}"}},"model":"m"}}"#,

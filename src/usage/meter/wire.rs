@@ -13,7 +13,9 @@ use std::fmt;
 use serde::de::{Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
-/// The usage fields we read; others (`*_details`, cache counts) are skipped unallocated.
+/// The usage fields we read; others (`*_details`, `cache_creation`) are skipped
+/// unallocated. Anthropic's `input_tokens` leaves out the prompt tokens written to or
+/// read from its cache, which it reports (and bills) in the two `cache_*` counts.
 #[derive(Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(default)]
 pub(super) struct WireUsage {
@@ -22,6 +24,8 @@ pub(super) struct WireUsage {
     pub total_tokens: Count,
     pub input_tokens: Count,
     pub output_tokens: Count,
+    pub cache_creation_input_tokens: Count,
+    pub cache_read_input_tokens: Count,
 }
 
 #[derive(Debug, Default, Deserialize)]
