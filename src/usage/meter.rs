@@ -41,8 +41,9 @@ pub struct Tokens {
 
 /// A JSON body is one document: `usage` and `model` sit at its top level.
 const JSON_FIELDS: &[Field] = &[Field::Usage, Field::Model];
-/// SSE events are documents too; Anthropic's `message_start` nests them in `message`.
-const SSE_FIELDS: &[Field] = &[Field::Usage, Field::Model, Field::Message];
+/// SSE events are documents too; Anthropic's `message_start` nests them in `message`,
+/// the Responses API's events in `response`.
+const SSE_FIELDS: &[Field] = &[Field::Usage, Field::Model, Field::Message, Field::Response];
 
 #[derive(Debug)]
 enum Reader {
@@ -212,6 +213,8 @@ impl Seen {
                     }
                 }
             }
+            // Never captured: the scan reports what it finds inside as `Usage` and `Model`.
+            Field::Response => {}
             Field::Message => {
                 if let Ok(message) = serde_json::from_slice::<WireMessage>(raw) {
                     if let ModelName(Some(model)) = message.model {

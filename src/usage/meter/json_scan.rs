@@ -3,6 +3,9 @@
 //! Owns the byte-level structure of JSON as it streams past: nesting depth, strings and
 //! their escapes, which string at depth 1 is a key, and a bounded copy of the raw value of
 //! each wanted key (`"usage"`, `"model"`, …), handed to a sink once the value is complete.
+//! One wanted key, `"response"`, is looked into instead: its object's own `usage` and
+//! `model` are found the same way one level down (OpenAI's Responses API puts them there
+//! in `response.completed`, beside the whole output, which is too big to keep).
 //! Because it tracks structure rather than searching for text, a `"usage"` inside a string
 //! (a message that talks about usage) or inside a nested object is never mistaken for the
 //! real one, key order does not matter, and memory stays at one capture buffer whatever the
@@ -16,6 +19,9 @@ pub(crate) enum Field {
     Model,
     /// Anthropic's stream puts `model` and the prompt's `usage` inside `message_start.message`.
     Message,
+    /// The Responses API's events carry `model` and `usage` inside `response`. Never
+    /// captured: the scan descends into it.
+    Response,
 }
 
 impl Field {
@@ -24,7 +30,13 @@ impl Field {
             Field::Usage => b"usage",
             Field::Model => b"model",
             Field::Message => b"message",
+            Field::Response => b"response",
         }
+    }
+
+    /// Wanted inside a descended-into object too.
+    fn leaf(self) -> bool {
+        matches!(self, Field::Usage | Field::Model)
     }
 
     /// Largest raw value kept. Real usage objects are a few hundred bytes even with their
@@ -35,6 +47,7 @@ impl Field {
             Field::Usage => 4 * 1024,
             Field::Model => 1024,
             Field::Message => 8 * 1024,
+            Field::Response => 0,
         }
     }
 }
@@ -43,7 +56,7 @@ impl Field {
 /// details included, fits.
 const CAPTURE_START: usize = 256;
 
-/// Longest wanted key ("message"); longer keys are recognised as "not wanted" by length.
+/// Longest wanted key ("response"); longer keys are recognised as "not wanted" by length.
 const KEY_MAX: usize = 8;
 
 /// Byte classes for [`JsonScan::feed`]'s runs outside strings: which bytes end a run in
@@ -93,6 +106,10 @@ pub(super) fn string_run(bytes: &[u8]) -> usize {
 pub(crate) struct JsonScan {
     wanted: &'static [Field],
     depth: u32,
+    /// The depth whose strings can be keys: 1, or 2 inside a `"response"` object.
+    key_depth: u32,
+    /// A `"response"` key's `:` was read: if its value is an object, descend into it.
+    descend: bool,
     in_string: bool,
     /// The previous byte was a backslash inside a string, so this one cannot end it.
     escaped: bool,
@@ -117,6 +134,8 @@ impl JsonScan {
         Self {
             wanted,
             depth: 0,
+            key_depth: 1,
+            descend: false,
             in_string: false,
             escaped: false,
             top_object: false,
@@ -167,9 +186,9 @@ impl JsonScan {
                     string_run(rest)
                 }
             } else {
-                // Inside a nested value only quotes and brackets count; at depth 1 (and
-                // 0) the separators too.
-                let stop = if self.depth >= 2 { NESTED } else { TOP };
+                // Inside a nested value only quotes and brackets count; at the key depth
+                // (and above it) the separators too.
+                let stop = if self.depth > self.key_depth { NESTED } else { TOP };
                 rest.iter()
                     .position(|&c| CLASS[usize::from(c)] & stop != 0)
                     .unwrap_or(rest.len())
@@ -221,7 +240,7 @@ impl JsonScan {
             b'"' => {
                 self.keep(b);
                 self.in_string = true;
-                if self.depth == 1 && self.expect_key && self.capture.is_none() {
+                if self.depth == self.key_depth && self.expect_key && self.capture.is_none() {
                     self.expect_key = false;
                     self.reading_key = true;
                     self.key_len = 0;
@@ -233,13 +252,20 @@ impl JsonScan {
                     // A new document (NDJSON-like bodies, or the next SSE event after reset).
                     self.top_object = b == b'{';
                     self.expect_key = self.top_object;
+                    self.key_depth = 1;
+                }
+                if std::mem::take(&mut self.descend) && b == b'{' {
+                    self.key_depth = 2;
+                    self.expect_key = true;
                 }
                 self.keep(b);
                 self.depth = self.depth.saturating_add(1);
             }
             b'}' | b']' => {
-                if self.depth == 1 {
+                if self.depth == self.key_depth {
                     self.finish(sink);
+                    // A descended-into object ends as a value at depth 1.
+                    self.key_depth = 1;
                     self.expect_key = false;
                 } else {
                     self.keep(b);
@@ -247,13 +273,17 @@ impl JsonScan {
                 // Saturating: a stray closer in garbage must not wrap the depth.
                 self.depth = self.depth.saturating_sub(1);
             }
-            b',' if self.depth == 1 => {
+            b',' if self.depth == self.key_depth => {
                 self.finish(sink);
                 self.expect_key = self.top_object;
             }
-            b':' if self.depth == 1 => {
+            b':' if self.depth == self.key_depth => {
                 if self.capture.is_none() {
                     if let Some(field) = self.pending.take() {
+                        if field == Field::Response {
+                            self.descend = true;
+                            return;
+                        }
                         self.capture = Some(field);
                         self.overflow = false;
                         self.buf.clear();
@@ -316,12 +346,14 @@ impl JsonScan {
 
     fn wanted_key(&self) -> Option<Field> {
         let key = self.key.get(..self.key_len)?;
-        self.wanted.iter().copied().find(|f| f.key() == key)
+        let here = |f: &Field| self.key_depth == 1 || f.leaf();
+        self.wanted.iter().copied().filter(here).find(|f| f.key() == key)
     }
 
     /// The value at depth 1 ended (`,` or `}`): report it when it was wanted and fitted.
     fn finish<F: FnMut(Field, &[u8])>(&mut self, sink: &mut F) {
         self.pending = None;
+        self.descend = false;
         if let Some(field) = self.capture.take() {
             if !self.overflow {
                 sink(field, &self.buf);

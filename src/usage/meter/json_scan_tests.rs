@@ -1,13 +1,14 @@
-//! `JsonScan` against serde_json as the oracle: random JSON documents (nested values,
-//! escapes, every literal, decoy keys inside strings and nested objects), cut at random
-//! points, must yield exactly the top-level values serde_json finds, parsed equal.
+//! `JsonScan` on random JSON documents (nested values, escapes, every literal, decoy
+//! keys inside strings and nested objects, `response` objects to look into), cut at
+//! random points: it must report exactly the values the generator put where it looks,
+//! each parsing (serde_json) equal to what was written.
 
 use serde_json::Value;
 
 use super::json_scan::{Field, JsonScan};
 use super::tests::Rng;
 
-const WANTED: &[Field] = &[Field::Usage, Field::Model, Field::Message];
+const WANTED: &[Field] = &[Field::Usage, Field::Model, Field::Message, Field::Response];
 
 /// A random JSON value of at most `depth` levels; keys are drawn so that wanted names
 /// also appear where they must not be captured (nested, or as string values).
@@ -39,10 +40,11 @@ fn value(rng: &mut Rng, depth: usize, out: &mut String) {
 }
 
 fn string(rng: &mut Rng, out: &mut String) {
-    const PARTS: [&str; 10] = [
+    const PARTS: [&str; 11] = [
         "usage",
         "model",
         "message",
+        "response",
         "\\\"usage\\\":{",
         "x",
         "é",
@@ -58,17 +60,78 @@ fn string(rng: &mut Rng, out: &mut String) {
     out.push('"');
 }
 
+const KEYS: [&str; 9] = [
+    "usage",
+    "model",
+    "message",
+    "response",
+    "id",
+    "choices",
+    "usag",
+    "models",
+    "responses",
+];
+
+/// An object nobody looks into (a nested value).
 fn object(rng: &mut Rng, depth: usize, out: &mut String) {
-    const KEYS: [&str; 7] = ["usage", "model", "message", "id", "choices", "usag", "models"];
+    members(rng, depth, out, None);
+}
+
+/// An object's members. With `level` (1 for a document, 2 for a `response` object in
+/// one) it is looked into, and the reports the scanner must make are pushed in order.
+fn members(rng: &mut Rng, depth: usize, out: &mut String, mut level: Option<(u8, &mut Reports)>) {
     out.push('{');
     for i in 0..rng.below(6) {
         if i > 0 {
             out.push(',');
         }
-        out.push_str(&format!(" \"{}\" :", KEYS[rng.below(KEYS.len())]));
-        value(rng, depth, out);
+        let key = KEYS[rng.below(KEYS.len())];
+        out.push_str(&format!(" \"{key}\" :"));
+        let start = out.len();
+        match level.as_mut() {
+            // Any object there is looked into; half the time it is something else.
+            Some((1, reports)) if key == "response" => {
+                if rng.below(2) == 0 {
+                    members(rng, depth.saturating_sub(1), out, Some((2, reports)));
+                } else {
+                    value(rng, 0, out);
+                }
+            }
+            _ => value(rng, depth, out),
+        }
+        let field = match (key, level.as_ref().map(|(l, _)| *l)) {
+            ("usage", Some(_)) => Some(Field::Usage),
+            ("model", Some(_)) => Some(Field::Model),
+            ("message", Some(1)) => Some(Field::Message),
+            _ => None,
+        };
+        let raw = &out[start..];
+        if let (Some(f), Some((l, reports))) = (field, level.as_mut()) {
+            if raw.len() <= f.cap() {
+                reports.push((*l, f, serde_json::from_str(raw).expect("generated JSON is valid")));
+            }
+        }
     }
     out.push('}');
+}
+
+/// What the scanner must report, in order, with the level each value was found at.
+type Reports = Vec<(u8, Field, Value)>;
+
+/// A document, what the scanner must report for it (the last value per field), and
+/// whether that includes a value from inside a `response` object.
+fn document(rng: &mut Rng, out: &mut String) -> (Vec<(Field, Value)>, bool) {
+    let mut reports = Reports::new();
+    members(rng, 3, out, Some((1, &mut reports)));
+    let mut found: Vec<(u8, Field, Value)> = Vec::new();
+    for (l, f, v) in reports {
+        found.retain(|(_, g, _)| *g != f);
+        found.push((l, f, v));
+    }
+    let inner = found.iter().any(|(l, _, _)| *l == 2);
+    let mut found: Vec<(Field, Value)> = found.into_iter().map(|(_, f, v)| (f, v)).collect();
+    found.sort_by_key(|(f, _)| *f as u8);
+    (found, inner)
 }
 
 /// What the scanner reports for `doc` fed in `cuts`: the last value per field, parsed.
@@ -89,36 +152,14 @@ fn scanned(doc: &[u8], cuts: &[usize]) -> Vec<(Field, Value)> {
     found
 }
 
-/// What serde_json finds: the wanted keys of the top-level object, last one winning
-/// (serde_json's map keeps the last duplicate too); values past the capture caps are
-/// dropped by the scanner, so here too.
-fn oracle(doc: &str) -> Vec<(Field, Value)> {
-    let Value::Object(map) = serde_json::from_str::<Value>(doc).expect("generated JSON is valid") else {
-        return Vec::new();
-    };
-    let mut found: Vec<(Field, Value)> = WANTED
-        .iter()
-        .filter_map(|f| {
-            let name = match f {
-                Field::Usage => "usage",
-                Field::Model => "model",
-                Field::Message => "message",
-            };
-            map.get(name).map(|v| (*f, v.clone()))
-        })
-        .filter(|(f, v)| serde_json::to_vec(v).map(|b| b.len() < f.cap()).unwrap_or(false))
-        .collect();
-    found.sort_by_key(|(f, _)| *f as u8);
-    found
-}
-
 #[test]
-fn random_documents_yield_what_serde_json_finds_however_they_are_cut() {
+fn random_documents_yield_what_was_put_there_however_they_are_cut() {
     let mut rng = Rng::new(0x5eed_1234);
+    let mut looked_into = 0;
     for _ in 0..4_000 {
         let mut doc = String::new();
-        object(&mut rng, 3, &mut doc);
-        let want = oracle(&doc);
+        let (want, inner) = document(&mut rng, &mut doc);
+        looked_into += usize::from(inner);
         let bytes = doc.as_bytes();
         let mut cuts: Vec<usize> = (0..rng.below(6)).map(|_| rng.below(bytes.len() + 1)).collect();
         cuts.sort_unstable();
@@ -127,6 +168,10 @@ fn random_documents_yield_what_serde_json_finds_however_they_are_cut() {
         let every: Vec<usize> = (1..bytes.len()).collect();
         assert_eq!(scanned(bytes, &every), want, "{doc} byte by byte");
     }
+    assert!(
+        looked_into > 150,
+        "only {looked_into} documents reported from inside `response`"
+    );
 }
 
 #[test]

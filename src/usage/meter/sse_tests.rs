@@ -137,6 +137,50 @@ fn anthropic_stream_counts_cached_prompt_tokens_once() {
     }
 }
 
+/// OpenAI's Responses API (`/v1/responses`, `stream: true`): `model` and `usage` sit
+/// inside `response`, and `response.completed` carries the whole output beside them.
+fn responses_api_stream(output: &str) -> String {
+    let response = |status: &str, usage: &str, text: &str| {
+        format!(
+            r#"{{"id":"resp_1","object":"response","created_at":1741290958,"status":"{status}","model":"gpt-4.1-2025-04-14","output":[{{"id":"msg_1","type":"message","status":"{status}","role":"assistant","content":[{{"type":"output_text","text":"{text}","annotations":[]}}]}}],"usage":{usage},"user":null,"metadata":{{}}}}"#
+        )
+    };
+    let mut body = format!(
+        "event: response.created\ndata: {{\"type\":\"response.created\",\"sequence_number\":0,\"response\":{}}}\n\n",
+        response("in_progress", "null", "")
+    );
+    for word in output.split_inclusive(' ').take(3) {
+        body.push_str(&format!(
+            "event: response.output_text.delta\ndata: {{\"type\":\"response.output_text.delta\",\"item_id\":\"msg_1\",\"output_index\":0,\"content_index\":0,\"delta\":\"{word}\"}}\n\n"
+        ));
+    }
+    let usage = r#"{"input_tokens":37,"input_tokens_details":{"cached_tokens":0},"output_tokens":11,"output_tokens_details":{"reasoning_tokens":0},"total_tokens":48}"#;
+    body.push_str(&format!(
+        "event: response.completed\ndata: {{\"type\":\"response.completed\",\"sequence_number\":9,\"response\":{}}}\n\n",
+        response("completed", usage, output)
+    ));
+    body
+}
+
+#[test]
+fn responses_api_stream_reads_usage_inside_response() {
+    let want = tokens(Some(37), Some(11), Some(48), "gpt-4.1-2025-04-14");
+    assert_eq!(
+        feed_all_ways(SSE, responses_api_stream("Hi there, friend").as_bytes()),
+        want
+    );
+    // The output beside the usage is far bigger than any capture: it is not kept.
+    let long = "word ".repeat(20_000);
+    let m = feed_chunks(SSE, [responses_api_stream(&long).as_bytes()]);
+    assert_eq!(m.tokens(), want);
+    assert!(m.heap_bytes() <= 16 * 1024, "{} heap bytes", m.heap_bytes());
+    // Abandoned before `response.completed`: the model, no counts.
+    let body = responses_api_stream("Hi there");
+    let cut = body.find("event: response.completed").expect("completed event");
+    let m = feed_chunks(SSE, [&body.as_bytes()[..cut]]);
+    assert_eq!(m.tokens(), tokens(None, None, None, "gpt-4.1-2025-04-14"));
+}
+
 #[test]
 fn field_grammar_multiline_data_bom_and_comments() {
     // Data lines join with "\n"; no space after the colon is fine; a bare `data` line adds

@@ -139,6 +139,22 @@ fn anthropic_cached_prompt_tokens_are_prompt_tokens() {
 }
 
 #[test]
+fn responses_api_json_body() {
+    // Non-streaming `/v1/responses`: `usage` at the top, with input/output names.
+    let body = br#"{"id":"resp_1","object":"response","status":"completed","model":"gpt-4.1",
+        "output":[{"type":"message","content":[{"type":"output_text","text":"Hi"}]}],
+        "usage":{"input_tokens":36,"input_tokens_details":{"cached_tokens":20},"output_tokens":87,
+        "output_tokens_details":{"reasoning_tokens":0},"total_tokens":123}}"#;
+    assert_eq!(
+        feed_all_ways(JSON, body),
+        tokens(Some(36), Some(87), Some(123), "gpt-4.1")
+    );
+    // A JSON body is not looked into: only a stream's events nest their usage.
+    let nested = br#"{"response":{"model":"x","usage":{"total_tokens":5}}}"#;
+    assert_eq!(feed_all_ways(JSON, nested), Tokens::default());
+}
+
+#[test]
 fn oversized_usage_value_is_dropped_not_grown() {
     let body = format!(
         r#"{{"usage":{{"total_tokens":9,"pad":"{}"}},"model":"m"}}"#,
