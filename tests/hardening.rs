@@ -315,6 +315,9 @@ async fn no_spelling_of_a_path_skips_its_scope() {
         Vec::<String>::new(),
         "a hostile spelling reached the upstream"
     );
+    // The access log keeps what the client sent, so an attempt shows its spelling.
+    let logs = gw.flushed_logs().await;
+    assert!(logs.contains(r#"path="/v1/..;/admin/k""#), "{logs}");
 
     // The admin key gets through, and the upstream sees the path keygate authorised.
     for (path, forwarded) in [
