@@ -308,8 +308,11 @@ async fn no_spelling_of_a_path_skips_its_scope() {
         assert!(text.contains("insufficient_scope"), "{path}: {text}");
     }
     // Frameworks answer HEAD with the GET handler, so HEAD needs what GET needs.
-    let (status, text) = raw_request(port, "HEAD", "/v1/models", chat).await;
-    assert_eq!(status, 403, "HEAD of a GET-only rule: {text}");
+    // And some (Werkzeug) upper-case the method, so `get` needs what GET needs.
+    for method in ["HEAD", "get", "head"] {
+        let (status, text) = raw_request(port, method, "/v1/models", chat).await;
+        assert_eq!(status, 403, "{method} of a GET-only rule: {text}");
+    }
     assert_eq!(
         rec.log.paths(),
         Vec::<String>::new(),

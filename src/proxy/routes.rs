@@ -39,9 +39,15 @@ impl Routes {
 }
 
 /// A rule for GET also covers HEAD: most frameworks answer HEAD with the GET handler,
-/// so leaving it out would let HEAD run that handler without the scope.
+/// so leaving it out would let HEAD run that handler without the scope. Names match in
+/// any case, since some upstreams (Werkzeug, so Flask) upper-case `get` into GET.
 fn method_matches(methods: &[Method], method: &Method) -> bool {
-    methods.is_empty() || methods.contains(method) || (method == Method::HEAD && methods.contains(&Method::GET))
+    let is = |m: &Method, name: &str| m.as_str().eq_ignore_ascii_case(name);
+    let head = is(method, "HEAD");
+    methods.is_empty()
+        || methods
+            .iter()
+            .any(|m| is(m, method.as_str()) || (head && *m == Method::GET))
 }
 
 /// Segment-aware: `/v1/chat` matches `/v1/chat` and `/v1/chat/completions`, not `/v1/chatty`.
@@ -92,6 +98,17 @@ mod tests {
         assert!(r.required(&Method::POST, "/v1/models").is_empty());
         let head_only = Routes::new(vec![rule("/x", &[Method::HEAD], &["h"])]);
         assert!(head_only.required(&Method::GET, "/x").is_empty());
+    }
+
+    #[test]
+    fn methods_match_in_any_case() {
+        let r = Routes::new(vec![rule("/admin", &[Method::GET, Method::POST], &["admin"])]);
+        for m in ["get", "Get", "post", "head", "HEAD"] {
+            let method = Method::from_bytes(m.as_bytes()).expect("a token");
+            assert_eq!(r.required(&method, "/admin"), ["admin"], "{m}");
+        }
+        let delete = Method::from_bytes(b"delete").expect("a token");
+        assert!(r.required(&delete, "/admin").is_empty());
     }
 
     #[test]
