@@ -152,6 +152,22 @@ async fn handle(log: Arc<Log>, conn: usize, req: Request<Incoming>) -> Result<Re
             }
             .unwrap()
         }
+        // Anthropic's Messages stream and OpenAI's Responses stream, as those APIs send
+        // them, cut mid-event into frames: usage where each format keeps it.
+        "/v1/messages" => sse_frames(&[
+            "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"model\":\"claude-x\",",
+            "\"content\":[],\"usage\":{\"input_tokens\":25,\"cache_creation_input_tokens\":100,\"cache_read_input_tokens\":5000,\"output_tokens\":1}}}\n\n",
+            "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hi\"}}\n\n",
+            "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":15}}\n\n",
+            "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+        ]),
+        "/v1/responses" => sse_frames(&[
+            "event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"id\":\"r1\",\"model\":\"gpt-r\",\"output\":[],\"usage\":null}}\n\n",
+            "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"Hi\"}\n\n",
+            "event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"id\":\"r1\",\"model\":\"gpt-r\",",
+            "\"output\":[{\"type\":\"message\",\"content\":[{\"type\":\"output_text\",\"text\":\"Hi \\\"usage\\\": 9\"}]}],",
+            "\"usage\":{\"input_tokens\":37,\"input_tokens_details\":{\"cached_tokens\":20},\"output_tokens\":11,\"total_tokens\":48}}}\n\n",
+        ]),
         _ => Response::new(Full::new(Bytes::from_static(b"{\"ok\":true}")).boxed()),
     };
     guard.1 = true;
@@ -159,6 +175,18 @@ async fn handle(log: Arc<Log>, conn: usize, req: Request<Incoming>) -> Result<Re
 }
 
 use futures_util::StreamExt as _;
+
+/// A `text/event-stream` answer sent as these frames, a millisecond apart.
+fn sse_frames(frames: &[&'static str]) -> Response<Body> {
+    let frames = futures_util::stream::iter(frames.to_vec()).then(|f| async move {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        Ok::<_, Infallible>(Frame::data(Bytes::from_static(f.as_bytes())))
+    });
+    let mut r = Response::new(BodyExt::boxed(StreamBody::new(frames)));
+    r.headers_mut()
+        .insert("content-type", "text/event-stream".parse().unwrap());
+    r
+}
 
 impl Recorder {
     pub async fn start() -> Recorder {
