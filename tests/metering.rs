@@ -11,6 +11,16 @@ use common::net::*;
 use common::recorder::Recorder;
 use common::*;
 
+/// endpoint, prompt, completion and total tokens, model, cost.
+type Row = (
+    String,
+    Option<i32>,
+    Option<i32>,
+    Option<i32>,
+    Option<String>,
+    Option<String>,
+);
+
 #[tokio::test]
 async fn anthropic_and_responses_streams_are_billed_whole() {
     let (db, key) = seeded_db().await;
@@ -43,14 +53,7 @@ async fn anthropic_and_responses_streams_are_billed_whole() {
         )
         .await
         .expect("rows");
-    let got: Vec<(
-        String,
-        Option<i32>,
-        Option<i32>,
-        Option<i32>,
-        Option<String>,
-        Option<String>,
-    )> = rows
+    let got: Vec<Row> = rows
         .iter()
         .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)))
         .collect();
