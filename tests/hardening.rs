@@ -272,12 +272,14 @@ const ADMIN_SPELLINGS: &[&str] = &[
 ];
 
 async fn raw_get(port: u16, path: &str, key: &str) -> (u16, String) {
-    raw_request(port, "GET", path, key).await
+    raw_request(port, "GET", path, key, "").await
 }
 
-async fn raw_request(port: u16, method: &str, path: &str, key: &str) -> (u16, String) {
-    let req =
-        format!("{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nConnection: close\r\n\r\n");
+/// `extra`: more header lines, each ending in CRLF.
+async fn raw_request(port: u16, method: &str, path: &str, key: &str, extra: &str) -> (u16, String) {
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n{extra}Content-Length: 0\r\nConnection: close\r\n\r\n"
+    );
     let raw = raw_exchange(port, req.as_bytes(), Duration::from_secs(5)).await;
     let text = String::from_utf8_lossy(&raw).to_string();
     let status = statuses(&raw).first().copied().unwrap_or(0);
@@ -310,8 +312,19 @@ async fn no_spelling_of_a_path_skips_its_scope() {
     // Frameworks answer HEAD with the GET handler, so HEAD needs what GET needs.
     // And some (Werkzeug) upper-case the method, so `get` needs what GET needs.
     for method in ["HEAD", "get", "head"] {
-        let (status, text) = raw_request(port, method, "/v1/models", chat).await;
+        let (status, text) = raw_request(port, method, "/v1/models", chat, "").await;
         assert_eq!(status, 403, "{method} of a GET-only rule: {text}");
+    }
+    // Frameworks take a method override as the method (Express, Rails, Laravel, Symfony).
+    let overrides = [
+        ("/v1/models", "X-HTTP-Method-Override: GET\r\n"),
+        ("/v1/models", "x-http-method: get\r\n"),
+        ("/v1/models", "X-Method-Override: PUT, GET\r\n"),
+        ("/v1/models?_method=GET", ""),
+    ];
+    for (path, header) in overrides {
+        let (status, text) = raw_request(port, "POST", path, chat, header).await;
+        assert_eq!(status, 403, "POST {path} with {header:?}: {text}");
     }
     assert_eq!(
         rec.log.paths(),
@@ -332,6 +345,20 @@ async fn no_spelling_of_a_path_skips_its_scope() {
         assert_eq!(status, 200, "{path} with the admin scope: {text}");
         assert_eq!(rec.log.paths().last().map(String::as_str), Some(forwarded), "{path}");
     }
+
+    // A path override is for a front proxy to set, and keygate is the front.
+    let (status, text) = raw_request(
+        port,
+        "GET",
+        "/public",
+        chat,
+        "X-Original-URL: /admin/k\r\nX-Rewrite-URL: /admin/k\r\n",
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    let last = rec.log.seen().last().cloned().expect("reached the upstream");
+    assert_eq!(last.path, "/public");
+    assert!(last.headers.get("x-original-url").is_none() && last.headers.get("x-rewrite-url").is_none());
 
     // Ordinary paths are normalized too, and the query string passes on untouched.
     let (status, _) = raw_get(port, "/v1/./chat/%63ompletions?x=%2e%2e/a&y=..", chat).await;

@@ -18,6 +18,7 @@ mod headers;
 mod health;
 mod listener;
 mod metering;
+mod overrides;
 pub mod path;
 mod pipeline;
 pub(crate) mod reload;

@@ -20,6 +20,7 @@ use super::guard::{key_in_query, FailedAuth};
 use super::headers::{self, RateHeaders};
 use super::health::Health;
 use super::metering::{client_ip, Metered, PendingUsage};
+use super::overrides;
 use super::path;
 use super::reload::{Live, Reloadable};
 use super::routes::{covers, Routes};
@@ -292,6 +293,7 @@ impl Proxy {
         headers::strip_hop_by_hop(h);
         h.insert(header::HOST, self.upstream.host());
         headers::strip_identity(h, &live.identity);
+        overrides::strip_path_overrides(h);
         if !live.forward_api_key {
             headers::strip_key(h, &live.key_sources);
         }
@@ -343,9 +345,10 @@ impl Drop for Unanswered<'_> {
     }
 }
 
-/// A path needs the scopes of every rule a router might match it to: its normalized
-/// form and its lenient reading, each case-sensitively and not. No spelling of a path
-/// reaches a route more cheaply than the route's own.
+/// A request needs the scopes of every rule a router might match it to: its normalized
+/// path and that path's lenient reading, each case-sensitively and not, for its own
+/// method and every method it names in an override. No spelling of a request reaches a
+/// route more cheaply than the route's own.
 fn authorise<B>(
     rec: &AuthRecord,
     req: &Request<B>,
@@ -365,12 +368,14 @@ fn authorise<B>(
     if routes.is_empty() {
         return Ok(());
     }
-    let (granted, method) = (rec.scopes(), req.method());
-    let readings = std::iter::once(req.uri().path()).chain(lenient);
-    for path in readings {
-        let needed = [routes.required(method, path), routes.required_any_case(method, path)];
-        if !needed.iter().all(|n| covers(granted, n)) {
-            return Err(Reject::MissingScope);
+    let granted = rec.scopes();
+    let overrides = overrides::method_overrides(req.headers(), req.uri().query());
+    for method in std::iter::once(req.method()).chain(&overrides) {
+        for path in std::iter::once(req.uri().path()).chain(lenient) {
+            let needed = [routes.required(method, path), routes.required_any_case(method, path)];
+            if !needed.iter().all(|n| covers(granted, n)) {
+                return Err(Reject::MissingScope);
+            }
         }
     }
     Ok(())
