@@ -369,7 +369,14 @@ async fn no_spelling_of_a_path_skips_its_scope() {
 
     // A `%` that starts no escape has no one meaning: refused before it reaches anyone.
     let before = rec.log.seen().len();
-    for path in ["/v1/chat%zz", "/v1/chat%4", "/v1/chat%", "/%%32%65%%32%65/admin/k"] {
+    for path in [
+        "/v1/chat%zz",
+        "/v1/chat%4",
+        "/v1/chat%",
+        "/%%32%65%%32%65/admin/k",
+        "/admin%00/k",
+        "/a%0d%0a",
+    ] {
         let (status, text) = raw_get(port, path, admin).await;
         assert_eq!(status, 400, "{path}: {text}");
         assert!(text.contains("malformed_request_path"), "{path}: {text}");

@@ -6,7 +6,8 @@
 //! parses it (what `Uri::path` gives keygate: no query, no fragment). Properties (a failed
 //! `assert!` is a crash):
 //! - neither function panics, also `lenient_view` on text `normalize` never produced;
-//! - `normalize` refuses exactly the paths with a `%` not followed by two hex digits;
+//! - `normalize` refuses exactly the paths with a `%` not followed by two hex digits, or
+//!   escaping a control character;
 //! - its output starts with `/`, is a fixed point, has no `.`/`..` segment, no escaped
 //!   unreserved byte and no lower-case escape, and, for a path `http` parsed, is a valid
 //!   `http` path again (or keygate would refuse a path the client was right to send);
@@ -36,12 +37,15 @@ fuzz_target!(|data: &[u8]| {
 });
 
 fn check(raw: &str, parsed: bool) {
+    // A `%` without two hex digits, or one escaping a control character.
     let bad_escape = raw.bytes().enumerate().any(|(i, c)| {
+        let escaped = raw
+            .get(i + 1..i + 3)
+            .filter(|h| h.bytes().all(|b| b.is_ascii_hexdigit()));
         c == b'%'
-            && !raw
-                .as_bytes()
-                .get(i + 1..i + 3)
-                .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit))
+            && escaped
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .is_none_or(|b| b.is_ascii_control())
     });
     let out = match normalize(raw) {
         Err(_) => {

@@ -122,7 +122,7 @@ impl Reject {
             TooManyFailures { .. } => "Too many requests with invalid API keys from this client; retry later.",
             TooManyConcurrent => "This API key has too many requests in flight; retry when one finishes.",
             KeyInQuery => "Send the API key in a header, never in the URL; rotate a key that was sent in one.",
-            PathMalformed => "The request path has a `%` that does not start a valid escape.",
+            PathMalformed => "The request path has a malformed `%` escape, or one of a control character.",
             Tunnel => "This gateway forwards requests to its upstream; it does not open tunnels.",
             BodyTooLarge => "The request body is larger than this gateway accepts.",
             HeadersTooLarge => "The request headers are larger than this gateway accepts.",

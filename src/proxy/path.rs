@@ -10,7 +10,8 @@
 //!   change what a path means: percent-encoded unreserved characters are decoded, other
 //!   escapes get upper-case hex, and `.`/`..` segments are removed (§5.2.4). keygate
 //!   checks, records and forwards this one path, so what was authorised is what the
-//!   upstream resolves. A `%` that starts no valid escape is refused ([`MalformedEscape`]).
+//!   upstream resolves. A `%` that starts no valid escape, or an escaped control
+//!   character, is refused ([`MalformedEscape`]).
 //! - [`lenient_view`] is how a lenient router may read the same path: empty segments
 //!   merged, `%2F`, `%5C` and `\` taken as separators, and `;` parameters dropped from
 //!   each segment (Tomcat's `/..;/admin`). keygate does not forward it (it would change
@@ -25,12 +26,14 @@ use std::borrow::Cow;
 use http::uri::PathAndQuery;
 use http::{Request, Uri};
 
-/// A `%` that does not start a valid escape (`%zz`, `%4`, a `%` at the end).
+/// A `%` that does not start a valid escape (`%zz`, `%4`, a `%` at the end), or an
+/// escape of a control character (`%00`–`%1F`, `%7F`).
 ///
-/// Refused rather than kept: decoding around it can make a new escape (`%%32%65`
+/// Refused rather than kept: decoding around a bad escape can make a new one (`%%32%65`
 /// becomes `%2e`, a dot to the next decoder), so no normalized form would mean to every
 /// upstream what the raw path means. RFC 3986 §2.1 does not allow it, and Go's and
-/// Java's servers refuse it too.
+/// Java's servers refuse it too. No path names a control character, and a decoded NUL
+/// ends the path for upstreams written in C (`/admin%00/x` read as `/admin`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MalformedEscape;
 
@@ -160,6 +163,9 @@ fn normalize_escapes(path: &str) -> Result<String, MalformedEscape> {
         match escape {
             Some((hi, lo)) => {
                 let c = hi * 16 + lo;
+                if c.is_ascii_control() {
+                    return Err(MalformedEscape);
+                }
                 if is_unreserved(c) {
                     out.push(c);
                 } else {

@@ -61,7 +61,19 @@ fn escapes_of_unreserved_characters_are_decoded_and_others_upper_cased() {
 #[test]
 fn a_percent_that_starts_no_escape_is_refused() {
     // `%%32%65` would decode to `%2e`: a dot to whichever decoder comes next.
-    for raw in ["/bad%zz", "/%", "/a/%4", "/%e", "/%%32%65/admin", "/%G0", "/%.."] {
+    for raw in [
+        "/bad%zz",
+        "/%",
+        "/a/%4",
+        "/%e",
+        "/%%32%65/admin",
+        "/%G0",
+        "/%..",
+        "/admin%00/x",
+        "/a%0d%0Ab",
+        "/a%1f",
+        "/a%7F",
+    ] {
         assert_eq!(normalize(raw), Err(MalformedEscape), "{raw}");
     }
 }
@@ -134,9 +146,14 @@ fn decode_segment(seg: &str) -> String {
     v.into_iter().next().unwrap_or_default()
 }
 
+/// A `%` without two hex digits after it, or the escape of a control character.
 fn has_malformed_escape(raw: &str) -> bool {
     let b = raw.as_bytes();
-    (0..b.len()).any(|i| b[i] == b'%' && !(b.get(i + 1..i + 3).is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit))))
+    (0..b.len()).any(|i| {
+        let hex = b.get(i + 1..i + 3).filter(|h| h.iter().all(u8::is_ascii_hexdigit));
+        let byte = hex.and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok());
+        b[i] == b'%' && byte.is_none_or(|c| c.is_ascii_control())
+    })
 }
 
 struct Rng(u64);
@@ -160,7 +177,7 @@ impl Rng {
 fn random_paths_resolve_as_a_lenient_router_resolves_them() {
     const PIECES: &[&str] = &[
         "/", "/", "/", "a", "admin", ".", "..", "%2e", "%2E", "%2f", "%2F", "%5c", "\\", "%61", "%41", "%zz", "%", "~",
-        "%7E", "%20", "%25", "%252F", "%2", "é", "-", "_", ";", "%3b", "%3B",
+        "%7E", "%20", "%25", "%252F", "%2", "é", "-", "_", ";", "%3b", "%3B", "%00", "%0a",
     ];
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     let (mut refused, mut changed, mut viewed) = (0, 0, 0);
