@@ -279,7 +279,9 @@ fn route(i: usize, r: RawRoute) -> R<RouteRule> {
 fn normalized_prefix(prefix: &str) -> Result<(), String> {
     use crate::proxy::path;
     match path::normalize(prefix) {
-        Err(_) => Err(format!("`{prefix}` has a `%` that starts no valid escape")),
+        Err(_) => Err(format!(
+            "`{prefix}` has a malformed `%` escape or an escaped control character"
+        )),
         Ok(n) if n != prefix => Err(format!("`{prefix}` is matched as `{n}`; write that")),
         Ok(_) if path::lenient_view(prefix).is_some() => Err(format!(
             "`{prefix}` has `//`, `\\`, `;` or an escaped separator, which requests are also read without"
