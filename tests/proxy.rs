@@ -421,6 +421,14 @@ async fn oversized_requests_are_refused() {
     )
     .await;
     assert_eq!((r.status.as_u16(), r.error_code().as_str()), (431, "headers_too_large"));
+    // The request line counts toward the head: a long path or query is refused too.
+    for target in [
+        format!("/echo/{}", "p".repeat(5000)),
+        format!("/echo?q={}", "q".repeat(5000)),
+    ] {
+        let r = get(&gw.url(&target), &[("authorization", &auth)]).await;
+        assert_eq!((r.status.as_u16(), r.error_code().as_str()), (431, "headers_too_large"));
+    }
     // A chunked body (no Content-Length) is cut off while streaming.
     let chunks = futures_util::stream::iter(
         (0..8).map(|_| Ok::<_, std::convert::Infallible>(http_body::Frame::data(bytes::Bytes::from(vec![b'y'; 512])))),
