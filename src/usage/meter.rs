@@ -4,10 +4,10 @@
 //! holds or delays the stream), the decoding of OpenAI-style `usage` objects (and
 //! Anthropic's `input_tokens`/`output_tokens`, with its cached prompt tokens counted as
 //! prompt tokens; `wire` defines them, `flat` is a fast path for the plain ones), and
-//! [`cost_micros`]. The byte-level
-//! work lives in `json_scan` (JSON structure) and `sse` (event-stream framing); both are
-//! constant-memory state machines, so results do not depend on how the body was split
-//! into frames. It does not own where the numbers go (the [`UsageRecord`](super::UsageRecord)
+//! [`cost_micros`]. The byte-level work lives in `json_scan` (JSON structure, and the
+//! Responses API's `response` object looked into) and `sse` (event-stream framing); both
+//! are constant-memory state machines, so results do not depend on how the body was
+//! split into frames. It does not own where the numbers go (the [`UsageRecord`](super::UsageRecord)
 //! built by the proxy) nor the price table (`config::Pricing`).
 
 mod flat;
