@@ -20,7 +20,7 @@ mod sse;
 #[cfg(test)]
 mod sse_tests;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 mod wire;
 
 use http::HeaderValue;

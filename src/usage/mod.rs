@@ -6,11 +6,13 @@
 //! It does not decide what a request is allowed to do, and the SQL lives in `db::usage`.
 
 mod flight;
+pub mod include_usage;
 mod partitions;
 mod replay;
 mod sink;
 mod spill;
 pub mod spool;
+pub mod usage_chunk;
 pub mod writer;
 
 pub use writer::{channel, UsageCounts, UsageSink, UsageStats, UsageWriter};

@@ -1,0 +1,203 @@
+//! Taking the usage-only chunk out of a stream whose client did not ask for it. When
+//! keygate asked for usage on a client's behalf (`include_usage`), OpenAI ends the
+//! stream with one extra event, `"choices": []` with the `usage` object, which a client
+//! that reads `choices[0]` of every chunk fails on.
+//!
+//! [`UsageChunkFilter`] sees the stream as bytes and passes every event on as soon as
+//! its blank line arrives; only an event whose data is that chunk is left out. It holds
+//! back at most one unfinished event, never the stream, and a pathological event past
+//! [`MAX_HELD`] turns it into a pass-through. The meter reads the stream before this
+//! does (`proxy::stream_usage` orders them), so the row still gets the tokens.
+
+use std::borrow::Cow;
+
+use bytes::{Bytes, BytesMut};
+use serde::de::IgnoredAny;
+use serde::Deserialize;
+
+/// The longest unfinished event held back. A usage chunk is a few hundred bytes; an
+/// event longer than this is not one, and holding it would delay what the client reads.
+pub const MAX_HELD: usize = 64 * 1024;
+
+#[derive(Debug, Default)]
+pub struct UsageChunkFilter {
+    /// The start of an event whose blank line has not arrived, all of it scanned.
+    held: BytesMut,
+    line: LineState,
+    /// Gave up (an event past `MAX_HELD`): everything passes from here on.
+    passing: bool,
+    dropped: bool,
+}
+
+/// Where the scan is within a line; starts at the start of an event.
+#[derive(Debug, Default, Clone, Copy)]
+struct LineState {
+    /// The current line has bytes (it is not, so far, a blank line).
+    in_line: bool,
+    /// The last byte was `\r`: a `\n` now is part of that line end.
+    after_cr: bool,
+    /// A blank line ended in a lone `\r`: the event ends there unless a `\n` follows,
+    /// which then is the blank line's too. Decided by the next byte.
+    cr_end: bool,
+}
+
+impl UsageChunkFilter {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Whether the usage chunk has been taken out.
+    pub fn dropped(&self) -> bool {
+        self.dropped
+    }
+
+    /// Takes the next piece of the stream and returns what may go to the client now:
+    /// every finished event but the usage-only one. Often the piece itself, uncopied.
+    pub fn push(&mut self, chunk: Bytes) -> Bytes {
+        if self.passing {
+            return chunk;
+        }
+        let (buf, ends) = if self.held.is_empty() {
+            let ends = boundaries(&chunk, &mut self.line);
+            let last = ends.last().copied().unwrap_or(0);
+            self.held.extend_from_slice(&chunk[last..]);
+            (chunk.slice(..last), ends)
+        } else {
+            let from = self.held.len();
+            self.held.extend_from_slice(&chunk);
+            let ends: Vec<usize> = boundaries(&self.held[from..], &mut self.line)
+                .into_iter()
+                .map(|e| e + from)
+                .collect();
+            let last = ends.last().copied().unwrap_or(0);
+            (self.held.split_to(last).freeze(), ends)
+        };
+        if self.held.len() > MAX_HELD {
+            self.passing = true;
+            let mut out = BytesMut::from(&self.without_usage_chunk(buf, &ends)[..]);
+            out.extend_from_slice(&self.finish());
+            return out.freeze();
+        }
+        self.without_usage_chunk(buf, &ends)
+    }
+
+    /// At the end of the stream: what is held goes out, the usage chunk left out if it
+    /// is that (a stream may end without its last blank line).
+    pub fn finish(&mut self) -> Bytes {
+        self.line = LineState::default();
+        let rest = std::mem::take(&mut self.held).freeze();
+        if !self.passing && is_usage_only(&rest) {
+            self.dropped = true;
+            return Bytes::new();
+        }
+        rest
+    }
+
+    /// `buf`, events ending at `ends`, without the usage-only event: `buf` itself when
+    /// it has none.
+    fn without_usage_chunk(&mut self, buf: Bytes, ends: &[usize]) -> Bytes {
+        let events = || {
+            let mut start = 0;
+            ends.iter().map(move |&end| {
+                let range = start..end;
+                start = end;
+                range
+            })
+        };
+        if !events().any(|r| is_usage_only(&buf[r])) {
+            return buf;
+        }
+        self.dropped = true;
+        let mut out = BytesMut::with_capacity(buf.len());
+        for r in events().filter(|r| !is_usage_only(&buf[r.clone()])) {
+            out.extend_from_slice(&buf[r]);
+        }
+        out.freeze()
+    }
+}
+
+/// The offsets just past each blank line in `buf` that ends an event, with `line`
+/// carried from the bytes before it. Lines end in `\n`, `\r\n` or a lone `\r` (the SSE
+/// grammar).
+fn boundaries(buf: &[u8], line: &mut LineState) -> Vec<usize> {
+    let mut ends = Vec::new();
+    for (i, &b) in buf.iter().enumerate() {
+        if line.cr_end {
+            line.cr_end = false;
+            if b == b'\n' {
+                line.after_cr = false;
+                ends.push(i + 1);
+                continue;
+            }
+            ends.push(i);
+        }
+        match b {
+            b'\n' if line.after_cr => line.after_cr = false,
+            b'\n' if !line.in_line => ends.push(i + 1),
+            b'\r' if !line.in_line => {
+                line.cr_end = true;
+                line.after_cr = true;
+            }
+            b'\n' | b'\r' => {
+                line.in_line = false;
+                line.after_cr = b == b'\r';
+            }
+            _ => {
+                line.in_line = true;
+                line.after_cr = false;
+            }
+        }
+    }
+    ends
+}
+
+/// Whether `event` is OpenAI's usage-only chunk: data that is an object with an empty
+/// `choices` array and a `usage` object. The cheap test first, since with
+/// `include_usage` every chunk carries `"usage": null`.
+fn is_usage_only(event: &[u8]) -> bool {
+    if memchr::memmem::find(event, b"\"usage\"").is_none() {
+        return false;
+    }
+    let Some(data) = data_of(event) else {
+        return false;
+    };
+    #[derive(Deserialize)]
+    struct Probe {
+        choices: Option<Vec<IgnoredAny>>,
+        usage: Option<serde_json::Map<String, serde_json::Value>>,
+    }
+    matches!(
+        serde_json::from_slice::<Probe>(&data),
+        Ok(Probe { choices: Some(c), usage: Some(_) }) if c.is_empty()
+    )
+}
+
+/// The event's data: its `data:` lines' values joined by `\n`, borrowed when there is
+/// one. `None` when it has none.
+fn data_of(event: &[u8]) -> Option<Cow<'_, [u8]>> {
+    let mut data: Option<Cow<'_, [u8]>> = None;
+    for line in event.split(|&b| b == b'\n' || b == b'\r') {
+        let Some(value) = line.strip_prefix(b"data") else {
+            continue;
+        };
+        let value = match value {
+            [b':', b' ', rest @ ..] | [b':', rest @ ..] => rest,
+            [] => value,
+            _ => continue,
+        };
+        data = Some(match data {
+            None => Cow::Borrowed(value),
+            Some(prev) => {
+                let mut joined = prev.into_owned();
+                joined.push(b'\n');
+                joined.extend_from_slice(value);
+                Cow::Owned(joined)
+            }
+        });
+    }
+    data
+}
+
+#[cfg(test)]
+#[path = "usage_chunk_tests.rs"]
+mod tests;
