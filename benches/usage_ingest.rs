@@ -241,6 +241,7 @@ async fn through_writer(
         spool_dir: spool.join("spool"),
         max_spool_bytes: 1 << 30,
         tokens_header: None,
+        inject_stream_usage: true,
     };
     let pool = keygate::db::pool(&db.database_config(), cfg.pool_size).expect("pool");
     let (sink, writer) = channel(&cfg);

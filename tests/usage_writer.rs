@@ -107,6 +107,7 @@ fn config(dir: &Path, capacity: usize, batch: usize, interval: Duration) -> Usag
         spool_dir: dir.to_owned(),
         max_spool_bytes: 1 << 30,
         tokens_header: None,
+        inject_stream_usage: true,
     }
 }
 

@@ -181,6 +181,9 @@ pub struct UsageConfig {
     pub max_spool_bytes: u64,
     /// A response header carrying total tokens, read when the body has no `usage`.
     pub tokens_header: Option<HeaderName>,
+    /// Ask streamed OpenAI-style completions for their usage when the client did not
+    /// (`stream_options.include_usage`), and take the extra chunk out of the answer.
+    pub inject_stream_usage: bool,
 }
 
 /// US dollars per 1,000 tokens.

@@ -147,6 +147,7 @@ pub struct RawUsage {
     pub spool_dir: Option<String>,
     pub max_spool_bytes: Option<String>,
     pub tokens_header: Option<String>,
+    pub inject_stream_usage: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -210,6 +210,7 @@ fn each_rule_names_its_key() {
         ("[usage]\nspool_dir = \"\"", "usage.spool_dir"),
         ("[usage]\nmax_spool_bytes = \"1KiB\"", "usage.max_spool_bytes"),
         ("[usage]\ntokens_header = \"bad header\"", "usage.tokens_header"),
+        ("[usage]\ninject_stream_usage = \"yes\"", "usage.inject_stream_usage"),
         (
             "[pricing.default]\nprompt_per_1k = -1.0",
             "pricing.default.prompt_per_1k",
@@ -288,13 +289,14 @@ fn upstream_base_path_is_normalised() {
 #[test]
 fn usage_pricing_and_trusted_proxies() {
     let cfg = parse(
-        "[server]\ntrusted_proxies = [\"10.0.0.0/8\", \"127.0.0.1\"]\n[usage]\ntokens_header = \"\"\n\
+        "[server]\ntrusted_proxies = [\"10.0.0.0/8\", \"127.0.0.1\"]\n[usage]\ntokens_header = \"\"\ninject_stream_usage = false\n\
          [pricing.default]\nprompt_per_1k = 0.001\n[pricing.models.big]\nprompt_per_1k = 0.01\ncompletion_per_1k = 0.03\n",
     )
     .expect("valid");
     assert_eq!(cfg.server.trusted_proxies.len(), 2);
     assert!(cfg.server.trusted_proxies[1].contains(&"127.0.0.1".parse::<std::net::IpAddr>().expect("ip")));
     assert!(cfg.usage.tokens_header.is_none());
+    assert!(!cfg.usage.inject_stream_usage);
     assert_eq!(cfg.pricing.price(Some("big")).completion_per_1k, 0.03);
     assert_eq!(cfg.pricing.price(Some("other")).prompt_per_1k, 0.001);
     assert_eq!(cfg.pricing.price(None).completion_per_1k, 0.0);
@@ -304,6 +306,7 @@ fn usage_pricing_and_trusted_proxies() {
         Some("x-usage-tokens")
     );
     assert_eq!(d.usage.queue_capacity, 65_536);
+    assert!(d.usage.inject_stream_usage, "on unless turned off");
 }
 
 #[test]

@@ -388,6 +388,7 @@ fn usage(u: RawUsage) -> R<UsageConfig> {
         spool_dir: spool_dir.into(),
         max_spool_bytes: size_in("usage.max_spool_bytes", u.max_spool_bytes, "1GiB", 1 << 20, u64::MAX)?,
         tokens_header,
+        inject_stream_usage: u.inject_stream_usage.unwrap_or(true),
     })
 }
 

@@ -1,5 +1,6 @@
-//! Body types for the proxy: the boxed body every response uses, and the request body
-//! wrapper that enforces the size limit and the idle timeout while streaming.
+//! Body types for the proxy: the boxed body every response uses, the request body
+//! wrapper that enforces the size limit and the idle timeout while streaming, and the
+//! upstream request body, streaming or (read whole by `stream_usage`) complete.
 //!
 //! Bodies are never buffered here; a frame goes through as soon as it arrives.
 
@@ -22,6 +23,49 @@ pub fn full(bytes: Bytes) -> ProxyBody {
     Full::new(bytes).map_err(|never| match never {}).boxed_unsync()
 }
 
+/// What the upstream is sent: the client's body as it streams in, or one already read
+/// whole (to ask a streaming call for its usage), sent with its length.
+pub enum UpstreamBody {
+    Streaming(LimitedBody<hyper::body::Incoming>),
+    Whole(Option<Bytes>),
+}
+
+impl UpstreamBody {
+    /// Why a streaming body was cut off, for classifying a failed send.
+    pub fn verdict(&self) -> Option<Arc<BodyVerdict>> {
+        match self {
+            UpstreamBody::Streaming(b) => Some(b.verdict.clone()),
+            UpstreamBody::Whole(_) => None,
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            UpstreamBody::Streaming(b) => Pin::new(b).poll_frame(cx),
+            UpstreamBody::Whole(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Streaming(b) => b.is_end_stream(),
+            UpstreamBody::Whole(b) => b.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Streaming(b) => b.size_hint(),
+            UpstreamBody::Whole(b) => SizeHint::with_exact(b.as_ref().map_or(0, |d| d.len() as u64)),
+        }
+    }
+}
+
 /// Why a request body was cut off (0 while it has not been); read by the pipeline when
 /// the upstream call fails, to answer 413, 408 or 400 rather than 502.
 #[derive(Debug, Default)]
@@ -32,6 +76,18 @@ const IDLE: u8 = 2;
 const MALFORMED: u8 = 3;
 
 impl BodyVerdict {
+    /// The rejection a body cut off this way gets (`BodyMalformed` for the client's
+    /// own framing failing, or the client going away).
+    pub fn reject(&self) -> super::error::Reject {
+        use super::error::Reject;
+        if self.too_large() {
+            Reject::BodyTooLarge
+        } else if self.idle() {
+            Reject::BodyTimeout
+        } else {
+            Reject::BodyMalformed
+        }
+    }
     pub fn too_large(&self) -> bool {
         self.0.load(Ordering::Relaxed) == TOO_LARGE
     }

@@ -51,6 +51,10 @@ pub enum Reject {
     BodyTimeout,
     #[error("malformed request body")]
     BodyMalformed,
+    /// A streaming request's body names `stream`, `stream_options` or `include_usage`
+    /// twice: parsers disagree on which counts, so its usage could go unbilled.
+    #[error("ambiguous request body")]
+    BodyAmbiguous,
     #[error("key store unavailable")]
     StoreUnavailable,
     #[error("upstream unavailable")]
@@ -68,7 +72,7 @@ impl Reject {
             RateLimited { .. } | QuotaExceeded { .. } | TooManyFailures { .. } | TooManyConcurrent => {
                 StatusCode::TOO_MANY_REQUESTS
             }
-            KeyInQuery | PathMalformed | BodyMalformed => StatusCode::BAD_REQUEST,
+            KeyInQuery | PathMalformed | BodyMalformed | BodyAmbiguous => StatusCode::BAD_REQUEST,
             Tunnel => StatusCode::NOT_IMPLEMENTED,
             BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -101,6 +105,7 @@ impl Reject {
             HeadersTooLarge => "headers_too_large",
             BodyTimeout => "request_timeout",
             BodyMalformed => "malformed_request_body",
+            BodyAmbiguous => "ambiguous_request_body",
             StoreUnavailable => "key_store_unavailable",
             UpstreamUnavailable => "upstream_unavailable",
             UpstreamTimeout => "upstream_timeout",
@@ -128,6 +133,7 @@ impl Reject {
             HeadersTooLarge => "The request headers are larger than this gateway accepts.",
             BodyTimeout => "The request body stopped arriving.",
             BodyMalformed => "The request body is not valid HTTP framing.",
+            BodyAmbiguous => "The request body gives `stream`, `stream_options` or `include_usage` more than once.",
             StoreUnavailable => "Keys cannot be verified right now; retry shortly.",
             UpstreamUnavailable => "The upstream service could not be reached.",
             UpstreamTimeout => "The upstream service did not answer in time.",
@@ -194,6 +200,7 @@ mod tests {
             Reject::HeadersTooLarge,
             Reject::BodyTimeout,
             Reject::BodyMalformed,
+            Reject::BodyAmbiguous,
             Reject::StoreUnavailable,
             Reject::UpstreamUnavailable,
             Reject::UpstreamTimeout,

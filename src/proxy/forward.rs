@@ -12,17 +12,14 @@ use std::time::Duration;
 
 use http::uri::{PathAndQuery, Uri};
 use http::{Request, Response, Version};
-use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use super::body::LimitedBody;
+pub use super::body::UpstreamBody;
 use super::error::Reject;
 use super::h1pool::{H1Pool, PoolBody, PoolError};
 use crate::config::UpstreamConfig;
-
-pub type UpstreamBody = LimitedBody<Incoming>;
 
 type UpstreamClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
 

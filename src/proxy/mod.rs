@@ -23,6 +23,7 @@ pub mod path;
 mod pipeline;
 pub(crate) mod reload;
 mod routes;
+mod stream_usage;
 mod trace;
 mod workers;
 

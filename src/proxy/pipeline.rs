@@ -1,7 +1,7 @@
 //! The request path, as a pipeline: health → guards → normalize the path → extract key
-//! → authenticate → authorise → limit → forward. Each step either passes the request on
-//! or returns a [`Reject`]; [`Proxy::handle`] is the single place a rejection becomes a
-//! response.
+//! → authenticate → authorise → limit → (for a streamed completion, ask for its usage)
+//! → forward. Each step either passes the request on or returns a [`Reject`];
+//! [`Proxy::handle`] is the single place a rejection becomes a response.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,7 +12,7 @@ use http::{header, HeaderMap, HeaderValue, Request, Response};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use super::body::{BodyVerdict, LimitedBody, ProxyBody};
+use super::body::{BodyVerdict, LimitedBody, ProxyBody, UpstreamBody};
 use super::bounded::Bounded;
 use super::error::Reject;
 use super::forward::{SendError, Upstream};
@@ -24,6 +24,7 @@ use super::overrides;
 use super::path;
 use super::reload::{Live, Reloadable};
 use super::routes::{covers, Routes};
+use super::stream_usage;
 use super::trace::Trace;
 use crate::auth::{AuthError, Authenticator};
 use crate::config::ServerConfig;
@@ -90,7 +91,10 @@ impl Proxy {
         // including the client going away while this future waits (the guard's drop).
         let mut pending = Unanswered(None, self.usage.as_ref());
         Ok(match self.proxy(req, peer, &live, &mut trace, &mut pending.0).await {
-            Ok(resp) => self.finish(resp, None, trace, pending, &live),
+            // keygate asked for the usage chunk, so it is not the client's to see; the
+            // meter inside has read it by then.
+            Ok((resp, true)) => stream_usage::without_usage_chunk(self.finish(resp, None, trace, pending, &live)),
+            Ok((resp, false)) => self.finish(resp, None, trace, pending, &live),
             Err(f) => {
                 if let Some(p) = pending.0.as_mut() {
                     p.set_error(f.reject.code(), f.reject.message());
@@ -145,7 +149,7 @@ impl Proxy {
         live: &Reloadable,
         trace: &mut Trace,
         pending: &mut Option<PendingUsage>,
-    ) -> Result<Response<FromUpstream>, Failure> {
+    ) -> Result<(Response<FromUpstream>, bool), Failure> {
         check_head_size(&req, self.server.max_header_bytes)?;
         if key_in_query(req.uri().query()) {
             return Err(Reject::KeyInQuery.into());
@@ -164,7 +168,8 @@ impl Proxy {
         let record = self.identify(req.headers(), ip, live, now).await?;
         let Some(record) = record else {
             // Fail-open: the store is down and the operator chose availability.
-            return Ok(self.forward(req, None, peer, live, trace, None).await?);
+            let req = self.streaming(req, live);
+            return Ok((self.forward(req, None, peer, live, trace, None).await?, false));
         };
         trace.record = Some(record);
         if self.usage.is_some() {
@@ -175,14 +180,46 @@ impl Proxy {
         // Before the rate check, so a request refused here consumes no rate budget.
         let slot = self.take_slot(&record)?;
         let rate = self.limit(&record, live.limits_enabled, now).await?;
+        let fail = |reject| Failure { reject, rate };
+        // Only with a usage row to bill: a stream's tokens come only if asked for.
+        let (req, strip) = if pending.is_some()
+            && live.inject_stream_usage
+            && stream_usage::eligible(req.uri().path(), lenient.as_deref())
+        {
+            let deadline = tokio::time::Instant::from_std(trace.started + self.server.request_timeout);
+            Box::pin(stream_usage::ask(
+                req,
+                live.max_body_bytes,
+                live.body_idle_timeout,
+                deadline,
+            ))
+            .await
+            .map_err(fail)?
+        } else {
+            (self.streaming(req, live), false)
+        };
         let mut resp = self
             .forward(req, Some(&record), peer, live, trace, slot)
             .await
-            .map_err(|reject| Failure { reject, rate })?;
+            .map_err(fail)?;
         if let Some(rate) = rate {
             rate.apply(resp.headers_mut(), &mut trace.text);
         }
-        Ok(resp)
+        Ok((resp, strip))
+    }
+
+    /// The client's body as it streams to the upstream, within the body limit and the
+    /// idle timeout.
+    fn streaming(&self, req: Request<Incoming>, live: &Reloadable) -> Request<UpstreamBody> {
+        req.map(|body| {
+            let verdict = Arc::new(BodyVerdict::default());
+            UpstreamBody::Streaming(LimitedBody::new(
+                body,
+                live.max_body_bytes,
+                live.body_idle_timeout,
+                verdict,
+            ))
+        })
     }
 
     /// Extract and authenticate. `Ok(None)` only when failing open. A client that has
@@ -274,7 +311,7 @@ impl Proxy {
 
     async fn forward(
         &self,
-        req: Request<Incoming>,
+        req: Request<UpstreamBody>,
         rec: Option<&AuthRecord>,
         peer: SocketAddr,
         live: &Reloadable,
@@ -308,18 +345,13 @@ impl Proxy {
         if let Some(rec) = rec {
             headers::add_identity(h, &live.identity, rec, &mut trace.text);
         }
-        let verdict = Arc::new(BodyVerdict::default());
-        let body = LimitedBody::new(body, live.max_body_bytes, live.body_idle_timeout, verdict.clone());
+        let verdict = body.verdict();
         trace.forwarded = Some(Instant::now());
         let sent = self.upstream.send(Request::from_parts(parts, body)).await;
         trace.answered = Some(Instant::now());
         let resp = sent.map_err(|e| {
-            if verdict.too_large() {
-                Reject::BodyTooLarge
-            } else if verdict.idle() {
-                Reject::BodyTimeout
-            } else if verdict.malformed() {
-                Reject::BodyMalformed
+            if let Some(cut) = verdict.filter(|v| v.too_large() || v.idle() || v.malformed()) {
+                cut.reject()
             } else if e == SendError::Timeout {
                 Reject::UpstreamTimeout
             } else {

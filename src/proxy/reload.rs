@@ -37,6 +37,7 @@ pub const RELOADABLE: &[&str] = &[
     "identity_headers",
     "routes[]",
     "usage.tokens_header",
+    "usage.inject_stream_usage",
     "pricing",
     "log.access_log",
 ];
@@ -60,6 +61,7 @@ pub struct Reloadable {
     pub limits_enabled: bool,
     pub pricing: Arc<Pricing>,
     pub tokens_header: Option<HeaderName>,
+    pub inject_stream_usage: bool,
     pub access_log: bool,
     pub upstream_headers: Vec<(HeaderName, HeaderValue)>,
     pub forward_api_key: bool,
@@ -85,6 +87,7 @@ impl Reloadable {
             limits_enabled: cfg.limits.enabled,
             pricing: Arc::new(cfg.pricing.clone()),
             tokens_header: cfg.usage.tokens_header.clone(),
+            inject_stream_usage: cfg.usage.inject_stream_usage,
             access_log: cfg.log.access_log,
             upstream_headers: upstream.headers.clone(),
             forward_api_key: upstream.forward_api_key,

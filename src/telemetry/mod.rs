@@ -26,6 +26,7 @@ pub const OVERHEAD: &str = "keygate_overhead_seconds";
 pub const UPSTREAM: &str = "keygate_upstream_seconds";
 pub const RATE_DECISIONS: &str = "keygate_rate_limit_decisions_total";
 pub const CONFIG_RELOADS: &str = "keygate_config_reloads_total";
+pub const STREAM_USAGE: &str = "keygate_stream_usage_requests_total";
 pub const TLS_HANDSHAKE_FAILURES: &str = "keygate_tls_handshake_failures_total";
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
@@ -205,6 +206,13 @@ pub fn config_reload(ok: bool) {
 pub fn config_reload_series() {
     counter!(CONFIG_RELOADS, "result" => "ok").increment(0);
     counter!(CONFIG_RELOADS, "result" => "error").increment(0);
+}
+
+/// A streaming completion request whose body keygate read for `include_usage`:
+/// `asked` (keygate asked on the client's behalf), `client_asked`, or `unchanged`
+/// (not a stream keygate could read).
+pub fn stream_usage(outcome: &'static str) {
+    counter!(STREAM_USAGE, "outcome" => outcome).increment(1);
 }
 
 /// A client connection that never completed its TLS handshake: `timeout` (silent past
