@@ -1,7 +1,8 @@
-//! Answer formats beyond OpenAI's chat completions, metered end to end: Anthropic's
-//! Messages stream (cached prompt tokens included) and OpenAI's Responses stream (usage
-//! inside `response`, beside the output), cut mid-event by a recording upstream, through
-//! keygate into `api_key_usage`, priced by `[pricing]`.
+//! Answers metered end to end into `api_key_usage`: Anthropic's Messages stream (cached
+//! prompt tokens included) and OpenAI's Responses stream (usage inside `response`,
+//! beside the output), cut mid-event by a recording upstream and priced by `[pricing]`;
+//! and OpenAI chat streams whose client did not ask for usage, which keygate asks for
+//! (`usage.inject_stream_usage`) without the client seeing the difference.
 
 mod common;
 
@@ -77,4 +78,150 @@ async fn anthropic_and_responses_streams_are_billed_whole() {
             row("/v1/responses", 37, 11, 48, "gpt-r", "0.000000"),
         ]
     );
+}
+
+/// status, prompt, completion and total tokens, error code.
+type Billed = (i32, Option<i32>, Option<i32>, Option<i32>, Option<String>);
+
+/// The `data:` payloads of an SSE body.
+fn events(body: &[u8]) -> Vec<String> {
+    String::from_utf8_lossy(body)
+        .split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: ").map(str::to_string))
+        .collect()
+}
+
+fn is_usage_chunk(data: &str) -> bool {
+    serde_json::from_str::<serde_json::Value>(data)
+        .is_ok_and(|v| v["choices"].as_array().is_some_and(Vec::is_empty) && v["usage"].is_object())
+}
+
+#[tokio::test]
+async fn openai_streams_are_billed_whether_or_not_the_client_asked() {
+    let (db, key) = seeded_db().await;
+    let up = Upstream::start(&[]).await;
+    let gw = Gateway::start(&db, up.port, "").await;
+    let auth = bearer(&key);
+    let h = [("authorization", auth.as_str()), ("content-type", "application/json")];
+    let chat = |extra: &str| {
+        format!(
+            r#"{{"model":"demo-1","messages":[{{"role":"user","content":"one two three four"}}],"max_tokens":5,"stream":true{extra}}}"#
+        )
+    };
+
+    // Not asked: the client's stream is what it would have been without keygate.
+    let r = post(&gw.url("/v1/chat/completions"), &h, &chat("")).await;
+    assert_eq!(r.status, 200);
+    let got = events(&r.body);
+    assert_eq!(got.len(), 7, "five words, the finish chunk and [DONE]: {got:?}");
+    assert!(
+        !got.iter().any(|e| is_usage_chunk(e)),
+        "the client did not ask for the usage chunk"
+    );
+    assert_eq!(got.last().map(String::as_str), Some("[DONE]"));
+    // Asked by the client: it gets the chunk.
+    let asked = chat(r#","stream_options":{"include_usage":true}"#);
+    let r = post(&gw.url("/v1/chat/completions"), &h, &asked).await;
+    assert_eq!(events(&r.body).iter().filter(|e| is_usage_chunk(e)).count(), 1);
+    // Said no: overruled for the row, and still not shown.
+    let no = chat(r#","stream_options":{"include_usage":false}"#);
+    let r = post(&gw.url("/v1/chat/completions"), &h, &no).await;
+    assert!(!events(&r.body).iter().any(|e| is_usage_chunk(e)));
+    // A chunked upload, as a streaming client sends one.
+    let body = chat("");
+    let raw = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: {auth}\r\ntransfer-encoding: chunked\r\n\
+         connection: close\r\n\r\n{:x}\r\n{}\r\n{:x}\r\n{}\r\n0\r\n\r\n",
+        10,
+        &body[..10],
+        body.len() - 10,
+        &body[10..]
+    );
+    let raw = common::recorder::raw_exchange(gw.port, raw.as_bytes(), Duration::from_secs(5)).await;
+    let text = String::from_utf8_lossy(&raw);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        text.contains("data: [DONE]") && !text.contains("\"choices\":[]"),
+        "{text}"
+    );
+    // Two `stream` members: no reading of it is safe to bill from.
+    let r = post(
+        &gw.url("/v1/chat/completions"),
+        &h,
+        r#"{"stream":false,"messages":[],"stream":true}"#,
+    )
+    .await;
+    assert_eq!(
+        (r.status.as_u16(), r.error_code().as_str()),
+        (400, "ambiguous_request_body")
+    );
+
+    let c = db.client().await;
+    let written = eventually(Duration::from_secs(10), async || {
+        c.query_one("SELECT count(*) FROM api_key_usage", &[])
+            .await
+            .is_ok_and(|r| r.get::<_, i64>(0) == 5)
+    })
+    .await;
+    assert!(written, "five rows were not written");
+    let rows = c
+        .query(
+            "SELECT status_code, prompt_tokens, completion_tokens, tokens_used, error_code
+             FROM api_key_usage ORDER BY timestamp, id",
+            &[],
+        )
+        .await
+        .expect("rows");
+    let got: Vec<Billed> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+        .collect();
+    let billed = (200, Some(4), Some(5), Some(9), None);
+    assert_eq!(
+        got,
+        [
+            billed.clone(),
+            billed.clone(),
+            billed.clone(),
+            billed,
+            (400, None, None, None, Some("ambiguous_request_body".to_string())),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn only_completion_bodies_are_read_and_only_to_ask_for_usage() {
+    let (db, key) = seeded_db().await;
+    let rec = Recorder::start().await;
+    let gw = Gateway::start(&db, rec.port, "").await;
+    let off = Gateway::start(&db, rec.port, "[usage]\ninject_stream_usage = false\n").await;
+    let auth = bearer(&key);
+    let h = [("authorization", auth.as_str())];
+    let plain = r#"{"model":"m","stream":true , "messages":[]}"#;
+    let asked = r#"{"stream":true,"stream_options":{"include_usage":true}}"#;
+    post(&gw.url("/v1/chat/completions"), &h, plain).await;
+    post(&gw.url("/v1/embeddings"), &h, plain).await;
+    post(&gw.url("/v1/completions"), &h, asked).await;
+    post(&gw.url("/v1/chat/completions"), &h, r#"{"stream":false}"#).await;
+    post(&off.url("/v1/chat/completions"), &h, plain).await;
+
+    let seen = rec.log.seen();
+    let bodies: Vec<String> = seen
+        .iter()
+        .map(|s| String::from_utf8_lossy(&s.body).into_owned())
+        .collect();
+    assert_eq!(
+        bodies,
+        [
+            // One splice; every other byte is the client's.
+            r#"{"stream_options":{"include_usage":true},"model":"m","stream":true , "messages":[]}"#,
+            plain,
+            asked,
+            r#"{"stream":false}"#,
+            plain,
+        ]
+    );
+    let first = &seen[0].headers;
+    assert_eq!(first["content-length"], bodies[0].len().to_string().as_str());
+    assert!(first.get("transfer-encoding").is_none());
 }

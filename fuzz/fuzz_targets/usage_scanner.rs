@@ -17,13 +17,23 @@
 //! - `cost_micros` on the result does not panic;
 //! - an ignored content type reads nothing;
 //! - the body read whole as a `usage` object and as a model name: wherever the meter's
-//!   fast path answers, serde's decode gives the same answer (`fast_path_agrees`).
+//!   fast path answers, serde's decode gives the same answer (`fast_path_agrees`);
+//! - `usage_chunk::UsageChunkFilter` (the answer's usage chunk taken out) gives the same
+//!   output in one frame, the fuzzer's frames and one byte per frame; what it did not
+//!   drop from it passes byte for byte, and a drop only shortens it;
+//! - the body read as a request by `include_usage::ask`: a rewrite parses (serde_json)
+//!   as the body with `stream_options.include_usage` set, only for `"stream": true`;
+//!   "already asked" means it is set; a body left unchanged that streams has a
+//!   `stream_options` keygate cannot add to (neither an object nor null).
 
 #![no_main]
 
 use http::HeaderValue;
 use keygate::config::{Price, Pricing};
+use keygate::usage::include_usage::{ask, Asked};
 use keygate::usage::meter::{cost_micros, fast_path_agrees, TokenMeter, Tokens};
+use keygate::usage::usage_chunk::UsageChunkFilter;
+use serde_json::{json, Value};
 use libfuzzer_sys::fuzz_target;
 
 const MAX_CUTS: usize = 16;
@@ -50,7 +60,54 @@ fuzz_target!(|data: &[u8]| {
         "ignored type read tokens"
     );
     assert!(fast_path_agrees(body), "the fast path and serde disagree");
+    let whole = filtered(&[body]);
+    assert_eq!(whole, filtered(&frames(body, &cuts)), "frames {cuts:?} changed the filter's output");
+    let bytes: Vec<&[u8]> = body.chunks(1).collect();
+    assert_eq!(whole, filtered(&bytes), "byte-at-a-time changed the filter's output");
+    match whole {
+        (out, false) => assert_eq!(out, body, "nothing dropped, yet the stream changed"),
+        (out, true) => assert!(out.len() < body.len(), "a drop that did not shorten"),
+    }
+    check_ask(body);
 });
+
+fn filtered(frames: &[&[u8]]) -> (Vec<u8>, bool) {
+    let mut f = UsageChunkFilter::new();
+    let mut out = Vec::new();
+    for frame in frames {
+        out.extend_from_slice(&f.push(bytes::Bytes::copy_from_slice(frame)));
+    }
+    out.extend_from_slice(&f.finish());
+    (out, f.dropped())
+}
+
+fn check_ask(body: &[u8]) {
+    let parsed = serde_json::from_slice::<Value>(body).ok();
+    let streams = parsed.as_ref().is_some_and(|v| v["stream"] == json!(true));
+    match ask(body) {
+        Asked::Rewritten(out) => {
+            let mut want = parsed.expect("a rewritten body was JSON");
+            assert!(streams, "rewrote a body that does not stream");
+            let opts = &mut want["stream_options"];
+            if !opts.is_object() {
+                *opts = json!({});
+            }
+            opts["include_usage"] = json!(true);
+            let got: Value = serde_json::from_slice(&out).expect("a rewritten body parses");
+            assert_eq!(got, want, "the rewrite changed more than include_usage");
+        }
+        Asked::AlreadyAsked => {
+            let v = parsed.expect("an asking body was JSON");
+            assert!(streams && v["stream_options"]["include_usage"] == json!(true));
+        }
+        Asked::Ambiguous => assert!(parsed.is_some(), "ambiguous, yet not JSON"),
+        Asked::Unchanged if streams => {
+            let opts = &parsed.expect("streams")["stream_options"];
+            assert!(!opts.is_null() && !opts.is_object(), "a stream left unasked: {opts}");
+        }
+        Asked::Unchanged => {}
+    }
+}
 
 /// Parses the input header; a short or odd header just means fewer cuts.
 fn split_input(data: &[u8]) -> (Vec<usize>, &[u8]) {
