@@ -3,6 +3,9 @@
 //! `"usage": null`, the last one carrying usage), fed in 16 KiB frames and, for SSE,
 //! one event per frame as a streaming upstream sends them; and the 305-byte body of
 //! benches/load.sh's upstream, the per-request cost of metering a small completion.
+//! Group `stream_usage`: asking a streaming request body for its usage
+//! (`include_usage::ask`) on a 1.6 KB and a 100 KB chat request, and taking the usage
+//! chunk out of the 1 MiB SSE stream (`UsageChunkFilter`), one event per frame.
 //!
 //! Run: `cargo bench --bench meter`. Under `cargo test --all-targets` each case runs
 //! once (and the token counts read back are checked). No database, no network.
@@ -12,7 +15,9 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use http::HeaderValue;
+use keygate::usage::include_usage::{ask, Asked};
 use keygate::usage::meter::TokenMeter;
+use keygate::usage::usage_chunk::UsageChunkFilter;
 
 const MIB: usize = 1 << 20;
 const FRAME: usize = 16 * 1024;
@@ -103,6 +108,41 @@ fn meter(c: &mut Criterion) {
     g.finish();
 }
 
+/// A streaming chat request with a conversation of `turns` messages of about 150 bytes.
+fn chat_request(turns: usize) -> Vec<u8> {
+    let messages: Vec<String> = (0..turns)
+        .map(|i| {
+            let role = if i % 2 == 0 { "user" } else { "assistant" };
+            format!(r#"{{"role":"{role}","content":"Turn {i}: tell me about \"streams\", usage accounting and why the last chunk matters.\n"}}"#)
+        })
+        .collect();
+    format!(
+        r#"{{"model":"gpt-4o-mini","temperature":0.7,"max_tokens":512,"messages":[{}],"stream":true}}"#,
+        messages.join(",")
+    )
+    .into_bytes()
+}
+
+fn stream_usage(c: &mut Criterion) {
+    let mut g = c.benchmark_group("stream_usage");
+    for (name, body) in [("ask_1k6", chat_request(10)), ("ask_100k", chat_request(640))] {
+        assert!(matches!(ask(&body), Asked::Rewritten(_)), "{name}");
+        g.throughput(Throughput::Bytes(body.len() as u64));
+        g.bench_function(name, |b| b.iter(|| ask(&body)));
+    }
+    let events: Vec<bytes::Bytes> = sse_events().into_iter().map(bytes::Bytes::from).collect();
+    let len: usize = events.iter().map(|e| e.len()).sum();
+    let filter = |events: &[bytes::Bytes]| {
+        let mut f = UsageChunkFilter::new();
+        let out: usize = events.iter().map(|e| f.push(e.clone()).len()).sum();
+        (out + f.finish().len(), f.dropped())
+    };
+    assert!(filter(&events).1, "the usage chunk was not dropped");
+    g.throughput(Throughput::Bytes(len as u64));
+    g.bench_function("filter_sse_event_frames", |b| b.iter(|| filter(&events)));
+    g.finish();
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .warm_up_time(Duration::from_secs(1))
@@ -112,6 +152,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = meter
+    targets = meter, stream_usage
 }
 criterion_main!(benches);

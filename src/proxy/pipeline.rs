@@ -184,6 +184,7 @@ impl Proxy {
         // Only with a usage row to bill: a stream's tokens come only if asked for.
         let (req, strip) = if pending.is_some()
             && live.inject_stream_usage
+            && !http_body::Body::is_end_stream(req.body())
             && stream_usage::eligible(req.uri().path(), lenient.as_deref())
         {
             let deadline = tokio::time::Instant::from_std(trace.started + self.server.request_timeout);

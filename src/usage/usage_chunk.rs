@@ -27,6 +27,8 @@ pub struct UsageChunkFilter {
     /// Gave up (an event past `MAX_HELD`): everything passes from here on.
     passing: bool,
     dropped: bool,
+    /// Event ends found in the current piece; kept to reuse its allocation.
+    ends: Vec<usize>,
 }
 
 /// Where the scan is within a line; starts at the start of an event.
@@ -57,28 +59,29 @@ impl UsageChunkFilter {
         if self.passing {
             return chunk;
         }
-        let (buf, ends) = if self.held.is_empty() {
-            let ends = boundaries(&chunk, &mut self.line);
+        let mut ends = std::mem::take(&mut self.ends);
+        ends.clear();
+        let buf = if self.held.is_empty() {
+            boundaries(&chunk, 0, &mut self.line, &mut ends);
             let last = ends.last().copied().unwrap_or(0);
             self.held.extend_from_slice(&chunk[last..]);
-            (chunk.slice(..last), ends)
+            chunk.slice(..last)
         } else {
             let from = self.held.len();
             self.held.extend_from_slice(&chunk);
-            let ends: Vec<usize> = boundaries(&self.held[from..], &mut self.line)
-                .into_iter()
-                .map(|e| e + from)
-                .collect();
+            boundaries(&self.held[from..], from, &mut self.line, &mut ends);
             let last = ends.last().copied().unwrap_or(0);
-            (self.held.split_to(last).freeze(), ends)
+            self.held.split_to(last).freeze()
         };
+        let mut out = self.without_usage_chunk(buf, &ends);
+        self.ends = ends;
         if self.held.len() > MAX_HELD {
             self.passing = true;
-            let mut out = BytesMut::from(&self.without_usage_chunk(buf, &ends)[..]);
-            out.extend_from_slice(&self.finish());
-            return out.freeze();
+            let mut all = BytesMut::from(&out[..]);
+            all.extend_from_slice(&self.finish());
+            out = all.freeze();
         }
-        self.without_usage_chunk(buf, &ends)
+        out
     }
 
     /// At the end of the stream: what is held goes out, the usage chunk left out if it
@@ -116,11 +119,11 @@ impl UsageChunkFilter {
     }
 }
 
-/// The offsets just past each blank line in `buf` that ends an event, with `line`
-/// carried from the bytes before it. Lines end in `\n`, `\r\n` or a lone `\r` (the SSE
-/// grammar).
-fn boundaries(buf: &[u8], line: &mut LineState) -> Vec<usize> {
-    let mut ends = Vec::new();
+/// Pushes onto `ends` the offsets (plus `base`) just past each blank line in `buf` that
+/// ends an event, with `line` carried from the bytes before it. Lines end in `\n`,
+/// `\r\n` or a lone `\r` (the SSE grammar).
+fn boundaries(buf: &[u8], base: usize, line: &mut LineState, ends: &mut Vec<usize>) {
+    let start = ends.len();
     for (i, &b) in buf.iter().enumerate() {
         if line.cr_end {
             line.cr_end = false;
@@ -148,14 +151,16 @@ fn boundaries(buf: &[u8], line: &mut LineState) -> Vec<usize> {
             }
         }
     }
-    ends
+    for e in &mut ends[start..] {
+        *e += base;
+    }
 }
 
 /// Whether `event` is OpenAI's usage-only chunk: data that is an object with an empty
 /// `choices` array and a `usage` object. The cheap test first, since with
 /// `include_usage` every chunk carries `"usage": null`.
 fn is_usage_only(event: &[u8]) -> bool {
-    if memchr::memmem::find(event, b"\"usage\"").is_none() {
+    if !may_hold_usage_object(event) {
         return false;
     }
     let Some(data) = data_of(event) else {
@@ -170,6 +175,20 @@ fn is_usage_only(event: &[u8]) -> bool {
         serde_json::from_slice::<Probe>(&data),
         Ok(Probe { choices: Some(c), usage: Some(_) }) if c.is_empty()
     )
+}
+
+/// Whether `"usage"` is followed, past whitespace, by `:` and then `{` (or a line end,
+/// where a data line may continue the JSON): only then is the event worth parsing.
+fn may_hold_usage_object(event: &[u8]) -> bool {
+    static USAGE: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"usage\""));
+    USAGE.find_iter(event).any(|at| {
+        let mut rest = event[at + 7..]
+            .iter()
+            .copied()
+            .skip_while(|b| matches!(b, b' ' | b'\t'));
+        rest.next() == Some(b':') && matches!(rest.find(|b| !matches!(b, b' ' | b'\t')), Some(b'{' | b'\n' | b'\r'))
+    })
 }
 
 /// The event's data: its `data:` lines' values joined by `\n`, borrowed when there is

@@ -106,6 +106,7 @@ fn the_usage_chunk_in_any_form_goes() {
     for event in [
         // Data split over two lines is one JSON text.
         "data: {\"choices\": [],\ndata: \"usage\": {\"total_tokens\": 3}}",
+        "data: {\"choices\":[],\"usage\" :\r\ndata: {\"total_tokens\":3}}",
         "id: 7\ndata:{\"choices\":[],\"usage\":{}}",
         "data: {\"usage\":{\"prompt_tokens\":1},\"choices\":[ ]}",
     ] {
