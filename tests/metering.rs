@@ -225,3 +225,56 @@ async fn only_completion_bodies_are_read_and_only_to_ask_for_usage() {
     assert_eq!(first["content-length"], bodies[0].len().to_string().as_str());
     assert!(first.get("transfer-encoding").is_none());
 }
+
+#[tokio::test]
+async fn an_upstream_that_refuses_stream_options_keeps_its_streams() {
+    let (db, key) = seeded_db().await;
+    let rec = Recorder::start().await;
+    let auth = bearer(&key);
+    let h = [("authorization", auth.as_str())];
+    let stream = r#"{"model":"m","stream":true}"#;
+    let asked = |s: &common::recorder::Seen| s.body.windows(14).any(|w| w == b"stream_options");
+
+    // Refused when asked, accepted without: the client gets its stream, the upstream
+    // is not asked again, and each request has one row.
+    let gw = Gateway::start(&db, rec.port, "").await;
+    for _ in 0..2 {
+        let r = post(&gw.url("/strict/chat/completions"), &h, stream).await;
+        assert_eq!(r.status, 200);
+        assert!(String::from_utf8_lossy(&r.body).ends_with("data: [DONE]\n\n"));
+    }
+    let seen = rec.log.seen();
+    assert_eq!(seen.iter().map(asked).collect::<Vec<_>>(), [true, false, false]);
+    assert_eq!(seen[1].body, stream.as_bytes(), "the retry is the client's own body");
+    assert!(
+        gw.wait_log(
+            "the upstream refused a request asking for stream usage",
+            Duration::from_secs(5)
+        )
+        .await
+    );
+    drop(gw);
+
+    // An upstream that refuses everything: one retry while it is not known to take
+    // `stream_options`, and the client gets the upstream's own answer.
+    let gw = Gateway::start(&db, rec.port, "").await;
+    let r = post(&gw.url("/bad/chat/completions"), &h, stream).await;
+    assert_eq!(r.status, 400);
+    assert_eq!(rec.log.seen().len(), 5);
+    // Once an asked stream has succeeded, a refusal is about something else: no retry.
+    post(&gw.url("/v1/chat/completions"), &h, stream).await;
+    let r = post(&gw.url("/bad/chat/completions"), &h, stream).await;
+    assert_eq!(r.status, 400);
+    let seen = rec.log.seen();
+    assert_eq!(seen.len(), 7);
+    assert!(asked(&seen[6]));
+
+    let c = db.client().await;
+    let rows = eventually(Duration::from_secs(10), async || {
+        c.query_one("SELECT count(*) FROM api_key_usage", &[])
+            .await
+            .is_ok_and(|r| r.get::<_, i64>(0) == 5)
+    })
+    .await;
+    assert!(rows, "one row per client request");
+}

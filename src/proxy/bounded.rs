@@ -27,7 +27,7 @@ pub struct Bounded<B> {
     /// Made on the first `Pending`: most responses finish in one poll and never need a timer.
     sleep: Option<Pin<Box<Sleep>>>,
     done: bool,
-    _slot: Option<Slot>,
+    slot: Option<Slot>,
 }
 
 impl<B> Bounded<B> {
@@ -37,8 +37,13 @@ impl<B> Bounded<B> {
             deadline,
             sleep: None,
             done: false,
-            _slot: slot,
+            slot,
         }
+    }
+
+    /// The concurrency slot, for a retry that replaces this response before it is read.
+    pub fn take_slot(&mut self) -> Option<Slot> {
+        self.slot.take()
     }
 }
 

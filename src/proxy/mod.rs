@@ -167,6 +167,7 @@ pub async fn serve(
         health: health(&pool),
         usage: usage_sink,
         failed_auth: guard::FailedAuth::new(cfg.auth.failed_auth_per_minute),
+        stream_support: Default::default(),
     });
 
     let grace = cfg.server.shutdown_grace;

@@ -24,7 +24,7 @@ use super::overrides;
 use super::path;
 use super::reload::{Live, Reloadable};
 use super::routes::{covers, Routes};
-use super::stream_usage;
+use super::stream_usage::{self, Prepared};
 use super::trace::Trace;
 use crate::auth::{AuthError, Authenticator};
 use crate::config::ServerConfig;
@@ -49,6 +49,8 @@ pub struct Proxy {
     /// `None` when usage metering is off.
     pub usage: Option<UsageSink>,
     pub failed_auth: FailedAuth,
+    /// Whether the upstream takes `stream_options` (`usage.inject_stream_usage`).
+    pub stream_support: stream_usage::Support,
 }
 
 /// The upstream's answer on its way out, not yet metered or boxed.
@@ -182,27 +184,47 @@ impl Proxy {
         let rate = self.limit(&record, live.limits_enabled, now).await?;
         let fail = |reject| Failure { reject, rate };
         // Only with a usage row to bill: a stream's tokens come only if asked for.
-        let (req, strip) = if pending.is_some()
+        let support = &self.stream_support;
+        let prepared = if pending.is_some()
             && live.inject_stream_usage
             && !http_body::Body::is_end_stream(req.body())
+            && support.worth_asking()
             && stream_usage::eligible(req.uri().path(), lenient.as_deref())
         {
             let deadline = tokio::time::Instant::from_std(trace.started + self.server.request_timeout);
-            Box::pin(stream_usage::ask(
-                req,
-                live.max_body_bytes,
-                live.body_idle_timeout,
-                deadline,
-            ))
-            .await
-            .map_err(fail)?
+            let (max, idle) = (live.max_body_bytes, live.body_idle_timeout);
+            Box::pin(stream_usage::ask(req, max, idle, deadline, support.learning()))
+                .await
+                .map_err(fail)?
         } else {
-            (self.streaming(req, live), false)
+            Prepared {
+                req: self.streaming(req, live),
+                strip: false,
+                original: None,
+            }
         };
+        let Prepared {
+            req,
+            mut strip,
+            original,
+        } = prepared;
         let mut resp = self
             .forward(req, Some(&record), peer, live, trace, slot)
             .await
             .map_err(fail)?;
+        // The upstream may refuse `stream_options`: the client's own body then goes once
+        // more, in place of the refused answer, which nobody has read.
+        if let Some(original) = original.filter(|_| support.retry(resp.status())) {
+            let slot = resp.body_mut().take_slot();
+            drop(resp);
+            let req = original.map(|body| UpstreamBody::Whole(Some(body)));
+            resp = self
+                .forward(req, Some(&record), peer, live, trace, slot)
+                .await
+                .map_err(fail)?;
+            support.retried(resp.status());
+            strip = false;
+        }
         if let Some(rate) = rate {
             rate.apply(resp.headers_mut(), &mut trace.text);
         }

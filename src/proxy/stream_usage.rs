@@ -3,18 +3,25 @@
 //! timeout and the request's deadline) so `usage::include_usage` can ask for usage, and
 //! the response body that takes out the usage chunk the client did not ask for.
 //!
-//! A POST whose path ends in `/completions` (OpenAI's chat and legacy completions,
+//! A request whose path ends in `/completions` (OpenAI's chat and legacy completions,
 //! Azure's deployments, vLLM, llama.cpp, Ollama's OpenAI API) is read whole; no other
 //! request body is ever buffered. The meter reads the upstream's stream before
 //! [`WithoutUsageChunk`] does, so the row has the tokens the client does not see.
+//!
+//! An upstream that refuses `stream_options` (an older Azure API version, a strict
+//! schema) must not lose its streams to it: until one asked request has succeeded, a
+//! 400 or 422 to an asked request is retried once with the client's own body, and if
+//! that one is accepted the upstream is taken to refuse, and nothing is asked of it
+//! again until a restart ([`Support`]).
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Request, Response};
+use http::{header, HeaderValue, Request, Response, StatusCode};
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -35,44 +42,122 @@ pub fn eligible(path: &str, lenient: Option<&str>) -> bool {
     ends(path) || lenient.is_some_and(ends)
 }
 
-/// Reads the body whole and asks for usage when the request streams without. Returns
-/// the request for the upstream, and whether the answer's usage chunk is to be taken
-/// out (keygate asked, the client did not).
+/// Whether the upstream takes `stream_options`, as far as its answers have shown.
+#[derive(Debug, Default)]
+pub struct Support(AtomicU8);
+
+const UNKNOWN: u8 = 0;
+const ACCEPTS: u8 = 1;
+const REFUSES: u8 = 2;
+
+impl Support {
+    /// Whether to ask at all: not of an upstream that has refused.
+    pub fn worth_asking(&self) -> bool {
+        self.0.load(Ordering::Relaxed) != REFUSES
+    }
+
+    /// Whether an asked request's answer is still to show whether the upstream takes
+    /// `stream_options`: only then is the client's own request kept for a retry.
+    pub fn learning(&self) -> bool {
+        self.0.load(Ordering::Relaxed) == UNKNOWN
+    }
+
+    /// Whether an asked request's answer with `status` is to be tried again with the
+    /// client's own body. Once an asked request has succeeded, the upstream takes
+    /// `stream_options`, and a refusal is about something else.
+    pub fn retry(&self, status: StatusCode) -> bool {
+        if status.is_success() {
+            self.0.store(ACCEPTS, Ordering::Relaxed);
+            return false;
+        }
+        matches!(status, StatusCode::BAD_REQUEST | StatusCode::UNPROCESSABLE_ENTITY)
+            && self.0.load(Ordering::Relaxed) == UNKNOWN
+    }
+
+    /// The retry's answer: accepted where the asked request was not, so the upstream
+    /// refuses `stream_options`.
+    pub fn retried(&self, status: StatusCode) {
+        if status.is_success() && self.0.swap(REFUSES, Ordering::Relaxed) != REFUSES {
+            crate::telemetry::stream_usage("refused");
+            tracing::warn!(
+                "the upstream refused a request asking for stream usage (stream_options.include_usage) \
+                 and accepted it without: streamed completions are not asked again until a restart, \
+                 and their rows get tokens only from usage.tokens_header; set \
+                 usage.inject_stream_usage = false for such an upstream"
+            );
+        }
+    }
+}
+
+/// A request ready for the upstream.
+pub struct Prepared {
+    pub req: Request<UpstreamBody>,
+    /// keygate asked for usage and the client did not: the answer's usage chunk goes.
+    pub strip: bool,
+    /// The client's own request, kept to send again if the upstream refuses the ask.
+    pub original: Option<Request<Bytes>>,
+}
+
+/// Reads the body whole and asks for usage when the request streams without.
+/// `keep_original`: keep the client's request for a retry ([`Support::retry`]).
 pub async fn ask(
     req: Request<Incoming>,
     max_bytes: u64,
     idle: Duration,
     deadline: tokio::time::Instant,
-) -> Result<(Request<UpstreamBody>, bool), Reject> {
+    keep_original: bool,
+) -> Result<Prepared, Reject> {
     let (mut parts, body) = req.into_parts();
+    let whole = |parts, body| Prepared {
+        req: Request::from_parts(parts, UpstreamBody::Whole(body)),
+        strip: false,
+        original: None,
+    };
     if body.is_end_stream() {
-        return Ok((Request::from_parts(parts, UpstreamBody::Whole(None)), false));
+        return Ok(whole(parts, None));
     }
     let verdict = Arc::new(BodyVerdict::default());
     let limited = LimitedBody::new(body, max_bytes, idle, verdict.clone());
-    let whole = match tokio::time::timeout_at(deadline, limited.collect()).await {
+    let body = match tokio::time::timeout_at(deadline, limited.collect()).await {
         Err(_) => return Err(Reject::BodyTimeout),
         Ok(Err(_)) => return Err(verdict.reject()),
         Ok(Ok(collected)) => collected.to_bytes(),
     };
-    let (body, strip) = match include_usage::ask(&whole) {
-        Asked::Rewritten(body) => {
+    // The client's framing (chunked, or its own length) is gone with the body read.
+    parts.headers.remove(header::TRANSFER_ENCODING);
+    let asked = match include_usage::ask(&body) {
+        Asked::Rewritten(asked) => {
             crate::telemetry::stream_usage("asked");
-            (Bytes::from(body), true)
+            Bytes::from(asked)
         }
         Asked::AlreadyAsked => {
             crate::telemetry::stream_usage("client_asked");
-            (whole, false)
+            return Ok(whole(with_length(parts, body.len()), Some(body)));
         }
-        Asked::Unchanged => (whole, false),
+        Asked::Unchanged => return Ok(whole(with_length(parts, body.len()), Some(body))),
         Asked::Ambiguous => return Err(Reject::BodyAmbiguous),
     };
-    // The client's framing (chunked, or its own length) is gone with the body read.
-    parts.headers.remove(header::TRANSFER_ENCODING);
+    let original = keep_original.then(|| {
+        let mut copy = Request::new(body.clone());
+        *copy.method_mut() = parts.method.clone();
+        *copy.uri_mut() = parts.uri.clone();
+        *copy.version_mut() = parts.version;
+        *copy.headers_mut() = parts.headers.clone();
+        copy.headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        copy
+    });
+    let parts = with_length(parts, asked.len());
+    Ok(Prepared {
+        req: Request::from_parts(parts, UpstreamBody::Whole(Some(asked))),
+        strip: true,
+        original,
+    })
+}
+
+fn with_length(mut parts: http::request::Parts, len: usize) -> http::request::Parts {
+    parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     parts
-        .headers
-        .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
-    Ok((Request::from_parts(parts, UpstreamBody::Whole(Some(body))), strip))
 }
 
 /// The answer to a request keygate asked usage for: a successful event stream loses its

@@ -86,6 +86,7 @@ async fn handle(log: Arc<Log>, conn: usize, req: Request<Incoming>) -> Result<Re
         .is_some_and(|v| v.contains("gzip"));
     let trailers = collected.as_ref().and_then(|c| c.trailers().cloned());
     let body = collected.map(|c| c.to_bytes()).unwrap_or_default();
+    let asks_for_usage = body.windows(14).any(|w| w == b"stream_options");
     log.seen.lock().unwrap().push(Seen {
         method: parts.method.to_string(),
         path: path.clone(),
@@ -168,6 +169,22 @@ async fn handle(log: Arc<Log>, conn: usize, req: Request<Incoming>) -> Result<Re
             "\"output\":[{\"type\":\"message\",\"content\":[{\"type\":\"output_text\",\"text\":\"Hi \\\"usage\\\": 9\"}]}],",
             "\"usage\":{\"input_tokens\":37,\"input_tokens_details\":{\"cached_tokens\":20},\"output_tokens\":11,\"total_tokens\":48}}}\n\n",
         ]),
+        // An upstream with a strict schema, as older Azure API versions are: a body
+        // with `stream_options` is refused, any other streams. `/bad/…` refuses all.
+        "/strict/chat/completions" if !asks_for_usage => sse_frames(&[
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"ok\"}}]}\n\n",
+            "data: [DONE]\n\n",
+        ]),
+        "/strict/chat/completions" | "/bad/chat/completions" => Response::builder()
+            .status(400)
+            .header("content-type", "application/json")
+            .body(
+                Full::new(Bytes::from_static(
+                    b"{\"error\":{\"message\":\"Unrecognized request argument supplied: stream_options\"}}",
+                ))
+                .boxed(),
+            )
+            .unwrap(),
         _ => Response::new(Full::new(Bytes::from_static(b"{\"ok\":true}")).boxed()),
     };
     guard.1 = true;
