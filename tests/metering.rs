@@ -235,8 +235,20 @@ async fn an_upstream_that_refuses_stream_options_keeps_its_streams() {
     let stream = r#"{"model":"m","stream":true}"#;
     let asked = |s: &common::recorder::Seen| s.body.windows(14).any(|w| w == b"stream_options");
 
-    // Refused when asked, accepted without: the client gets its stream, the upstream
-    // is not asked again, and each request has one row.
+    // Refused when asked for a reason that does not name `stream_options`: the client
+    // gets its stream, and the next request is asked again.
+    let gw = Gateway::start(&db, rec.port, "").await;
+    for _ in 0..2 {
+        let r = post(&gw.url("/picky/chat/completions"), &h, stream).await;
+        assert_eq!(r.status, 200);
+    }
+    let seen: Vec<bool> = rec.log.seen().iter().map(asked).collect();
+    assert_eq!(seen, [true, false, true, false], "a client cannot switch the ask off");
+    rec.log.seen.lock().expect("log").clear();
+    drop(gw);
+
+    // Refused when asked, naming `stream_options`, accepted without: the client gets its
+    // stream, the upstream is not asked again, and each request has one row.
     let gw = Gateway::start(&db, rec.port, "").await;
     for _ in 0..2 {
         let r = post(&gw.url("/strict/chat/completions"), &h, stream).await;
@@ -273,7 +285,7 @@ async fn an_upstream_that_refuses_stream_options_keeps_its_streams() {
     let rows = eventually(Duration::from_secs(10), async || {
         c.query_one("SELECT count(*) FROM api_key_usage", &[])
             .await
-            .is_ok_and(|r| r.get::<_, i64>(0) == 5)
+            .is_ok_and(|r| r.get::<_, i64>(0) == 7)
     })
     .await;
     assert!(rows, "one row per client request");

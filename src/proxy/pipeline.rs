@@ -216,13 +216,13 @@ impl Proxy {
         // more, in place of the refused answer, which nobody has read.
         if let Some(original) = original.filter(|_| support.retry(resp.status())) {
             let slot = resp.body_mut().take_slot();
-            drop(resp);
+            let named = Box::pin(stream_usage::names_stream_options(resp.into_body())).await;
             let req = original.map(|body| UpstreamBody::Whole(Some(body)));
             resp = self
                 .forward(req, Some(&record), peer, live, trace, slot)
                 .await
                 .map_err(fail)?;
-            support.retried(resp.status());
+            support.retried(named, resp.status());
             strip = false;
         }
         if let Some(rate) = rate {

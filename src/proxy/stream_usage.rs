@@ -10,9 +10,11 @@
 //!
 //! An upstream that refuses `stream_options` (an older Azure API version, a strict
 //! schema) must not lose its streams to it: until one asked request has succeeded, a
-//! 400 or 422 to an asked request is retried once with the client's own body, and if
-//! that one is accepted the upstream is taken to refuse, and nothing is asked of it
-//! again until a restart ([`Support`]).
+//! 400 or 422 to an asked request is retried once with the client's own body. If the
+//! refusal named `stream_options` and the retry is accepted, the upstream is taken to
+//! refuse, and nothing is asked of it again until a restart ([`Support`]). Both are
+//! needed, so a client cannot switch the ask off for everyone with a body that fails
+//! for another reason (say, 40 bytes short of the upstream's size limit).
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -74,10 +76,10 @@ impl Support {
             && self.0.load(Ordering::Relaxed) == UNKNOWN
     }
 
-    /// The retry's answer: accepted where the asked request was not, so the upstream
-    /// refuses `stream_options`.
-    pub fn retried(&self, status: StatusCode) {
-        if status.is_success() && self.0.swap(REFUSES, Ordering::Relaxed) != REFUSES {
+    /// The retry's answer: accepted where the asked request was refused for naming
+    /// `stream_options`, so the upstream refuses it.
+    pub fn retried(&self, refusal_named_it: bool, status: StatusCode) {
+        if refusal_named_it && status.is_success() && self.0.swap(REFUSES, Ordering::Relaxed) != REFUSES {
             crate::telemetry::stream_usage("refused");
             tracing::warn!(
                 "the upstream refused a request asking for stream usage (stream_options.include_usage) \
@@ -87,6 +89,27 @@ impl Support {
             );
         }
     }
+}
+
+/// Whether a refusal's body names `stream_options`: read to its end (so its connection
+/// can serve again) or to 64 KiB, for at most two seconds.
+pub async fn names_stream_options<B: Body<Data = Bytes> + Unpin>(mut body: B) -> bool {
+    const LIMIT: usize = 64 * 1024;
+    let read = async {
+        let mut text = Vec::new();
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Some(data) = frame.data_ref() {
+                text.extend_from_slice(&data[..data.len().min(LIMIT - text.len())]);
+            }
+            if text.len() >= LIMIT {
+                break;
+            }
+        }
+        text.to_ascii_lowercase().windows(14).any(|w| w == b"stream_options")
+    };
+    tokio::time::timeout(Duration::from_secs(2), read)
+        .await
+        .unwrap_or(false)
 }
 
 /// A request ready for the upstream.

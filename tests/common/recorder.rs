@@ -170,8 +170,9 @@ async fn handle(log: Arc<Log>, conn: usize, req: Request<Incoming>) -> Result<Re
             "\"usage\":{\"input_tokens\":37,\"input_tokens_details\":{\"cached_tokens\":20},\"output_tokens\":11,\"total_tokens\":48}}}\n\n",
         ]),
         // An upstream with a strict schema, as older Azure API versions are: a body
-        // with `stream_options` is refused, any other streams. `/bad/…` refuses all.
-        "/strict/chat/completions" if !asks_for_usage => sse_frames(&[
+        // with `stream_options` is refused, any other streams. `/bad/…` refuses all;
+        // `/picky/…` refuses an asked body for some other reason.
+        "/strict/chat/completions" | "/picky/chat/completions" if !asks_for_usage => sse_frames(&[
             "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"ok\"}}]}\n\n",
             "data: [DONE]\n\n",
         ]),
@@ -184,6 +185,10 @@ async fn handle(log: Arc<Log>, conn: usize, req: Request<Incoming>) -> Result<Re
                 ))
                 .boxed(),
             )
+            .unwrap(),
+        "/picky/chat/completions" => Response::builder()
+            .status(400)
+            .body(Full::new(Bytes::from_static(b"{\"error\":{\"message\":\"body too long\"}}")).boxed())
             .unwrap(),
         _ => Response::new(Full::new(Bytes::from_static(b"{\"ok\":true}")).boxed()),
     };
