@@ -118,7 +118,8 @@ pub struct Prepared {
     /// keygate asked for usage and the client did not: the answer's usage chunk goes.
     pub strip: bool,
     /// The client's own request, kept to send again if the upstream refuses the ask.
-    pub original: Option<Request<Bytes>>,
+    /// Boxed: it is held across the first send, in the request future hyper moves.
+    pub original: Option<Box<Request<Bytes>>>,
 }
 
 /// Reads the body whole and asks for usage when the request streams without.
@@ -160,7 +161,7 @@ pub async fn ask(
         Asked::Unchanged => return Ok(whole(with_length(parts, body.len()), Some(body))),
         Asked::Ambiguous => return Err(Reject::BodyAmbiguous),
     };
-    let original = keep_original.then(|| {
+    let original = keep_original.then(|| -> Box<Request<Bytes>> {
         let mut copy = Request::new(body.clone());
         *copy.method_mut() = parts.method.clone();
         *copy.uri_mut() = parts.uri.clone();
@@ -168,7 +169,7 @@ pub async fn ask(
         *copy.headers_mut() = parts.headers.clone();
         copy.headers_mut()
             .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
-        copy
+        Box::new(copy)
     });
     let parts = with_length(parts, asked.len());
     Ok(Prepared {
