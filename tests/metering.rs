@@ -1,6 +1,7 @@
 //! Answers metered end to end into `api_key_usage`: Anthropic's Messages stream (cached
-//! prompt tokens included) and OpenAI's Responses stream (usage inside `response`,
-//! beside the output), cut mid-event by a recording upstream and priced by `[pricing]`;
+//! prompt tokens included), OpenAI's Responses stream (usage inside `response`, beside
+//! the output), Ollama's NDJSON and Gemini's SSE, cut mid-event by a recording upstream
+//! and priced by `[pricing]`;
 //! and OpenAI chat streams whose client did not ask for usage, which keygate asks for
 //! (`usage.inject_stream_usage`) without the client seeing the difference.
 
@@ -23,17 +24,25 @@ type Row = (
 );
 
 #[tokio::test]
-async fn anthropic_and_responses_streams_are_billed_whole() {
+async fn native_streams_are_billed_whole() {
     let (db, key) = seeded_db().await;
     let rec = Recorder::start().await;
     let pricing = "[pricing.models.claude-x]\nprompt_per_1k = 3.0\ncompletion_per_1k = 15.0\n";
     let gw = Gateway::start(&db, rec.port, pricing).await;
-    for path in ["/v1/messages", "/v1/responses"] {
+    let paths = [
+        "/v1/messages",
+        "/v1/responses",
+        "/api/chat",
+        "/v1beta/models/gemini-x:streamGenerateContent",
+    ];
+    for path in paths {
         // Anthropic's SDK sends the key as `x-api-key`.
         let r = post(&gw.url(path), &[("x-api-key", &key)], r#"{"stream":true}"#).await;
         assert_eq!(r.status, 200, "{path}");
         assert!(
-            String::from_utf8_lossy(&r.body).contains("\"usage\""),
+            ["tokens", "Count", "eval_count"]
+                .iter()
+                .any(|t| String::from_utf8_lossy(&r.body).contains(t)),
             "{path}: the stream was cut"
         );
     }
@@ -42,10 +51,10 @@ async fn anthropic_and_responses_streams_are_billed_whole() {
     let written = eventually(Duration::from_secs(10), async || {
         c.query_one("SELECT count(*) FROM api_key_usage", &[])
             .await
-            .is_ok_and(|r| r.get::<_, i64>(0) == 2)
+            .is_ok_and(|r| r.get::<_, i64>(0) == 4)
     })
     .await;
-    assert!(written, "two rows were not written");
+    assert!(written, "four rows were not written");
     let rows = c
         .query(
             "SELECT endpoint, prompt_tokens, completion_tokens, tokens_used, model, cost_usd::text
@@ -71,11 +80,22 @@ async fn anthropic_and_responses_streams_are_billed_whole() {
     assert_eq!(
         got,
         [
+            // Ollama's two counts, summed.
+            row("/api/chat", 26, 282, 308, "llama3.2", "0.000000"),
             // 25 uncached + 100 written to the cache + 5,000 read from it, at $3 per 1k;
             // 15 completion tokens at $15 per 1k.
             row("/v1/messages", 5125, 15, 5140, "claude-x", "15.600000"),
             // `cached_tokens` is a part of `input_tokens` here, not added again.
             row("/v1/responses", 37, 11, 48, "gpt-r", "0.000000"),
+            // Gemini's thinking tokens are output tokens.
+            row(
+                "/v1beta/models/gemini-x:streamGenerateContent",
+                9,
+                43,
+                52,
+                "gemini-x",
+                "0.000000"
+            ),
         ]
     );
 }

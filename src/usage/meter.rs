@@ -3,7 +3,9 @@
 //! Owns [`TokenMeter`] (fed every body data frame, in order, on the hot path; it never
 //! holds or delays the stream), the decoding of OpenAI-style `usage` objects (and
 //! Anthropic's `input_tokens`/`output_tokens`, with its cached prompt tokens counted as
-//! prompt tokens; `wire` defines them, `flat` is a fast path for the plain ones), and
+//! prompt tokens; `wire` defines them, `flat` is a fast path for the plain ones),
+//! Gemini's `usageMetadata` (thinking tokens counted as output) and Ollama's native
+//! `prompt_eval_count`/`eval_count` (JSON or NDJSON), and
 //! [`cost_micros`]. The byte-level work lives in `json_scan` (JSON structure, and the
 //! Responses API's `response` object looked into) and `sse` (event-stream framing); both
 //! are constant-memory state machines, so results do not depend on how the body was
@@ -16,6 +18,8 @@ mod flat_tests;
 mod json_scan;
 #[cfg(test)]
 mod json_scan_tests;
+#[cfg(test)]
+mod native_tests;
 mod sse;
 #[cfg(test)]
 mod sse_tests;
@@ -28,7 +32,7 @@ use http::HeaderValue;
 use crate::config::{Price, Pricing};
 use json_scan::{Field, JsonScan};
 use sse::SseScan;
-use wire::{ModelName, WireMessage, WireUsage};
+use wire::{Count, ModelName, WireGeminiUsage, WireMessage, WireUsage};
 
 /// Token counts and model of one response, as far as they are known.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -39,11 +43,26 @@ pub struct Tokens {
     pub model: Option<String>,
 }
 
-/// A JSON body is one document: `usage` and `model` sit at its top level.
-const JSON_FIELDS: &[Field] = &[Field::Usage, Field::Model];
+/// A JSON body is one document (NDJSON, one per line): `usage` and `model` sit at its
+/// top level, or Gemini's names for them, or Ollama's two counts.
+const JSON_FIELDS: &[Field] = &[
+    Field::Usage,
+    Field::Model,
+    Field::UsageMetadata,
+    Field::ModelVersion,
+    Field::PromptEvalCount,
+    Field::EvalCount,
+];
 /// SSE events are documents too; Anthropic's `message_start` nests them in `message`,
 /// the Responses API's events in `response`.
-const SSE_FIELDS: &[Field] = &[Field::Usage, Field::Model, Field::Message, Field::Response];
+const SSE_FIELDS: &[Field] = &[
+    Field::Usage,
+    Field::Model,
+    Field::Message,
+    Field::Response,
+    Field::UsageMetadata,
+    Field::ModelVersion,
+];
 
 #[derive(Debug)]
 enum Reader {
@@ -155,6 +174,7 @@ fn media_kind(value: &[u8]) -> Kind {
     if essence.eq_ignore_ascii_case(b"text/event-stream") {
         Kind::Sse
     } else if essence.eq_ignore_ascii_case(b"application/json")
+        || essence.eq_ignore_ascii_case(b"application/x-ndjson")
         || (has(essence.get(..12), b"application/")
             && has(essence.len().checked_sub(5).and_then(|s| essence.get(s..)), b"+json"))
     {
@@ -197,7 +217,24 @@ impl Seen {
                     self.merge(&usage);
                 }
             }
-            Field::Model => {
+            Field::UsageMetadata => {
+                if let Ok(usage) = serde_json::from_slice::<WireGeminiUsage>(raw) {
+                    self.merge(&usage.openai());
+                }
+            }
+            Field::PromptEvalCount | Field::EvalCount => {
+                if let Ok(Count(Some(n))) = serde_json::from_slice::<Count>(raw) {
+                    let part = if field == Field::EvalCount {
+                        &mut self.completion
+                    } else {
+                        &mut self.prompt
+                    };
+                    *part = Some(n);
+                    // Ollama gives no total: it is the sum of these.
+                    self.total = None;
+                }
+            }
+            Field::Model | Field::ModelVersion => {
                 if raw != self.model_raw.as_slice() {
                     // A JSON body names its model once: only a second sighting (a
                     // stream's next chunk) keeps the raw bytes to compare against. That

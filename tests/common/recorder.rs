@@ -169,6 +169,22 @@ async fn handle(log: Arc<Log>, conn: usize, req: Request<Incoming>) -> Result<Re
             "\"output\":[{\"type\":\"message\",\"content\":[{\"type\":\"output_text\",\"text\":\"Hi \\\"usage\\\": 9\"}]}],",
             "\"usage\":{\"input_tokens\":37,\"input_tokens_details\":{\"cached_tokens\":20},\"output_tokens\":11,\"total_tokens\":48}}}\n\n",
         ]),
+        // Ollama's native chat stream (NDJSON) and Gemini's `alt=sse` stream, cut
+        // mid-object: counts where each keeps them.
+        "/api/chat" => {
+            let mut r = sse_frames(&[
+                "{\"model\":\"llama3.2\",\"message\":{\"role\":\"assistant\",\"content\":\"Hi\"},\"done\":false}\n{\"model\":\"llama3.2\",",
+                "\"message\":{\"role\":\"assistant\",\"content\":\"\"},\"done\":true,\"prompt_eval_count\":26,\"eval_count\":282}\n",
+            ]);
+            r.headers_mut()
+                .insert("content-type", "application/x-ndjson".parse().unwrap());
+            r
+        }
+        "/v1beta/models/gemini-x:streamGenerateContent" => sse_frames(&[
+            "data: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"Hi\"}]}}],\"usageMetadata\":{\"promptTokenCount\":9},\"modelVersion\":\"gemini-x\"}\r\n\r\n",
+            "data: {\"candidates\":[],\"usageMetadata\":{\"promptTokenCount\":9,\"candidatesTokenCount\":3,\"thoughtsTokenCount\":40,",
+            "\"totalTokenCount\":52},\"modelVersion\":\"gemini-x\"}\r\n\r\n",
+        ]),
         // An upstream with a strict schema, as older Azure API versions are: a body
         // with `stream_options` is refused, any other streams. `/bad/…` refuses all;
         // `/picky/…` refuses an asked body for some other reason.

@@ -22,6 +22,14 @@ pub(crate) enum Field {
     /// The Responses API's events carry `model` and `usage` inside `response`. Never
     /// captured: the scan descends into it.
     Response,
+    /// Gemini's `usageMetadata` and `modelVersion` (a JSON answer, or each event of an
+    /// `alt=sse` stream).
+    UsageMetadata,
+    ModelVersion,
+    /// Ollama's native API: the last object of an answer counts the prompt and output
+    /// tokens at its top level.
+    PromptEvalCount,
+    EvalCount,
 }
 
 impl Field {
@@ -31,6 +39,10 @@ impl Field {
             Field::Model => b"model",
             Field::Message => b"message",
             Field::Response => b"response",
+            Field::UsageMetadata => b"usageMetadata",
+            Field::ModelVersion => b"modelVersion",
+            Field::PromptEvalCount => b"prompt_eval_count",
+            Field::EvalCount => b"eval_count",
         }
     }
 
@@ -44,8 +56,9 @@ impl Field {
     /// bigger is not what we are looking for and is dropped rather than grown into.
     pub(crate) fn cap(self) -> usize {
         match self {
-            Field::Usage => 4 * 1024,
-            Field::Model => 1024,
+            Field::Usage | Field::UsageMetadata => 4 * 1024,
+            Field::Model | Field::ModelVersion => 1024,
+            Field::PromptEvalCount | Field::EvalCount => 32,
             Field::Message => 8 * 1024,
             Field::Response => 0,
         }
@@ -56,8 +69,9 @@ impl Field {
 /// details included, fits.
 const CAPTURE_START: usize = 256;
 
-/// Longest wanted key ("response"); longer keys are recognised as "not wanted" by length.
-const KEY_MAX: usize = 8;
+/// Longest wanted key ("prompt_eval_count"); longer keys are recognised as "not wanted"
+/// by length.
+const KEY_MAX: usize = 17;
 
 /// Byte classes for [`JsonScan::feed`]'s runs outside strings: which bytes end a run in
 /// a nested value, and at the top level. (Runs inside strings are [`string_run`]'s.)

@@ -28,6 +28,35 @@ pub(super) struct WireUsage {
     pub cache_read_input_tokens: Count,
 }
 
+/// Gemini's `usageMetadata`. Thinking tokens are billed as output but left out of
+/// `candidatesTokenCount`, and tool-use prompt tokens out of `promptTokenCount`;
+/// cached-content tokens are already inside `promptTokenCount`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub(super) struct WireGeminiUsage {
+    pub prompt_token_count: Count,
+    pub tool_use_prompt_token_count: Count,
+    pub candidates_token_count: Count,
+    pub thoughts_token_count: Count,
+    pub total_token_count: Count,
+}
+
+impl WireGeminiUsage {
+    /// The same counts, as OpenAI names them.
+    pub fn openai(&self) -> WireUsage {
+        let sum = |a: Count, b: Count| match (a.0, b.0) {
+            (None, None) => Count(None),
+            (a, b) => Count(a.unwrap_or(0).checked_add(b.unwrap_or(0))),
+        };
+        WireUsage {
+            prompt_tokens: sum(self.prompt_token_count, self.tool_use_prompt_token_count),
+            completion_tokens: sum(self.candidates_token_count, self.thoughts_token_count),
+            total_tokens: self.total_token_count,
+            ..WireUsage::default()
+        }
+    }
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
 pub(super) struct WireMessage {
