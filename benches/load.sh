@@ -35,7 +35,9 @@
 #     stack up (for profiling by hand) until interrupted; no rounds are run
 #   LOAD_PERF_STAT=1: also count syscalls and context switches per request of each
 #     proxy process (`perf stat`) in every round
-#   LOAD_EXTRA_BINS="name=/path/to/keygate[,keys][,nousage][,nolimits][,env=K=V][,runtime=R][,workers=N] ..."
+#   LOAD_EXTRA_BINS="name=/path/to/keygate[,keys][,nousage][,nolimits][,env=K=V][,runtime=R][,workers=N]
+#     [,batch=N][,writers=N][,flush=D][,nicebg=N] ..." (usage.batch_size, pool_size,
+#     flush_interval; nicebg: every thread but the request workers at that nice value)
 #     adds a variant `kg-name` per entry, measured in the same interleaved rounds: one
 #     key, or with `keys` the many-keys script; usage or limits off; extra environment
 #     (e.g. env=RUST_LOG=info for the access log); `server.runtime` and `server.workers`
@@ -207,6 +209,7 @@ enabled = $limits
 [usage]
 enabled = $usage
 spool_dir = "$WORK/$name/spool"
+${USAGE_EXTRA[$name]:-}
 
 [log]
 level = "warn"
@@ -220,7 +223,7 @@ TOML
     KG_STARTED_PID=$!
     PIDS+=("$KG_STARTED_PID")
 }
-declare -A PORT PID_OF MANY SERVER_EXTRA
+declare -A PORT PID_OF MANY SERVER_EXTRA USAGE_EXTRA NICE_BG
 VARIANTS=(direct nginx kg-1key kg-Nkeys)
 PORT[direct]=$UP_PORT PID_OF[direct]=$UP_PID
 PORT[nginx]=$NGX_PORT PID_OF[nginx]=$NGX_PID
@@ -241,6 +244,10 @@ for spec in ${LOAD_EXTRA_BINS:-}; do
             env=*) envs+=("${o#env=}") ;;
             runtime=*) SERVER_EXTRA[$name]+="runtime = \"${o#runtime=}\""$'\n' ;;
             workers=*) SERVER_EXTRA[$name]+="workers = ${o#workers=}"$'\n' ;;
+            batch=*) USAGE_EXTRA[$name]+="batch_size = ${o#batch=}"$'\n' ;;
+            writers=*) USAGE_EXTRA[$name]+="pool_size = ${o#writers=}"$'\n' ;;
+            flush=*) USAGE_EXTRA[$name]+="flush_interval = \"${o#flush=}\""$'\n' ;;
+            nicebg=*) NICE_BG[$name]=${o#nicebg=} ;;
             *) die "unknown option $o in LOAD_EXTRA_BINS" ;;
         esac
     done
@@ -254,6 +261,17 @@ done
 
 AUTH="Authorization: Bearer $KEY"
 for v in "${VARIANTS[@]}"; do wait_http "http://127.0.0.1:${PORT[$v]}$PATH_Q" "$AUTH"; done
+# nicebg=N: every thread of that keygate but its request workers at nice N (the usage
+# writer, the limiter flush and the other background tasks), an experiment on whether
+# they delay requests.
+for v in "${!NICE_BG[@]}"; do
+    for task in /proc/"${PID_OF[$v]}"/task/*; do
+        case $(cat "$task/comm" 2>/dev/null) in
+            keygate-worker*) ;;
+            *) renice -n "${NICE_BG[$v]}" -p "${task##*/}" >/dev/null ;;
+        esac
+    done
+done
 wait_http "http://127.0.0.1:$KGN_PORT$PATH_Q" "Authorization: Bearer $(head -n 1 "$WORK/keys.txt")"
 
 cat >"$WORK/keys.lua" <<'LUA'
