@@ -120,7 +120,7 @@ fn is_usage_chunk(data: &str) -> bool {
 async fn openai_streams_are_billed_whether_or_not_the_client_asked() {
     let (db, key) = seeded_db().await;
     let up = Upstream::start(&[]).await;
-    let gw = Gateway::start(&db, up.port, "").await;
+    let gw = Gateway::start(&db, up.port, "[server]\nhttp2 = true\n").await;
     let auth = bearer(&key);
     let h = [("authorization", auth.as_str()), ("content-type", "application/json")];
     let chat = |extra: &str| {
@@ -164,6 +164,19 @@ async fn openai_streams_are_billed_whether_or_not_the_client_asked() {
         text.contains("data: [DONE]") && !text.contains("\"choices\":[]"),
         "{text}"
     );
+    // Over HTTP/2, whose body arrives in DATA frames.
+    let req = http::Request::post(gw.url("/v1/chat/completions"))
+        .header("authorization", auth.as_str())
+        .body(http_body_util::Full::new(bytes::Bytes::from(chat(""))))
+        .expect("request");
+    let resp = h2_client().request(req).await.expect("h2 response");
+    assert_eq!((resp.version(), resp.status().as_u16()), (http::Version::HTTP_2, 200));
+    let body = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .expect("body")
+        .to_bytes();
+    let got = events(&body);
+    assert!(got.len() == 7 && !got.iter().any(|e| is_usage_chunk(e)), "{got:?}");
     // Two `stream` members: no reading of it is safe to bill from.
     let r = post(
         &gw.url("/v1/chat/completions"),
@@ -180,10 +193,10 @@ async fn openai_streams_are_billed_whether_or_not_the_client_asked() {
     let written = eventually(Duration::from_secs(10), async || {
         c.query_one("SELECT count(*) FROM api_key_usage", &[])
             .await
-            .is_ok_and(|r| r.get::<_, i64>(0) == 5)
+            .is_ok_and(|r| r.get::<_, i64>(0) == 6)
     })
     .await;
-    assert!(written, "five rows were not written");
+    assert!(written, "six rows were not written");
     let rows = c
         .query(
             "SELECT status_code, prompt_tokens, completion_tokens, tokens_used, error_code
@@ -200,6 +213,7 @@ async fn openai_streams_are_billed_whether_or_not_the_client_asked() {
     assert_eq!(
         got,
         [
+            billed.clone(),
             billed.clone(),
             billed.clone(),
             billed.clone(),
