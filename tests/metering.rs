@@ -324,3 +324,73 @@ async fn an_upstream_that_refuses_stream_options_keeps_its_streams() {
     .await;
     assert!(rows, "one row per client request");
 }
+
+#[tokio::test]
+async fn a_client_that_hangs_up_at_the_finish_chunk_is_still_billed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (db, key) = seeded_db().await;
+    let rec = Recorder::start().await;
+    let gw = Gateway::start(&db, rec.port, "").await;
+    let body = r#"{"model":"m1","stream":true}"#;
+    let req = format!(
+        "POST /late-usage/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: {}\r\ncontent-length: {}\r\n\r\n{body}",
+        bearer(&key),
+        body.len()
+    );
+    let mut sock = tokio::net::TcpStream::connect(gw.addr()).await.expect("connect");
+    sock.write_all(req.as_bytes()).await.expect("write");
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("finish_reason") {
+        let n = sock.read(&mut buf).await.expect("read");
+        assert!(n > 0, "closed early");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    // All the client wanted: it hangs up before the usage chunk exists.
+    drop(sock);
+
+    let c = db.client().await;
+    let row = eventually(Duration::from_secs(10), async || {
+        c.query_one("SELECT count(*) FROM api_key_usage", &[])
+            .await
+            .is_ok_and(|r| r.get::<_, i64>(0) == 1)
+    })
+    .await;
+    assert!(row, "no row");
+    let r = c
+        .query_one(
+            "SELECT prompt_tokens, completion_tokens, tokens_used, error_code FROM api_key_usage",
+            &[],
+        )
+        .await
+        .expect("row");
+    let got: (Option<i32>, Option<i32>, Option<i32>, Option<String>) = (r.get(0), r.get(1), r.get(2), r.get(3));
+    assert_eq!(got, (Some(5), Some(7), Some(12), Some("client_disconnected".into())));
+
+    // A stream that goes on: the upstream is still told within a second.
+    let closed = rec.log.closed.load(std::sync::atomic::Ordering::SeqCst);
+    let req = format!(
+        "GET /stall HTTP/1.1\r\nhost: x\r\nauthorization: {}\r\n\r\n",
+        bearer(&key)
+    );
+    let mut sock = tokio::net::TcpStream::connect(gw.addr()).await.expect("connect");
+    sock.write_all(req.as_bytes()).await.expect("write");
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains("data: first") {
+        let n = sock.read(&mut buf).await.expect("read");
+        assert!(n > 0, "closed early");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    drop(sock);
+    let left = std::time::Instant::now();
+    let told = eventually(Duration::from_secs(5), async || {
+        rec.log.closed.load(std::sync::atomic::Ordering::SeqCst) > closed
+    })
+    .await;
+    assert!(told, "the upstream connection was never closed");
+    assert!(
+        left.elapsed() < Duration::from_secs(1),
+        "told after {:?}",
+        left.elapsed()
+    );
+}

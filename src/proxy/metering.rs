@@ -2,6 +2,10 @@
 //! that when it ends, fails, or is dropped because the client went away, exactly one
 //! [`UsageRecord`] goes to the writer, with tokens seen in the body so far.
 //!
+//! A client that hangs up mid-answer does not take the tokens with it: the upstream's
+//! body is read on for up to [`DRAIN`] after it left, so a stream whose usage comes last
+//! (OpenAI's usage chunk, after the finish chunk a client may stop at) is still billed.
+//!
 //! Owns what a row says about a request (client address, truncations, error class).
 //! It does not write rows (`usage::writer`) or read tokens (`usage::meter`).
 
@@ -151,15 +155,32 @@ fn upstream_class(status: StatusCode) -> Option<(&'static str, &'static str)> {
     }
 }
 
+/// How long an upstream answer is read on after its client hung up, for its usage: long
+/// enough for a usage chunk that follows the finish chunk, short enough that the
+/// upstream is still told of the hang-up within a second (the generation it is asked
+/// to stop costs the operator too).
+pub const DRAIN: std::time::Duration = std::time::Duration::from_millis(500);
+
+const CLIENT_GONE: (&str, &str) = (
+    "client_disconnected",
+    "the client closed the connection before the response ended",
+);
+
 /// A response body that records its request's usage row exactly once. Generic over
 /// the body it wraps so an upstream body is boxed once, as `Metered<Bounded<_>>`, not
 /// once as itself and again as this.
-pub struct Metered<B: Body = ProxyBody> {
-    inner: B,
+pub struct Metered<B = ProxyBody>
+where
+    B: Body<Data = Bytes, Error = BoxError> + Send + Unpin + 'static,
+{
+    /// `None` once handed to the drain task.
+    inner: Option<B>,
     meter: Option<TokenMeter>,
     pending: Option<PendingUsage>,
     sink: UsageSink,
     pricing: Arc<Pricing>,
+    /// The client has gone and this is the drain: the row says so however it ends.
+    gone: bool,
 }
 
 impl<B> Metered<B>
@@ -200,17 +221,54 @@ where
         }
         resp.map(|inner| {
             http_body_util::BodyExt::boxed_unsync(Metered {
-                inner,
+                inner: Some(inner),
                 meter,
                 pending: Some(pending),
                 sink,
                 pricing,
+                gone: false,
             })
         })
     }
+
+    fn ended(&self) -> bool {
+        self.inner.as_ref().is_none_or(Body::is_end_stream)
+    }
+
+    /// The client has gone mid-answer: reads on for [`DRAIN`] in a task of its own,
+    /// feeding the meter, and records when the answer ends or the time is up. `false`
+    /// when there is nothing to read for (no meter) or no runtime to read on.
+    fn drain(&mut self) -> bool {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return false;
+        };
+        if self.meter.is_none() || self.gone {
+            return false;
+        }
+        let Some(inner) = self.inner.take() else {
+            return false;
+        };
+        let mut rest = Metered {
+            inner: Some(inner),
+            meter: self.meter.take(),
+            pending: self.pending.take(),
+            sink: self.sink.clone(),
+            pricing: self.pricing.clone(),
+            gone: true,
+        };
+        rt.spawn(async move {
+            let read = async { while let Some(Ok(_)) = http_body_util::BodyExt::frame(&mut rest).await {} };
+            let _ = tokio::time::timeout(DRAIN, read).await;
+            // Dropping `rest` records the row, with whatever the meter read.
+        });
+        true
+    }
 }
 
-impl<B: Body> Metered<B> {
+impl<B> Metered<B>
+where
+    B: Body<Data = Bytes, Error = BoxError> + Send + Unpin + 'static,
+{
     fn finish(&mut self, failure: Option<(&'static str, &'static str)>) {
         let Some(PendingUsage { started, mut record }) = self.pending.take() else {
             return;
@@ -238,21 +296,25 @@ impl<B: Body> Metered<B> {
 
 impl<B> Body for Metered<B>
 where
-    B: Body<Data = Bytes, Error = BoxError> + Unpin,
+    B: Body<Data = Bytes, Error = BoxError> + Send + Unpin + 'static,
 {
     type Data = Bytes;
     type Error = BoxError;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let polled = Pin::new(&mut *inner).poll_frame(cx);
+        let end = this.gone.then_some(CLIENT_GONE);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let (Some(meter), Some(data)) = (this.meter.as_mut(), frame.data_ref()) {
                     meter.feed(data);
                 }
-                if this.inner.is_end_stream() {
-                    this.finish(None);
+                if inner.is_end_stream() {
+                    this.finish(end);
                 }
             }
             Poll::Ready(Some(Err(e))) if e.is::<DeadlineExceeded>() => this.finish(Some((
@@ -263,32 +325,36 @@ where
                 "upstream_stream_error",
                 "the upstream broke off the response body",
             ))),
-            Poll::Ready(None) => this.finish(None),
+            Poll::Ready(None) => this.finish(end),
             Poll::Pending => {}
         }
         polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.ended()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.inner.as_ref().map(Body::size_hint).unwrap_or_default()
     }
 }
 
-impl<B: Body> Drop for Metered<B> {
+impl<B> Drop for Metered<B>
+where
+    B: Body<Data = Bytes, Error = BoxError> + Send + Unpin + 'static,
+{
     fn drop(&mut self) {
+        if self.pending.is_none() {
+            return;
+        }
         // Dropped before the end: the client went away (or the connection died). The
-        // row still goes in, with what was streamed so far.
-        if self.pending.is_some() && !self.inner.is_end_stream() {
-            self.finish(Some((
-                "client_disconnected",
-                "the client closed the connection before the response ended",
-            )));
-        } else {
-            self.finish(None);
+        // row still goes in, with what was streamed so far, or after the drain, with
+        // what came in the meantime.
+        if self.ended() {
+            self.finish(self.gone.then_some(CLIENT_GONE));
+        } else if !self.drain() {
+            self.finish(Some(CLIENT_GONE));
         }
     }
 }

@@ -185,6 +185,25 @@ async fn handle(log: Arc<Log>, conn: usize, req: Request<Incoming>) -> Result<Re
             "data: {\"candidates\":[],\"usageMetadata\":{\"promptTokenCount\":9,\"candidatesTokenCount\":3,\"thoughtsTokenCount\":40,",
             "\"totalTokenCount\":52},\"modelVersion\":\"gemini-x\"}\r\n\r\n",
         ]),
+        // A chat stream whose usage chunk comes 300 ms after its finish chunk, as a
+        // model's server sends it once it has counted.
+        "/late-usage/chat/completions" => {
+            let frames = futures_util::stream::iter([0u8, 1, 2]).then(|i| async move {
+                let text: &'static str = match i {
+                    0 => "data: {\"model\":\"m1\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}],\"usage\":null}\n\n",
+                    1 => {
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        "data: {\"model\":\"m1\",\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":7,\"total_tokens\":12}}\n\n"
+                    }
+                    _ => "data: [DONE]\n\n",
+                };
+                Ok::<_, Infallible>(Frame::data(Bytes::from_static(text.as_bytes())))
+            });
+            let mut r = Response::new(BodyExt::boxed(StreamBody::new(frames)));
+            r.headers_mut()
+                .insert("content-type", "text/event-stream".parse().unwrap());
+            r
+        }
         // An upstream with a strict schema, as older Azure API versions are: a body
         // with `stream_options` is refused, any other streams. `/bad/…` refuses all;
         // `/picky/…` refuses an asked body for some other reason.
