@@ -13,6 +13,16 @@ use common::net::*;
 use common::recorder::Recorder;
 use common::*;
 
+/// Whether `n` usage rows arrive within ten seconds.
+async fn rows_written(c: &tokio_postgres::Client, n: i64) -> bool {
+    eventually(Duration::from_secs(10), async || {
+        c.query_one("SELECT count(*) FROM api_key_usage", &[])
+            .await
+            .is_ok_and(|r| r.get::<_, i64>(0) == n)
+    })
+    .await
+}
+
 /// endpoint, prompt, completion and total tokens, model, cost.
 type Row = (
     String,
@@ -48,13 +58,7 @@ async fn native_streams_are_billed_whole() {
     }
 
     let c = db.client().await;
-    let written = eventually(Duration::from_secs(10), async || {
-        c.query_one("SELECT count(*) FROM api_key_usage", &[])
-            .await
-            .is_ok_and(|r| r.get::<_, i64>(0) == 4)
-    })
-    .await;
-    assert!(written, "four rows were not written");
+    assert!(rows_written(&c, 4).await, "four rows were not written");
     let rows = c
         .query(
             "SELECT endpoint, prompt_tokens, completion_tokens, tokens_used, model, cost_usd::text
@@ -190,13 +194,7 @@ async fn openai_streams_are_billed_whether_or_not_the_client_asked() {
     );
 
     let c = db.client().await;
-    let written = eventually(Duration::from_secs(10), async || {
-        c.query_one("SELECT count(*) FROM api_key_usage", &[])
-            .await
-            .is_ok_and(|r| r.get::<_, i64>(0) == 6)
-    })
-    .await;
-    assert!(written, "six rows were not written");
+    assert!(rows_written(&c, 6).await, "six rows were not written");
     let rows = c
         .query(
             "SELECT status_code, prompt_tokens, completion_tokens, tokens_used, error_code
@@ -316,13 +314,7 @@ async fn an_upstream_that_refuses_stream_options_keeps_its_streams() {
     assert!(asked(&seen[6]));
 
     let c = db.client().await;
-    let rows = eventually(Duration::from_secs(10), async || {
-        c.query_one("SELECT count(*) FROM api_key_usage", &[])
-            .await
-            .is_ok_and(|r| r.get::<_, i64>(0) == 7)
-    })
-    .await;
-    assert!(rows, "one row per client request");
+    assert!(rows_written(&c, 7).await, "one row per client request");
 }
 
 #[tokio::test]
@@ -350,13 +342,7 @@ async fn a_client_that_hangs_up_at_the_finish_chunk_is_still_billed() {
     drop(sock);
 
     let c = db.client().await;
-    let row = eventually(Duration::from_secs(10), async || {
-        c.query_one("SELECT count(*) FROM api_key_usage", &[])
-            .await
-            .is_ok_and(|r| r.get::<_, i64>(0) == 1)
-    })
-    .await;
-    assert!(row, "no row");
+    assert!(rows_written(&c, 1).await, "no row");
     let r = c
         .query_one(
             "SELECT prompt_tokens, completion_tokens, tokens_used, error_code FROM api_key_usage",
