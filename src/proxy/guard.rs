@@ -1,6 +1,7 @@
 //! Defences in front of authentication: a per-client limit on failed authentications
-//! (so a random-key flood from one client cannot drive database lookups), and the
-//! refusal of keys sent in query strings (they end up in logs and browser history).
+//! (so a random-key flood from one client cannot drive database lookups), the refusal
+//! of keys sent in query strings (they end up in logs and browser history), and the
+//! head and declared body sizes, answered in JSON before any other work.
 //!
 //! Counts per client address per UTC minute in memory; nothing here touches the
 //! database. Behind a load balancer the address is the one `metering::client_ip`
@@ -9,6 +10,9 @@
 use std::net::IpAddr;
 
 use dashmap::DashMap;
+use http::{header, HeaderMap, Request};
+
+use super::error::Reject;
 
 /// Above this many tracked clients, entries from past minutes are swept on insert.
 const SWEEP_ABOVE: usize = 65_536;
@@ -60,6 +64,33 @@ pub fn key_in_query(query: Option<&str>) -> bool {
     query.is_some_and(|q| {
         q.contains("pk_live_") || q.contains("pk_test_") || q.contains("pk_live%5F") || q.contains("pk_test%5F")
     })
+}
+
+/// hyper's own limit is a backstop that answers without a body; this one answers JSON.
+pub fn check_head_size<B>(req: &Request<B>, max: usize) -> Result<(), Reject> {
+    let uri = req.uri();
+    let mut size = uri.path_and_query().map_or(1, |pq| pq.as_str().len())
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + req.method().as_str().len()
+        + 12;
+    for (name, value) in req.headers() {
+        size += name.as_str().len() + value.len() + 4;
+        if size > max {
+            return Err(Reject::HeadersTooLarge);
+        }
+    }
+    Ok(())
+}
+
+pub fn check_content_length(h: &HeaderMap, max: u64) -> Result<(), Reject> {
+    match h
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        Some(n) if n > max => Err(Reject::BodyTooLarge),
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]

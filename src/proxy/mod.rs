@@ -7,6 +7,7 @@
 //! Nothing on the request path lives here; see `pipeline`.
 
 pub(crate) mod access_log;
+mod authorise;
 mod body;
 mod bounded;
 mod error;

@@ -12,25 +12,25 @@ use http::{header, HeaderMap, HeaderValue, Request, Response};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
+use super::authorise::authorise;
 use super::body::{BodyVerdict, LimitedBody, ProxyBody, UpstreamBody};
 use super::bounded::Bounded;
 use super::error::Reject;
 use super::forward::{SendError, Upstream};
-use super::guard::{key_in_query, FailedAuth};
+use super::guard::{check_content_length, check_head_size, key_in_query, FailedAuth};
 use super::headers::{self, RateHeaders};
 use super::health::Health;
 use super::metering::{client_ip, Metered, PendingUsage};
 use super::overrides;
 use super::path;
 use super::reload::{Live, Reloadable};
-use super::routes::{covers, Routes};
 use super::stream_usage::{self, Prepared};
 use super::trace::Trace;
 use crate::auth::{AuthError, Authenticator};
 use crate::config::ServerConfig;
 use crate::keys::PresentedKey;
 use crate::limits::{Concurrency, Decision, KeyLimits, LimitKind, Limiter, Slot};
-use crate::model::{AuthRecord, KeyStatus};
+use crate::model::AuthRecord;
 use crate::usage::writer::UsageSink;
 
 pub struct Proxy {
@@ -183,31 +183,16 @@ impl Proxy {
         let slot = self.take_slot(&record)?;
         let rate = self.limit(&record, live.limits_enabled, now).await?;
         let fail = |reject| Failure { reject, rate };
-        // Only with a usage row to bill: a stream's tokens come only if asked for.
-        let support = &self.stream_support;
-        let prepared = if pending.is_some()
-            && live.inject_stream_usage
-            && !http_body::Body::is_end_stream(req.body())
-            && support.worth_asking()
-            && stream_usage::eligible(req.uri().path(), lenient.as_deref())
-        {
-            let deadline = tokio::time::Instant::from_std(trace.started + self.server.request_timeout);
-            let (max, idle) = (live.max_body_bytes, live.body_idle_timeout);
-            Box::pin(stream_usage::ask(req, max, idle, deadline, support.learning()))
-                .await
-                .map_err(fail)?
-        } else {
-            Prepared {
-                req: self.streaming(req, live),
-                strip: false,
-                original: None,
-            }
-        };
+        let billed = pending.is_some();
         let Prepared {
             req,
             mut strip,
             original,
-        } = prepared;
+        } = self
+            .prepare(req, lenient.as_deref(), billed, live, trace)
+            .await
+            .map_err(fail)?;
+        let support = &self.stream_support;
         let mut resp = self
             .forward(req, Some(&record), peer, live, trace, slot)
             .await
@@ -224,6 +209,35 @@ impl Proxy {
             rate.apply(resp.headers_mut(), &mut trace.text);
         }
         Ok((resp, strip))
+    }
+
+    /// The request body for the upstream: streamed through, or, for a streamed
+    /// completion with a usage row to bill (its tokens come only if asked for), read
+    /// whole so `stream_usage` can ask for them.
+    async fn prepare(
+        &self,
+        req: Request<Incoming>,
+        lenient: Option<&str>,
+        billed: bool,
+        live: &Reloadable,
+        trace: &Trace,
+    ) -> Result<Prepared, Reject> {
+        let support = &self.stream_support;
+        if billed
+            && live.inject_stream_usage
+            && !http_body::Body::is_end_stream(req.body())
+            && support.worth_asking()
+            && stream_usage::eligible(req.uri().path(), lenient)
+        {
+            let deadline = tokio::time::Instant::from_std(trace.started + self.server.request_timeout);
+            let (max, idle) = (live.max_body_bytes, live.body_idle_timeout);
+            return Box::pin(stream_usage::ask(req, max, idle, deadline, support.learning())).await;
+        }
+        Ok(Prepared {
+            req: self.streaming(req, live),
+            strip: false,
+            original: None,
+        })
     }
 
     /// Sends the client's own request in place of `refused`, the answer to the one that
@@ -412,69 +426,6 @@ impl Drop for Unanswered<'_> {
         if let (Some(p), Some(sink)) = (self.0.take(), self.1) {
             p.abandoned(sink);
         }
-    }
-}
-
-/// A request needs the scopes of every rule a router might match it to: its normalized
-/// path and that path's lenient reading, each case-sensitively and not, for its own
-/// method and every method it names in an override. No spelling of a request reaches a
-/// route more cheaply than the route's own.
-fn authorise<B>(
-    rec: &AuthRecord,
-    req: &Request<B>,
-    lenient: Option<&str>,
-    routes: &Routes,
-    now: DateTime<Utc>,
-) -> Result<(), Reject> {
-    match rec.status(now) {
-        KeyStatus::Active => {}
-        KeyStatus::Revoked => return Err(Reject::KeyRevoked),
-        KeyStatus::Expired => return Err(Reject::KeyExpired),
-        KeyStatus::Inactive => return Err(Reject::KeyDisabled),
-    }
-    if !rec.org_active {
-        return Err(Reject::OrganizationDisabled);
-    }
-    if routes.is_empty() {
-        return Ok(());
-    }
-    let granted = rec.scopes();
-    let overrides = overrides::method_overrides(req.headers(), req.uri().query());
-    for method in std::iter::once(req.method()).chain(&overrides) {
-        for path in std::iter::once(req.uri().path()).chain(lenient) {
-            let needed = [routes.required(method, path), routes.required_any_case(method, path)];
-            if !needed.iter().all(|n| covers(granted, n)) {
-                return Err(Reject::MissingScope);
-            }
-        }
-    }
-    Ok(())
-}
-
-/// hyper's own limit is a backstop that answers without a body; this one answers JSON.
-fn check_head_size<B>(req: &Request<B>, max: usize) -> Result<(), Reject> {
-    let uri = req.uri();
-    let mut size = uri.path_and_query().map_or(1, |pq| pq.as_str().len())
-        + uri.authority().map_or(0, |a| a.as_str().len())
-        + req.method().as_str().len()
-        + 12;
-    for (name, value) in req.headers() {
-        size += name.as_str().len() + value.len() + 4;
-        if size > max {
-            return Err(Reject::HeadersTooLarge);
-        }
-    }
-    Ok(())
-}
-
-fn check_content_length(h: &HeaderMap, max: u64) -> Result<(), Reject> {
-    match h
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-    {
-        Some(n) if n > max => Err(Reject::BodyTooLarge),
-        _ => Ok(()),
     }
 }
 
