@@ -237,12 +237,13 @@ where
 
     /// The client has gone mid-answer: reads on for [`DRAIN`] in a task of its own,
     /// feeding the meter, and records when the answer ends or the time is up. `false`
-    /// when there is nothing to read for (no meter) or no runtime to read on.
+    /// when there is nothing to read for (keygate's own answer, or a body the meter
+    /// does not read, such as a download) or no runtime to read on.
     fn drain(&mut self) -> bool {
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return false;
         };
-        if self.meter.is_none() || self.gone {
+        if !self.meter.as_ref().is_some_and(TokenMeter::reads_body) || self.gone {
             return false;
         }
         let Some(inner) = self.inner.take() else {
@@ -371,6 +372,42 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", v.parse().expect("value"));
         h
+    }
+
+    /// An answer whose client hung up is read on only when the meter reads its kind of
+    /// body: a download is let go at once, an event stream's row waits for the drain.
+    #[tokio::test]
+    async fn only_a_body_the_meter_reads_is_drained() {
+        let url = "postgres://keygate@127.0.0.1:1/none".to_string();
+        let cfg =
+            crate::config::Config::from_env(&move |n| (n == "DATABASE_URL").then(|| url.clone())).expect("config");
+        for (content_type, drained) in [("application/octet-stream", false), ("text/event-stream", true)] {
+            let (sink, _writer) = crate::usage::channel(&cfg.usage);
+            let stats = sink.stats();
+            let rec = AuthRecord::new(crate::model::test_fields("tstA", &["chat"]));
+            let req = Request::post("/v1/x").body(()).expect("request");
+            let pending = PendingUsage::new(&req, &rec, [127, 0, 0, 1].into(), Instant::now(), Utc::now());
+            let first =
+                futures_util::stream::iter([Ok::<_, BoxError>(Frame::data(Bytes::from_static(b"data: 1\n\n")))]);
+            let body =
+                http_body_util::StreamBody::new(futures_util::StreamExt::chain(first, futures_util::stream::pending()));
+            let resp = http::Response::builder()
+                .header(header::CONTENT_TYPE, content_type)
+                .body(body)
+                .expect("response");
+            let resp = Metered::wrap(resp, pending, true, None, sink, Arc::new(Pricing::default()));
+            let mut body = resp.into_body();
+            assert!(http_body_util::BodyExt::frame(&mut body).await.is_some());
+            drop(body);
+            let recorded_now = stats.snapshot().queued;
+            assert_eq!(
+                recorded_now,
+                u64::from(!drained),
+                "{content_type}: recorded at the hang-up"
+            );
+            tokio::time::sleep(DRAIN + std::time::Duration::from_millis(300)).await;
+            assert_eq!(stats.snapshot().queued, 1, "{content_type}: one row in the end");
+        }
     }
 
     #[test]

@@ -192,8 +192,7 @@ pub fn without_usage_chunk(resp: Response<ProxyBody>) -> Response<ProxyBody> {
         && resp
             .headers()
             .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("text/event-stream"));
+            .is_some_and(crate::usage::meter::is_event_stream);
     if !streaming {
         return resp;
     }

@@ -139,6 +139,12 @@ impl TokenMeter {
         }
     }
 
+    /// Whether the body is read at all: not for a content type that carries no usage,
+    /// nor for an encoded body.
+    pub fn reads_body(&self) -> bool {
+        !matches!(self.reader, Reader::Ignore)
+    }
+
     /// Heap bytes this meter holds (its capture buffers); bounded by a few KiB.
     pub fn heap_bytes(&self) -> usize {
         let reader = match &self.reader {
@@ -158,6 +164,11 @@ pub fn fast_path_agrees(raw: &[u8]) -> bool {
     let usage = flat::usage(raw).is_none_or(|fast| serde_json::from_slice::<WireUsage>(raw).ok() == Some(fast));
     let model = flat::model(raw).is_none_or(|fast| ModelName::decode(raw).is_some_and(|name| name == fast));
     usage && model
+}
+
+/// Whether a Content-Type is `text/event-stream`, as the meter classifies it.
+pub fn is_event_stream(content_type: &HeaderValue) -> bool {
+    media_kind(content_type.as_bytes()) == Kind::Sse
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
