@@ -44,6 +44,8 @@ pub static MIGRATIONS: &[Migration] = &[
     ),
     migration!(9, "counter_fillfactor", "0009_counter_fillfactor"),
     migration!(10, "touch_when_unset", "0010_touch_when_unset"),
+    migration!(11, "usage_partition_checks", "0011_usage_partition_checks"),
+    migration!(12, "bump_in_key_order", "0012_bump_in_key_order"),
 ];
 
 pub fn latest_version() -> i32 {

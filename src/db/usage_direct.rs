@@ -1,5 +1,6 @@
 //! The fast path for a batch's first attempt: one binary COPY straight into
-//! `api_key_usage`, then one `UPDATE api_keys` with the per-key counts taken in memory.
+//! `api_key_usage`, then one call of migration 12's `keygate_bump_key_counters` with the
+//! per-key counts taken in memory.
 //!
 //! Safe only for rows that cannot be stored yet: ids made by keygate for this batch,
 //! never sent before. Everything else (a retry after an unknown outcome, a spool replay)
@@ -22,20 +23,9 @@ const COPY: &str = "COPY api_key_usage (id, api_key_id, organization_id, \"times
     method, status_code, response_time_ms, prompt_tokens, completion_tokens, tokens_used, cost_usd, model, \
     ip_address, user_agent, error_code, error_message) FROM STDIN (FORMAT binary)";
 
-/// Keys are locked in id order, as the staging path does, so two batches touching the
-/// same keys queue instead of deadlocking. `updated_at` is set here so the touch
-/// trigger's PL/pgSQL call is skipped for each key (migration 10).
-const BUMP: &str = "WITH v AS (
-    SELECT * FROM unnest($1::uuid[], $2::int8[], $3::timestamptz[]) AS v(id, n, last_used)
-), locked AS (
-    SELECT k.id FROM api_keys k JOIN v ON v.id = k.id ORDER BY k.id FOR NO KEY UPDATE OF k
-)
-UPDATE api_keys k
-SET total_requests = k.total_requests + v.n,
-    last_used_at = greatest(k.last_used_at, v.last_used),
-    updated_at = now()
-FROM v JOIN locked l ON l.id = v.id
-WHERE k.id = v.id";
+/// Migration 12's function: one visit per key, locked in id order, so two batches
+/// touching the same keys queue instead of deadlocking.
+const BUMP: &str = "SELECT keygate_bump_key_counters($1::uuid[], $2::int8[], $3::timestamptz[])";
 
 /// Copies `rows` and bumps their keys' counters inside `tx`; returns the rows stored
 /// (all of them, or an error and nothing).

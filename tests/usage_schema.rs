@@ -1,0 +1,239 @@
+//! The usage table's schema guarantees that live below the parent table: reference
+//! checks on every month partition (migration 11) and the writer's counter update in
+//! key order (migration 12), against a real PostgreSQL.
+
+mod common;
+
+use common::*;
+use uuid::Uuid;
+
+/// The SQLSTATE of a refused statement.
+fn sqlstate(r: Result<u64, tokio_postgres::Error>) -> Option<String> {
+    r.err().and_then(|e| e.code().map(|c| c.code().to_string()))
+}
+
+async fn seeded_key(c: &tokio_postgres::Client) -> (Uuid, Uuid) {
+    let r = c
+        .query_one("SELECT id, organization_id FROM api_keys LIMIT 1", &[])
+        .await
+        .expect("key");
+    (r.get(0), r.get(1))
+}
+
+/// Partition-level reference triggers, by table.
+async fn partition_checks(c: &tokio_postgres::Client) -> Vec<(String, i64)> {
+    c.query(
+        "SELECT i.inhrelid::regclass::text, \
+                (SELECT count(*) FROM pg_trigger t WHERE t.tgrelid = i.inhrelid \
+                   AND t.tgname LIKE 'kg_api_key_usage_part_references_%') \
+         FROM pg_inherits i WHERE i.inhparent = 'api_key_usage'::regclass ORDER BY 1",
+        &[],
+    )
+    .await
+    .expect("partitions")
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect()
+}
+
+/// What the parent refuses, each partition refuses too when a statement names it
+/// directly: an existing month, the default partition, one made later by
+/// `keygate_usage_partition`, and one attached by hand and given the checks.
+#[tokio::test]
+async fn partitions_check_references_like_the_parent() {
+    let (db, _key) = seeded_db().await;
+    let c = db.client().await;
+    let (key, org) = seeded_key(&c).await;
+    let nobody = Uuid::now_v7();
+    let current: String = c
+        .query_one("SELECT keygate_usage_partition(now())", &[])
+        .await
+        .expect("current partition")
+        .get(0);
+    let later: String = c
+        .query_one("SELECT keygate_usage_partition('2031-05-17T00:00:00Z')", &[])
+        .await
+        .expect("a partition made after the migration")
+        .get(0);
+    c.batch_execute(
+        "CREATE TABLE usage_by_hand (LIKE api_key_usage INCLUDING DEFAULTS);
+         ALTER TABLE api_key_usage ATTACH PARTITION usage_by_hand
+             FOR VALUES FROM ('2032-01-01T00:00:00Z') TO ('2032-02-01T00:00:00Z');
+         SELECT keygate_usage_partition_checks('usage_by_hand');",
+    )
+    .await
+    .expect("a partition attached by hand");
+
+    let cases = [
+        (current.as_str(), "now()"),
+        ("api_key_usage_default", "'1990-06-01T00:00:00Z'"),
+        (later.as_str(), "'2031-05-20T00:00:00Z'"),
+        ("usage_by_hand", "'2032-01-09T00:00:00Z'"),
+    ];
+    for (table, at) in cases {
+        let insert = format!(
+            "INSERT INTO {table} (api_key_id, organization_id, \"timestamp\", endpoint, method, status_code) \
+             VALUES ($1, $2, {at}, '/chat', 'POST', 200)"
+        );
+        assert_eq!(
+            sqlstate(c.execute(insert.as_str(), &[&nobody, &org]).await).as_deref(),
+            Some("23503"),
+            "{table}: a key that does not exist"
+        );
+        assert_eq!(
+            sqlstate(c.execute(insert.as_str(), &[&key, &nobody]).await).as_deref(),
+            Some("23503"),
+            "{table}: an organisation that does not exist"
+        );
+        assert_eq!(c.execute(insert.as_str(), &[&key, &org]).await.expect("a valid row"), 1);
+        let repoint = format!("UPDATE {table} SET api_key_id = $1");
+        assert_eq!(
+            sqlstate(c.execute(repoint.as_str(), &[&nobody]).await).as_deref(),
+            Some("23503"),
+            "{table}: repointing a row"
+        );
+    }
+    let stored: i64 = c
+        .query_one("SELECT count(*) FROM api_key_usage", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(stored, 4, "only the valid rows");
+    // Every partition, including the two made after the migration, carries both checks.
+    for (table, n) in partition_checks(&c).await {
+        assert_eq!(n, 2, "{table}");
+    }
+}
+
+/// `migrate down` by two steps takes the partitions' checks and the counter function
+/// away and puts 0005's partition function back; `migrate up` restores both.
+#[tokio::test]
+async fn migrations_11_and_12_roll_back_and_forth() {
+    let (db, _key) = seeded_db().await;
+    let c = db.client().await;
+    let (key, org) = seeded_key(&c).await;
+    let steps = (keygate::db::migrate::latest_version() - 10).to_string();
+    let out = db.keygate(&["migrate", "down", "--steps", &steps]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let checks = partition_checks(&c).await;
+    assert!(!checks.is_empty());
+    assert!(checks.iter().all(|(_, n)| *n == 0), "{checks:?}");
+    let bump: Option<String> = c
+        .query_one("SELECT to_regproc('keygate_bump_key_counters')::text", &[])
+        .await
+        .expect("regproc")
+        .get(0);
+    assert_eq!(bump, None);
+    let src: String = c
+        .query_one(
+            "SELECT prosrc FROM pg_proc WHERE proname = 'keygate_usage_partition'",
+            &[],
+        )
+        .await
+        .expect("function")
+        .get(0);
+    assert!(!src.contains("keygate_usage_partition_checks"), "{src}");
+    // At 10 a direct write into a partition is not checked: what migration 11 closes.
+    let part: String = c
+        .query_one("SELECT keygate_usage_partition(now())", &[])
+        .await
+        .expect("partition")
+        .get(0);
+    let insert = format!(
+        "INSERT INTO {part} (api_key_id, organization_id, endpoint, method, status_code) \
+         VALUES ($1, $2, '/chat', 'POST', 200)"
+    );
+    let nobody = Uuid::now_v7();
+    assert_eq!(
+        c.execute(insert.as_str(), &[&nobody, &org])
+            .await
+            .expect("unchecked at 10"),
+        1
+    );
+    c.execute("DELETE FROM api_key_usage WHERE api_key_id = $1", &[&nobody])
+        .await
+        .expect("cleanup");
+
+    db.migrate();
+    let checks = partition_checks(&c).await;
+    assert!(checks.iter().all(|(_, n)| *n == 2), "{checks:?}");
+    assert_eq!(
+        sqlstate(c.execute(insert.as_str(), &[&nobody, &org]).await).as_deref(),
+        Some("23503")
+    );
+    c.execute(insert.as_str(), &[&key, &org]).await.expect("a valid row");
+    c.execute(
+        "SELECT keygate_bump_key_counters($1, $2, $3)",
+        &[&vec![key], &vec![5i64], &vec![chrono::Utc::now()]],
+    )
+    .await
+    .expect("the counter function is back");
+}
+
+/// Writers that bump the same keys at once, each in its own order and each holding its
+/// locks until it commits, never deadlock (the function locks in id order), and every
+/// count lands: `total_requests` is the sum, `last_used_at` the latest.
+#[tokio::test]
+async fn counter_bumps_in_any_order_never_deadlock() {
+    let (db, _key) = seeded_db().await;
+    let c = db.client().await;
+    let (_, org) = seeded_key(&c).await;
+    let ids: Vec<Uuid> = (0..300).map(|_| Uuid::now_v7()).collect();
+    c.execute(
+        "INSERT INTO api_keys (id, organization_id, key_prefix, key_hash, key_hint, name) \
+         SELECT id, $2, 'pk_test_', encode(sha256(id::text::bytea), 'hex'), 'abcd', 'k' FROM unnest($1::uuid[]) AS id",
+        &[&ids, &org],
+    )
+    .await
+    .expect("keys");
+    const WRITERS: usize = 4;
+    const ROUNDS: usize = 12;
+    let base = chrono::Utc::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..WRITERS {
+        let mut client = db.client().await;
+        let mut ids = ids.clone();
+        tasks.spawn(async move {
+            for round in 0..ROUNDS {
+                // A different order on every writer and round: reversed, rotated, interleaved.
+                ids.rotate_left(37 * (w + 1) + round);
+                if (w + round) % 2 == 1 {
+                    ids.reverse();
+                }
+                let counts = vec![1i64; ids.len()];
+                let at = base + chrono::Duration::milliseconds((w * ROUNDS + round) as i64);
+                let last = vec![at; ids.len()];
+                let tx = client.transaction().await?;
+                tx.execute("SELECT keygate_bump_key_counters($1, $2, $3)", &[&ids, &counts, &last])
+                    .await?;
+                // Holding the locks a little widens the window in which two writers
+                // that locked in different orders would each wait for the other.
+                tx.execute("SELECT pg_sleep(0.005)", &[]).await?;
+                tx.commit().await?;
+            }
+            Ok::<_, tokio_postgres::Error>(())
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        let result = done.expect("writer task");
+        assert!(
+            result.is_ok(),
+            "a writer failed (40P01 is a deadlock): {:?}",
+            result.err().and_then(|e| e.code().cloned())
+        );
+    }
+    let rows = c
+        .query(
+            "SELECT total_requests, last_used_at FROM api_keys WHERE id = ANY($1)",
+            &[&ids],
+        )
+        .await
+        .expect("counters");
+    assert_eq!(rows.len(), ids.len());
+    let latest = base + chrono::Duration::milliseconds((WRITERS * ROUNDS - 1) as i64);
+    for r in rows {
+        assert_eq!(r.get::<_, i64>(0), (WRITERS * ROUNDS) as i64);
+        let last: chrono::DateTime<chrono::Utc> = r.get(1);
+        assert_eq!(last.timestamp_micros(), latest.timestamp_micros());
+    }
+}
