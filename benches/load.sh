@@ -32,7 +32,9 @@
 #     first saturating round, into $LOAD_OUT/perf-VARIANT.data (LOAD_PERF_ARGS adds
 #     options, e.g. "--call-graph dwarf"); then `perf report -i ...`
 #   LOAD_HOLD=1: start everything, warm up, print the addresses and pids, and keep the
-#     stack up (for profiling by hand) until interrupted; no rounds are run
+#     stack up (for profiling by hand) until interrupted; no rounds are run. Stop it with
+#     Ctrl-C, or `kill -TERM <script pid>` when it runs in the background (a background
+#     job ignores SIGINT, and the stack would stay up)
 #   LOAD_PERF_STAT=1: also count syscalls and context switches per request of each
 #     proxy process (`perf stat`) in every round
 #   LOAD_EXTRA_BINS="name=/path/to/keygate[,keys][,nousage][,nolimits][,env=K=V][,runtime=R][,workers=N]
