@@ -1,6 +1,7 @@
 //! How the counter tables are stored and touched (migrations 9 and 10): keygate's own
 //! counter updates, the
-//! usage writer's bump of `api_keys` and the limiter's upsert into `rate_limit_tracking`,
+//! usage writer's counts folded into `api_keys` (migration 13) and the limiter's upsert
+//! into `rate_limit_tracking`,
 //! keep each row's new version on its page (a heap-only update, no index entries) even
 //! while another transaction's snapshot keeps the old versions alive, as the writer's
 //! and the limiter's overlapping statements do under load. At the default fillfactor
@@ -69,13 +70,17 @@ fn usage_row(key: Uuid, org: Uuid) -> UsageRecord {
     }
 }
 
-/// One usage row per key, written as the writer's first attempt writes a batch.
+/// One usage row per key, written as the writer's first attempt writes a batch, then
+/// folded into `api_keys` as keygate's fold task does (migration 13), on the same pool.
 async fn usage_batch(pool: &deadpool_postgres::Pool, keys: &[Uuid], org: Uuid) {
     let rows: Vec<UsageRecord> = keys.iter().map(|&k| usage_row(k, org)).collect();
     let out = db::usage::write_fresh_batch(pool, &rows, Duration::from_secs(30))
         .await
         .expect("usage batch");
     assert_eq!(out.inserted, keys.len() as u64);
+    let client = pool.get().await.expect("client");
+    let folded = db::key_counters::fold(&**client).await.expect("fold");
+    assert_eq!(folded, keys.len() as u64);
 }
 
 /// A limiter flush's deltas: one request in `minute` for each key.

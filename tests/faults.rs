@@ -302,6 +302,7 @@ async fn backends_killed_mid_batch_lose_and_double_nothing() {
         have, identified,
         "rows must equal identified responses exactly ({statuses:?})"
     );
+    fold_counters(&db.client().await).await;
     let counted = count(&db, "SELECT sum(total_requests)::bigint FROM api_keys").await;
     assert_eq!(counted, identified, "total_requests must match the rows");
     assert!(

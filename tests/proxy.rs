@@ -634,5 +634,21 @@ async fn both_runtimes_serve_concurrent_connections_and_drain() {
             .expect("count")
             .get(0);
         assert_eq!(rows, 13, "{runtime}");
+        // And the last fold ran after the last batch: `api_keys` holds every count and
+        // nothing waits in `keygate_key_counters`.
+        let (total, pending): (i64, i64) = {
+            let r = db
+                .client()
+                .await
+                .query_one(
+                    "SELECT (SELECT total_requests FROM api_keys), \
+                            (SELECT coalesce(sum(pending_requests), 0)::int8 FROM keygate_key_counters)",
+                    &[],
+                )
+                .await
+                .expect("counters");
+            (r.get(0), r.get(1))
+        };
+        assert_eq!((total, pending), (13, 0), "{runtime}");
     }
 }

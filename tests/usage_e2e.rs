@@ -115,6 +115,7 @@ async fn n_requests_make_exactly_n_rows_with_the_right_fields() {
             assert!(r.get::<_, Option<String>>(8).is_some_and(|m| !m.contains("pk_")));
         }
     }
+    fold_counters(&c).await;
     let (total, last_used): (i64, Option<chrono::DateTime<chrono::Utc>>) = {
         let r = c
             .query_one(
@@ -508,6 +509,7 @@ async fn postgres_stopped_under_load_loses_nothing_and_cached_keys_keep_working(
     assert_eq!(have, ok as i64, "rows must equal responses exactly");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(rows(&db).await, ok as i64, "no row may be written twice");
+    fold_counters(&db.client().await).await;
     let total: i64 = db
         .client()
         .await
@@ -582,6 +584,7 @@ async fn a_spool_left_by_a_killed_process_is_replayed_once() {
     }
     assert_eq!(spool_lines(spool.path()), 0, "spool not replayed");
     assert_eq!(rows(&db).await, want);
+    fold_counters(&db.client().await).await;
     let total: i64 = db
         .client()
         .await

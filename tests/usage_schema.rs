@@ -1,6 +1,7 @@
 //! The usage table's schema guarantees that live below the parent table: reference
-//! checks on every month partition (migration 11) and the writer's counter update in
-//! key order (migration 12), against a real PostgreSQL.
+//! checks on every month partition (migration 11), the writer's counter update in key
+//! order (migration 12) and its pending counts folded into `api_keys` exactly once
+//! (migration 13), against a real PostgreSQL.
 
 mod common;
 
@@ -172,7 +173,7 @@ async fn migrations_11_and_12_roll_back_and_forth() {
 
 /// Writers that bump the same keys at once, each in its own order and each holding its
 /// locks until it commits, never deadlock (the function locks in id order), and every
-/// count lands: `total_requests` is the sum, `last_used_at` the latest.
+/// count lands: after a fold, `total_requests` is the sum, `last_used_at` the latest.
 #[tokio::test]
 async fn counter_bumps_in_any_order_never_deadlock() {
     let (db, _key) = seeded_db().await;
@@ -222,6 +223,7 @@ async fn counter_bumps_in_any_order_never_deadlock() {
             result.err().and_then(|e| e.code().cloned())
         );
     }
+    assert_eq!(fold_counters(&c).await, ids.len() as u64);
     let rows = c
         .query(
             "SELECT total_requests, last_used_at FROM api_keys WHERE id = ANY($1)",
@@ -236,4 +238,107 @@ async fn counter_bumps_in_any_order_never_deadlock() {
         let last: chrono::DateTime<chrono::Utc> = r.get(1);
         assert_eq!(last.timestamp_micros(), latest.timestamp_micros());
     }
+}
+
+async fn key_counts(c: &tokio_postgres::Client, key: Uuid) -> (i64, Option<chrono::DateTime<chrono::Utc>>) {
+    let r = c
+        .query_one(
+            "SELECT total_requests, last_used_at FROM api_keys WHERE id = $1",
+            &[&key],
+        )
+        .await
+        .expect("key");
+    (r.get(0), r.get(1))
+}
+
+async fn bump(c: &impl tokio_postgres::GenericClient, key: Uuid, n: i64, at: chrono::DateTime<chrono::Utc>) {
+    c.execute(
+        "SELECT keygate_bump_key_counters($1, $2, $3)",
+        &[&vec![key], &vec![n], &vec![at]],
+    )
+    .await
+    .expect("bump");
+}
+
+/// A bump waits in `keygate_key_counters` until a fold moves it into `api_keys`, once:
+/// keygate's own reads add it in meanwhile, a fold skips (without waiting for) a count
+/// whose writer has not committed, and a second fold finds nothing.
+#[tokio::test]
+async fn pending_counts_fold_exactly_once_without_waiting_for_writers() {
+    let (db, _key) = seeded_db().await;
+    let c = db.client().await;
+    let (key, org) = seeded_key(&c).await;
+    let other: Uuid = c
+        .query_one(
+            "INSERT INTO api_keys (id, organization_id, key_prefix, key_hash, key_hint, name) \
+             VALUES ($1, $2, 'pk_test_', repeat('c', 64), 'cccc', 'other') RETURNING id",
+            &[&Uuid::now_v7(), &org],
+        )
+        .await
+        .expect("second key")
+        .get(0);
+    let (before, _) = key_counts(&c, key).await;
+    let at = chrono::Utc::now() - chrono::Duration::seconds(5);
+    bump(&c, key, 3, at).await;
+    bump(&c, key, 4, at - chrono::Duration::seconds(1)).await;
+    assert_eq!(key_counts(&c, key).await, (before, None), "api_keys waits for the fold");
+    let listed = keygate::db::keys::get(&c, key).await.expect("get");
+    assert_eq!(listed.total_requests, before + 7, "reads include what is pending");
+    assert_eq!(
+        listed.last_used_at.map(|t| t.timestamp_micros()),
+        Some(at.timestamp_micros())
+    );
+
+    // A writer that has bumped `other` and not committed holds that counter's row,
+    // which already has a committed count.
+    bump(&c, other, 1, at).await;
+    let mut w = db.client().await;
+    let tx = w.transaction().await.expect("tx");
+    bump(&tx, other, 5, at).await;
+    let folded = tokio::time::timeout(std::time::Duration::from_secs(10), fold_counters(&c))
+        .await
+        .expect("a fold never waits for a writer");
+    assert_eq!(folded, 1, "only the committed key");
+    let (total, last) = key_counts(&c, key).await;
+    assert_eq!(total, before + 7);
+    assert_eq!(last.map(|t| t.timestamp_micros()), Some(at.timestamp_micros()));
+    assert_eq!(key_counts(&c, other).await.0, 0);
+    tx.commit().await.expect("commit");
+    assert_eq!(fold_counters(&c).await, 1);
+    assert_eq!(key_counts(&c, other).await.0, 6);
+    assert_eq!(fold_counters(&c).await, 0, "nothing left to fold");
+    assert_eq!(key_counts(&c, key).await.0, before + 7, "folded once");
+}
+
+/// `migrate down` by one step folds what is pending into `api_keys` and gives the
+/// writer's function back its migration-12 body and settings.
+#[tokio::test]
+async fn migration_13_rolls_back_with_nothing_lost() {
+    let (db, _key) = seeded_db().await;
+    let c = db.client().await;
+    let (key, _) = seeded_key(&c).await;
+    let (before, _) = key_counts(&c, key).await;
+    bump(&c, key, 11, chrono::Utc::now()).await;
+    let out = db.keygate(&["migrate", "down", "--steps", "1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(key_counts(&c, key).await.0, before + 11);
+    let config: Option<Vec<String>> = c
+        .query_one(
+            "SELECT proconfig::text[] FROM pg_proc WHERE proname = 'keygate_bump_key_counters'",
+            &[],
+        )
+        .await
+        .expect("function")
+        .get(0);
+    assert!(config.is_some_and(|c| c.iter().any(|s| s == "enable_seqscan=off")));
+    bump(&c, key, 1, chrono::Utc::now()).await;
+    assert_eq!(
+        key_counts(&c, key).await.0,
+        before + 12,
+        "12's function updates api_keys"
+    );
+    db.migrate();
+    bump(&c, key, 2, chrono::Utc::now()).await;
+    assert_eq!(fold_counters(&c).await, 1);
+    assert_eq!(key_counts(&c, key).await.0, before + 14);
 }

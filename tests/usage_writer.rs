@@ -57,6 +57,7 @@ impl Fixture {
     }
 
     async fn total_requests(&self) -> i64 {
+        fold_counters(&self.client).await;
         self.client
             .query_one("SELECT total_requests FROM api_keys WHERE id = $1", &[&self.key])
             .await

@@ -6,6 +6,7 @@ use tokio_postgres::{GenericClient, Row};
 use uuid::Uuid;
 
 use super::counters::Snapshot;
+use super::key_counters::KEYS_WITH_PENDING;
 use super::DbError;
 use crate::keys::{Environment, KeyDigest, NewKey};
 use crate::model::{ApiKey, AuthRecord};
@@ -168,7 +169,7 @@ pub async fn create(
 pub async fn list(c: &impl GenericClient, org_id: Uuid) -> Result<Vec<ApiKey>, DbError> {
     let rows = c
         .query(
-            &format!("SELECT {COLUMNS} FROM api_keys WHERE organization_id = $1 ORDER BY created_at, id"),
+            &format!("SELECT {COLUMNS} FROM {KEYS_WITH_PENDING} WHERE organization_id = $1 ORDER BY created_at, id"),
             &[&org_id],
         )
         .await?;
@@ -177,7 +178,10 @@ pub async fn list(c: &impl GenericClient, org_id: Uuid) -> Result<Vec<ApiKey>, D
 
 pub async fn get(c: &impl GenericClient, id: Uuid) -> Result<ApiKey, DbError> {
     let row = c
-        .query_opt(&format!("SELECT {COLUMNS} FROM api_keys WHERE id = $1"), &[&id])
+        .query_opt(
+            &format!("SELECT {COLUMNS} FROM {KEYS_WITH_PENDING} WHERE id = $1"),
+            &[&id],
+        )
         .await?;
     row.as_ref()
         .map(from_row)
@@ -189,14 +193,12 @@ pub async fn get(c: &impl GenericClient, id: Uuid) -> Result<ApiKey, DbError> {
 pub async fn revoke(c: &impl GenericClient, id: Uuid) -> Result<(ApiKey, bool), DbError> {
     let row = c
         .query_opt(
-            &format!("UPDATE api_keys SET revoked_at = now(), is_active = false WHERE id = $1 AND revoked_at IS NULL RETURNING {COLUMNS}"),
+            "UPDATE api_keys SET revoked_at = now(), is_active = false WHERE id = $1 AND revoked_at IS NULL RETURNING id",
             &[&id],
         )
         .await?;
-    match row {
-        Some(r) => Ok((from_row(&r)?, true)),
-        None => Ok((get(c, id).await?, false)),
-    }
+    // Read back through `get`, whose counters include what is pending.
+    Ok((get(c, id).await?, row.is_some()))
 }
 
 /// Issues a successor with the same name, scopes and limits, and lets the old key live

@@ -46,6 +46,7 @@ pub static MIGRATIONS: &[Migration] = &[
     migration!(10, "touch_when_unset", "0010_touch_when_unset"),
     migration!(11, "usage_partition_checks", "0011_usage_partition_checks"),
     migration!(12, "bump_in_key_order", "0012_bump_in_key_order"),
+    migration!(13, "key_counters", "0013_key_counters"),
 ];
 
 pub fn latest_version() -> i32 {

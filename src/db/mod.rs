@@ -8,6 +8,7 @@ pub mod auth_queries;
 mod cached;
 mod copy_rows;
 pub mod counters;
+pub mod key_counters;
 pub mod keys;
 mod mask;
 pub mod migrate;

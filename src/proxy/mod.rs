@@ -133,7 +133,15 @@ pub async fn serve(
     let usage_sink = match usage {
         Some((sink, writer, writer_pool)) => {
             usage_stats = Some(writer.stats());
-            tracker.spawn(writer.run(writer_pool, background.clone(), cfg.server.shutdown_grace));
+            // The last fold waits for the writer's last batch, so a clean stop leaves
+            // nothing pending.
+            let written = CancellationToken::new();
+            tracker.spawn(crate::usage::fold::run(writer_pool.clone(), written.clone()));
+            let run = writer.run(writer_pool, background.clone(), cfg.server.shutdown_grace);
+            tracker.spawn(async move {
+                run.await;
+                written.cancel();
+            });
             Some(sink)
         }
         None => None,

@@ -6,6 +6,7 @@
 //! It does not decide what a request is allowed to do, and the SQL lives in `db::usage`.
 
 mod flight;
+pub mod fold;
 pub mod include_usage;
 mod partitions;
 mod replay;

@@ -403,3 +403,10 @@ pub async fn eventually(timeout: Duration, mut f: impl AsyncFnMut() -> bool) -> 
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Folds the usage writer's pending per-key counts into `api_keys` (migration 13), as
+/// keygate's fold task does every few seconds, so that `api_keys.total_requests` and
+/// `last_used_at` can be read exactly.
+pub async fn fold_counters(c: &tokio_postgres::Client) -> u64 {
+    keygate::db::key_counters::fold(c).await.expect("fold key counters")
+}

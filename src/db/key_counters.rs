@@ -1,0 +1,35 @@
+//! Moving the usage writer's pending per-key counts into `api_keys` (migration 13's
+//! `keygate_fold_key_counters`), and reading a key's counters with what is pending.
+//!
+//! Owns these statements; when folding happens is `usage::fold`'s, and the writer's
+//! own upsert is `usage_direct`'s.
+
+use tokio_postgres::GenericClient;
+
+use super::DbError;
+
+/// Keys folded per statement, so one fold never holds many row locks for long.
+pub const FOLD_BATCH: i32 = 5_000;
+
+/// Folds every pending count that no writer holds right now. Returns the keys folded.
+pub async fn fold(c: &impl GenericClient) -> Result<u64, DbError> {
+    let mut total = 0;
+    loop {
+        let n: i64 = c
+            .query_one("SELECT keygate_fold_key_counters($1)", &[&FOLD_BATCH])
+            .await?
+            .get(0);
+        total += u64::try_from(n).unwrap_or(0);
+        if n < i64::from(FOLD_BATCH) {
+            return Ok(total);
+        }
+    }
+}
+
+/// `api_keys` as keygate's key listings read it: `total_requests` and `last_used_at`
+/// include what is pending, so they are exact whenever they are read.
+pub(super) const KEYS_WITH_PENDING: &str = "(SELECT k.id, k.organization_id, k.key_prefix, k.key_hint, k.name,
+        k.description, k.environment, k.is_active, k.expires_at, k.revoked_at, k.scopes, k.custom_rate_limit,
+        k.total_requests + coalesce(c.pending_requests, 0) AS total_requests,
+        greatest(k.last_used_at, c.last_used_at) AS last_used_at, k.created_at, k.replaced_by
+    FROM api_keys k LEFT JOIN keygate_key_counters c ON c.api_key_id = k.id) AS api_keys";
