@@ -144,7 +144,11 @@ pub async fn serve(
             });
             Some(sink)
         }
-        None => None,
+        None => {
+            // Counts a run with recording on left pending still reach `api_keys`.
+            tracker.spawn(crate::usage::fold::run(pool.clone(), background.clone()));
+            None
+        }
     };
     // Always running, because a reload may turn limits on; with nothing counted a
     // flush touches no database.
