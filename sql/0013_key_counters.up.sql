@@ -17,9 +17,10 @@
 -- their sum with this table's columns is exact at any time, and keygate's own reads
 -- (`keys list`, the admin API) show that sum.
 --
--- Locks: writers lock counter rows in id order (INSERT ... SELECT ... ORDER BY) and
--- may wait for a fold; a fold takes counter rows with SKIP LOCKED, so it never waits
--- for a writer, and updates api_keys in id order, as the writer's retry path does.
+-- Locks: writers (keygate's first attempt through this function, its retries and
+-- replays through their own statement) lock counter rows in id order (INSERT ...
+-- SELECT ... ORDER BY) and may wait for a fold; a fold takes counter rows with SKIP
+-- LOCKED, so it never waits for a writer, and updates api_keys in id order.
 
 CREATE TABLE keygate_key_counters (
     api_key_id       uuid PRIMARY KEY REFERENCES api_keys (id) ON DELETE CASCADE,

@@ -42,9 +42,10 @@ const COPY: &str = "COPY keygate_usage_staging (id, api_key_id, organization_id,
 /// the rows `RETURNING` reports as new reach the key's counter. The cost is clamped to
 /// what `numeric(12,6)` holds, for the same reason: a value the column refuses would
 /// fail the batch on every retry. `GREATEST` skips NULLs, so a row without a cost is
-/// kept NULL explicitly rather than clamped to the lower bound. Several batches may be in flight on several
-/// connections: `locked` takes the keys' row locks in id order, so two batches that
-/// touch the same keys queue behind each other instead of deadlocking.
+/// kept NULL explicitly rather than clamped to the lower bound. The counts go where the
+/// fast path puts them (migration 13's `keygate_key_counters`, folded into `api_keys`
+/// later), upserted in key order, so two batches that touch the same keys queue behind
+/// each other instead of deadlocking.
 const INSERT: &str = "WITH ins AS (
     INSERT INTO api_key_usage (id, api_key_id, organization_id, \"timestamp\", endpoint, method, status_code,
         response_time_ms, prompt_tokens, completion_tokens, tokens_used, cost_usd, model, ip_address, user_agent,
@@ -61,19 +62,14 @@ const INSERT: &str = "WITH ins AS (
     RETURNING api_key_id, \"timestamp\"
 ), per_key AS (
     SELECT api_key_id, count(*) AS n, max(\"timestamp\") AS last_used FROM ins GROUP BY api_key_id
-), locked AS (
-    SELECT k.id, p.n, p.last_used FROM api_keys k JOIN per_key p ON p.api_key_id = k.id
-    ORDER BY k.id FOR NO KEY UPDATE OF k
 ), bumped AS (
-    UPDATE api_keys k
-    SET total_requests = k.total_requests + l.n,
-        last_used_at = greatest(k.last_used_at, l.last_used),
-        updated_at = now()
-    FROM locked l
-    WHERE k.id = l.id
-    RETURNING l.n
+    INSERT INTO keygate_key_counters AS c (api_key_id, pending_requests, last_used_at)
+    SELECT api_key_id, n, last_used FROM per_key ORDER BY api_key_id
+    ON CONFLICT (api_key_id) DO UPDATE
+        SET pending_requests = c.pending_requests + EXCLUDED.pending_requests,
+            last_used_at = greatest(c.last_used_at, EXCLUDED.last_used_at)
 )
-SELECT coalesce(sum(n), 0)::int8 FROM bumped";
+SELECT coalesce(sum(n), 0)::int8 FROM per_key";
 
 /// Only asked when a batch inserted fewer rows than it staged, to tell rows already
 /// stored from rows whose key is gone. Keys of inserted rows cannot vanish meanwhile:
