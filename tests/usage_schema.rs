@@ -342,3 +342,114 @@ async fn migration_13_rolls_back_with_nothing_lost() {
     assert_eq!(fold_counters(&c).await, 1);
     assert_eq!(key_counts(&c, key).await.0, before + 14);
 }
+
+fn usage_row(key: Uuid, org: Uuid) -> keygate::usage::UsageRecord {
+    use chrono::SubsecRound;
+    keygate::usage::UsageRecord {
+        id: Uuid::now_v7(),
+        api_key_id: key,
+        organization_id: org,
+        timestamp: chrono::Utc::now().trunc_subsecs(6),
+        endpoint: "/v1/chat/completions".into(),
+        method: "POST".into(),
+        status_code: 200,
+        response_time_ms: 3,
+        prompt_tokens: None,
+        completion_tokens: None,
+        tokens_used: None,
+        cost_micros: None,
+        model: None,
+        ip_address: None,
+        user_agent: None,
+        error_code: None,
+        error_message: None,
+    }
+}
+
+/// keygate's real write paths (first attempts and retries, four batches in flight)
+/// over many keys, with folds running all the while as several replicas' would: when
+/// the writers are done and a last fold has run, every key's `total_requests` is
+/// exactly its number of rows, and nothing is pending.
+#[tokio::test]
+async fn writers_and_folds_at_once_count_every_row_once() {
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+    use std::sync::Arc;
+    let (db, _key) = seeded_db().await;
+    let c = db.client().await;
+    let (_, org) = seeded_key(&c).await;
+    let keys: Vec<Uuid> = (0..200).map(|_| Uuid::now_v7()).collect();
+    c.execute(
+        "INSERT INTO api_keys (id, organization_id, key_prefix, key_hash, key_hint, name) \
+         SELECT id, $2, 'pk_test_', encode(sha256(id::text::bytea), 'hex'), 'abcd', 'k' FROM unnest($1::uuid[]) AS id",
+        &[&keys, &org],
+    )
+    .await
+    .expect("keys");
+    let pool = keygate::db::pool(&db.database_config(), 6).expect("pool");
+    let writing = Arc::new(AtomicBool::new(true));
+    let mut folders = tokio::task::JoinSet::new();
+    for _ in 0..2 {
+        let (pool, writing) = (pool.clone(), writing.clone());
+        folders.spawn(async move {
+            let mut folded = 0;
+            while writing.load(SeqCst) {
+                let client = pool.get().await.expect("client");
+                folded += keygate::db::key_counters::fold(&**client).await.expect("fold");
+            }
+            folded
+        });
+    }
+    let mut writers = tokio::task::JoinSet::new();
+    for w in 0..4usize {
+        let (pool, keys) = (pool.clone(), keys.clone());
+        writers.spawn(async move {
+            for round in 0..10usize {
+                // Every key, in a different order each time, a few rows each.
+                let mut rows = Vec::new();
+                for (i, &k) in keys.iter().enumerate() {
+                    for _ in 0..1 + (i + w + round) % 3 {
+                        rows.push(usage_row(k, org));
+                    }
+                }
+                let n = rows.len();
+                rows.rotate_left((w * 53 + round * 17) % n);
+                let limit = std::time::Duration::from_secs(30);
+                let out = if (w + round) % 3 == 0 {
+                    keygate::db::usage::write_batch(&pool, &rows, limit).await
+                } else {
+                    keygate::db::usage::write_fresh_batch(&pool, &rows, limit).await
+                };
+                assert_eq!(out.expect("batch").inserted, rows.len() as u64);
+            }
+        });
+    }
+    while let Some(done) = writers.join_next().await {
+        done.expect("writer");
+    }
+    writing.store(false, SeqCst);
+    let mut folded = 0;
+    while let Some(done) = folders.join_next().await {
+        folded += done.expect("folder");
+    }
+    assert!(folded > 0, "the folds ran while the writers did");
+    fold_counters(&c).await;
+    let wrong: i64 = c
+        .query_one(
+            "SELECT count(*) FROM api_keys k WHERE k.id = ANY($1) \
+               AND k.total_requests <> (SELECT count(*) FROM api_key_usage u WHERE u.api_key_id = k.id)",
+            &[&keys],
+        )
+        .await
+        .expect("compare")
+        .get(0);
+    assert_eq!(wrong, 0, "keys whose total_requests is not their row count");
+    let pending: i64 = c
+        .query_one(
+            "SELECT coalesce(sum(pending_requests), 0)::int8 FROM keygate_key_counters",
+            &[],
+        )
+        .await
+        .expect("pending")
+        .get(0);
+    assert_eq!(pending, 0);
+}
