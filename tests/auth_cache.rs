@@ -585,28 +585,6 @@ async fn usage_batches_notify_nobody_while_scope_and_limit_changes_do() {
     assert_eq!(auth.stats().invalidations - before, 2);
 }
 
-fn usage_row(key: Uuid, org: Uuid) -> keygate::usage::UsageRecord {
-    keygate::usage::UsageRecord {
-        id: Uuid::now_v7(),
-        api_key_id: key,
-        organization_id: org,
-        timestamp: Utc::now(),
-        endpoint: "/v1/chat/completions".into(),
-        method: "POST".into(),
-        status_code: 200,
-        response_time_ms: 1,
-        prompt_tokens: None,
-        completion_tokens: None,
-        tokens_used: None,
-        cost_micros: None,
-        model: None,
-        ip_address: None,
-        user_agent: None,
-        error_code: None,
-        error_message: None,
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_lost_listener_reconnects_and_resyncs() {
     lost_listener(false).await;

@@ -21,6 +21,19 @@ async fn seeded_key(c: &tokio_postgres::Client) -> (Uuid, Uuid) {
     (r.get(0), r.get(1))
 }
 
+/// `n` more keys in `org`; their ids.
+async fn add_keys(c: &tokio_postgres::Client, org: Uuid, n: usize) -> Vec<Uuid> {
+    let ids: Vec<Uuid> = (0..n).map(|_| Uuid::now_v7()).collect();
+    c.execute(
+        "INSERT INTO api_keys (id, organization_id, key_prefix, key_hash, key_hint, name) \
+         SELECT id, $2, 'pk_test_', encode(sha256(id::text::bytea), 'hex'), 'abcd', 'k' FROM unnest($1::uuid[]) AS id",
+        &[&ids, &org],
+    )
+    .await
+    .expect("keys");
+    ids
+}
+
 /// Partition-level reference triggers, by table.
 async fn partition_checks(c: &tokio_postgres::Client) -> Vec<(String, i64)> {
     c.query(
@@ -179,14 +192,7 @@ async fn counter_bumps_in_any_order_never_deadlock() {
     let (db, _key) = seeded_db().await;
     let c = db.client().await;
     let (_, org) = seeded_key(&c).await;
-    let ids: Vec<Uuid> = (0..300).map(|_| Uuid::now_v7()).collect();
-    c.execute(
-        "INSERT INTO api_keys (id, organization_id, key_prefix, key_hash, key_hint, name) \
-         SELECT id, $2, 'pk_test_', encode(sha256(id::text::bytea), 'hex'), 'abcd', 'k' FROM unnest($1::uuid[]) AS id",
-        &[&ids, &org],
-    )
-    .await
-    .expect("keys");
+    let ids = add_keys(&c, org, 300).await;
     const WRITERS: usize = 4;
     const ROUNDS: usize = 12;
     let base = chrono::Utc::now();
@@ -343,29 +349,6 @@ async fn migration_13_rolls_back_with_nothing_lost() {
     assert_eq!(key_counts(&c, key).await.0, before + 14);
 }
 
-fn usage_row(key: Uuid, org: Uuid) -> keygate::usage::UsageRecord {
-    use chrono::SubsecRound;
-    keygate::usage::UsageRecord {
-        id: Uuid::now_v7(),
-        api_key_id: key,
-        organization_id: org,
-        timestamp: chrono::Utc::now().trunc_subsecs(6),
-        endpoint: "/v1/chat/completions".into(),
-        method: "POST".into(),
-        status_code: 200,
-        response_time_ms: 3,
-        prompt_tokens: None,
-        completion_tokens: None,
-        tokens_used: None,
-        cost_micros: None,
-        model: None,
-        ip_address: None,
-        user_agent: None,
-        error_code: None,
-        error_message: None,
-    }
-}
-
 /// keygate's real write paths (first attempts and retries, four batches in flight)
 /// over many keys, with folds running all the while as several replicas' would: when
 /// the writers are done and a last fold has run, every key's `total_requests` is
@@ -377,14 +360,7 @@ async fn writers_and_folds_at_once_count_every_row_once() {
     let (db, _key) = seeded_db().await;
     let c = db.client().await;
     let (_, org) = seeded_key(&c).await;
-    let keys: Vec<Uuid> = (0..200).map(|_| Uuid::now_v7()).collect();
-    c.execute(
-        "INSERT INTO api_keys (id, organization_id, key_prefix, key_hash, key_hint, name) \
-         SELECT id, $2, 'pk_test_', encode(sha256(id::text::bytea), 'hex'), 'abcd', 'k' FROM unnest($1::uuid[]) AS id",
-        &[&keys, &org],
-    )
-    .await
-    .expect("keys");
+    let keys = add_keys(&c, org, 200).await;
     let pool = keygate::db::pool(&db.database_config(), 6).expect("pool");
     let writing = Arc::new(AtomicBool::new(true));
     let mut folders = tokio::task::JoinSet::new();

@@ -410,3 +410,28 @@ pub async fn eventually(timeout: Duration, mut f: impl AsyncFnMut() -> bool) -> 
 pub async fn fold_counters(c: &tokio_postgres::Client) -> u64 {
     keygate::db::key_counters::fold(c).await.expect("fold key counters")
 }
+
+/// A plain usage row for `key` of `org`, as the writer stores one: now (to the
+/// microsecond PostgreSQL keeps), a 200 on a chat path, no tokens or client details.
+pub fn usage_row(key: uuid::Uuid, org: uuid::Uuid) -> keygate::usage::UsageRecord {
+    use chrono::SubsecRound;
+    keygate::usage::UsageRecord {
+        id: uuid::Uuid::now_v7(),
+        api_key_id: key,
+        organization_id: org,
+        timestamp: chrono::Utc::now().trunc_subsecs(6),
+        endpoint: "/v1/chat/completions".into(),
+        method: "POST".into(),
+        status_code: 200,
+        response_time_ms: 1,
+        prompt_tokens: None,
+        completion_tokens: None,
+        tokens_used: None,
+        cost_micros: None,
+        model: None,
+        ip_address: None,
+        user_agent: None,
+        error_code: None,
+        error_message: None,
+    }
+}
