@@ -119,8 +119,8 @@ async fn partitions_check_references_like_the_parent() {
     }
 }
 
-/// `migrate down` by two steps takes the partitions' checks and the counter function
-/// away and puts 0005's partition function back; `migrate up` restores both.
+/// `migrate down` to 10 takes the partitions' checks and the counter function away and
+/// puts 0005's partition function back; `migrate up` restores both.
 #[tokio::test]
 async fn migrations_11_and_12_roll_back_and_forth() {
     let (db, _key) = seeded_db().await;

@@ -1,6 +1,6 @@
 //! The fast path for a batch's first attempt: one binary COPY straight into
-//! `api_key_usage`, then one call of migration 12's `keygate_bump_key_counters` with the
-//! per-key counts taken in memory.
+//! `api_key_usage`, then one call of `keygate_bump_key_counters` with the per-key counts
+//! taken in memory (since migration 13 they wait in `keygate_key_counters` for the fold).
 //!
 //! Safe only for rows that cannot be stored yet: ids made by keygate for this batch,
 //! never sent before. Everything else (a retry after an unknown outcome, a spool replay)
@@ -23,8 +23,8 @@ const COPY: &str = "COPY api_key_usage (id, api_key_id, organization_id, \"times
     method, status_code, response_time_ms, prompt_tokens, completion_tokens, tokens_used, cost_usd, model, \
     ip_address, user_agent, error_code, error_message) FROM STDIN (FORMAT binary)";
 
-/// Migration 12's function: one visit per key, locked in id order, so two batches
-/// touching the same keys queue instead of deadlocking.
+/// One visit per key, locked in id order (migrations 12 and 13), so two batches touching
+/// the same keys queue instead of deadlocking.
 const BUMP: &str = "SELECT keygate_bump_key_counters($1::uuid[], $2::int8[], $3::timestamptz[])";
 
 /// Copies `rows` and bumps their keys' counters inside `tx`; returns the rows stored

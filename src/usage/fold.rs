@@ -34,7 +34,7 @@ pub async fn run(pool: Pool, stop: CancellationToken) {
     }
 }
 
-pub async fn once(pool: &Pool) -> Result<u64, crate::db::DbError> {
+async fn once(pool: &Pool) -> Result<u64, crate::db::DbError> {
     let client = pool.get().await?;
     key_counters::fold(&**client).await
 }
