@@ -242,6 +242,7 @@ async fn through_writer(
         max_spool_bytes: 1 << 30,
         tokens_header: None,
         inject_stream_usage: true,
+        fold_interval: Duration::from_secs(30),
     };
     let pool = keygate::db::pool(&db.database_config(), cfg.pool_size).expect("pool");
     let (sink, writer) = channel(&cfg);

@@ -109,6 +109,7 @@ fn config(dir: &Path, capacity: usize, batch: usize, interval: Duration) -> Usag
         max_spool_bytes: 1 << 30,
         tokens_header: None,
         inject_stream_usage: true,
+        fold_interval: Duration::from_secs(30),
     }
 }
 

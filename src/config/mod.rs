@@ -184,6 +184,10 @@ pub struct UsageConfig {
     /// Ask streamed OpenAI-style completions for their usage when the client did not
     /// (`stream_options.include_usage`), and take the extra chunk out of the answer.
     pub inject_stream_usage: bool,
+    /// How often the cluster folds the writers' pending per-key counts into
+    /// `api_keys.total_requests` and `last_used_at`: how far those may lag for readers
+    /// outside keygate. Each fold updates every key used since the last one.
+    pub fold_interval: Duration,
 }
 
 /// US dollars per 1,000 tokens.

@@ -148,6 +148,7 @@ pub struct RawUsage {
     pub max_spool_bytes: Option<String>,
     pub tokens_header: Option<String>,
     pub inject_stream_usage: Option<bool>,
+    pub fold_interval: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -85,6 +85,7 @@ fn defaults_cover_everything_but_upstream_and_database() {
     );
     assert_eq!(cfg.server.max_header_bytes, 16 * 1024);
     assert_eq!(cfg.limits.flush_interval, Duration::from_secs(1));
+    assert_eq!(cfg.usage.fold_interval, Duration::from_secs(30));
     assert_eq!(cfg.identity_headers.key_id.as_str(), "x-keygate-key-id");
     assert!(!cfg.auth.fail_open);
     assert!(matches!(
@@ -211,6 +212,10 @@ fn each_rule_names_its_key() {
         ("[usage]\nmax_spool_bytes = \"1KiB\"", "usage.max_spool_bytes"),
         ("[usage]\ntokens_header = \"bad header\"", "usage.tokens_header"),
         ("[usage]\ninject_stream_usage = \"yes\"", "usage.inject_stream_usage"),
+        ("[usage]\nfold_interval = \"0s\"", "usage.fold_interval"),
+        ("[usage]\nfold_interval = \"999ms\"", "usage.fold_interval"),
+        ("[usage]\nfold_interval = \"61m\"", "usage.fold_interval"),
+        ("[usage]\nfold_interval = 30", "usage.fold_interval"),
         (
             "[pricing.default]\nprompt_per_1k = -1.0",
             "pricing.default.prompt_per_1k",

@@ -395,6 +395,10 @@ fn usage(u: RawUsage) -> R<UsageConfig> {
     if spool_dir.is_empty() {
         return Err(ConfigError::invalid("usage.spool_dir", "must name a directory"));
     }
+    let fold_interval = positive("usage.fold_interval", u.fold_interval, "30s")?;
+    if fold_interval < Duration::from_secs(1) || fold_interval > Duration::from_secs(3600) {
+        return Err(ConfigError::invalid("usage.fold_interval", "must be between 1s and 1h"));
+    }
     Ok(UsageConfig {
         enabled: u.enabled.unwrap_or(true),
         queue_capacity: count("usage.queue_capacity", u.queue_capacity, 65_536)?,
@@ -405,6 +409,7 @@ fn usage(u: RawUsage) -> R<UsageConfig> {
         max_spool_bytes: size_in("usage.max_spool_bytes", u.max_spool_bytes, "1GiB", 1 << 20, u64::MAX)?,
         tokens_header,
         inject_stream_usage: u.inject_stream_usage.unwrap_or(true),
+        fold_interval,
     })
 }
 

@@ -1,8 +1,11 @@
 //! Moving the usage writer's pending per-key counts into `api_keys` (migration 13's
 //! `keygate_fold_key_counters`), and reading a key's counters with what is pending.
 //!
-//! Owns these statements; when folding happens is `usage::fold`'s, and the writer's
-//! own upsert is `usage_direct`'s.
+//! Owns these statements, and the cluster-wide claim that spaces folds (migration
+//! 14); when a replica tries to fold is `usage::fold`'s, and the writer's own upsert
+//! is `usage_direct`'s.
+
+use std::time::Duration;
 
 use tokio_postgres::GenericClient;
 
@@ -18,12 +21,30 @@ pub async fn fold(c: &impl GenericClient) -> Result<u64, DbError> {
         let n: i64 = c
             .query_one("SELECT keygate_fold_key_counters($1)", &[&FOLD_BATCH])
             .await?
-            .get(0);
+            .try_get(0)?;
         total += u64::try_from(n).unwrap_or(0);
         if n < i64::from(FOLD_BATCH) {
             return Ok(total);
         }
     }
+}
+
+/// Folds, as [`fold`], if no replica (this one included) claimed a fold within
+/// `min_interval`; `None` when another did. The claim commits on its own, before the
+/// fold, so replicas whose timers fire together fold once between them.
+pub async fn fold_if_due(c: &impl GenericClient, min_interval: Duration) -> Result<Option<u64>, DbError> {
+    let millis = i64::try_from(min_interval.as_millis()).unwrap_or(i64::MAX);
+    let claimed: bool = c
+        .query_one(
+            "SELECT keygate_fold_claim($1::bigint * interval '1 millisecond')",
+            &[&millis],
+        )
+        .await?
+        .try_get(0)?;
+    if !claimed {
+        return Ok(None);
+    }
+    fold(c).await.map(Some)
 }
 
 /// `api_keys` as keygate's key listings read it: `total_requests` and `last_used_at`

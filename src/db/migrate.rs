@@ -47,6 +47,7 @@ pub static MIGRATIONS: &[Migration] = &[
     migration!(11, "usage_partition_checks", "0011_usage_partition_checks"),
     migration!(12, "bump_in_key_order", "0012_bump_in_key_order"),
     migration!(13, "key_counters", "0013_key_counters"),
+    migration!(14, "fold_cadence", "0014_fold_cadence"),
 ];
 
 pub fn latest_version() -> i32 {

@@ -136,7 +136,11 @@ pub async fn serve(
             // The last fold waits for the writer's last batch, so a clean stop leaves
             // nothing pending.
             let written = CancellationToken::new();
-            tracker.spawn(crate::usage::fold::run(writer_pool.clone(), written.clone()));
+            tracker.spawn(crate::usage::fold::run(
+                writer_pool.clone(),
+                cfg.usage.fold_interval,
+                written.clone(),
+            ));
             let run = writer.run(writer_pool, background.clone(), cfg.server.shutdown_grace);
             tracker.spawn(async move {
                 run.await;
@@ -146,7 +150,11 @@ pub async fn serve(
         }
         None => {
             // Counts a run with recording on left pending still reach `api_keys`.
-            tracker.spawn(crate::usage::fold::run(pool.clone(), background.clone()));
+            tracker.spawn(crate::usage::fold::run(
+                pool.clone(),
+                cfg.usage.fold_interval,
+                background.clone(),
+            ));
             None
         }
     };

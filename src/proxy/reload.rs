@@ -174,7 +174,13 @@ pub fn restart_needed(running: &Config, new: &Config) -> Vec<&'static str> {
         n,
         [enabled, queue_capacity, batch_size, flush_interval]
     );
-    changed!(out, "usage", o, n, [pool_size, spool_dir, max_spool_bytes]);
+    changed!(
+        out,
+        "usage",
+        o,
+        n,
+        [pool_size, spool_dir, max_spool_bytes, fold_interval]
+    );
     changed!(out, "log", running.log, new.log, [format, level]);
     changed!(out, "admin", running.admin, new.admin, [token]);
     // The two lists must not overlap, or the docs would promise what a reload skips.
