@@ -173,6 +173,28 @@ async fn two_replicas_enforce_one_limit_after_a_flush() {
     assert_eq!(f.month_total(org, now).await, 10);
 }
 
+/// A replica's last deltas for a minute reach the database after the minute ended (its
+/// flush was due a few seconds later); the other replica reads that minute back while
+/// such deltas may still come, so its sliding estimate in the new minute counts them.
+#[tokio::test]
+async fn late_deltas_for_the_previous_minute_still_count_elsewhere() {
+    let mut f = fixture().await;
+    let org = f.org(1_000).await;
+    let k = f.key(org, 20, 1_000).await;
+    let (a, b) = (Limiter::new(), Limiter::new());
+    let m = window::minute_start_of(Utc::now()) - chrono::Duration::minutes(5);
+    let s = |secs| m + chrono::Duration::seconds(secs);
+    assert_eq!(allowed(&a, &k, 5, s(50)), 5);
+    assert_eq!(allowed(&b, &k, 10, s(59)), 10);
+    a.flush(&f.pool, s(59)).await.expect("flush a");
+    b.flush(&f.pool, s(65)).await.expect("flush b, late");
+    a.flush(&f.pool, s(66)).await.expect("flush a");
+    assert_eq!(f.minute_total(k.key_id, m).await, 15);
+    // 6 s into the next minute the estimate is 15 * 54/60 = 13.5 before this minute's
+    // own: 6 more fit under 20. Had `a` kept its own 5, it would allow all 10.
+    assert_eq!(allowed(&a, &k, 10, s(66)), 6);
+}
+
 #[tokio::test]
 async fn the_monthly_count_survives_a_restart() {
     let mut f = fixture().await;

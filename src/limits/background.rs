@@ -22,6 +22,8 @@ impl Limiter {
     /// shutdown loses nothing. Failures are logged and retried on the next tick; the
     /// deltas stay in memory meanwhile.
     pub async fn run_flusher(self: Arc<Self>, pool: Pool, every: Duration, stop: CancellationToken) {
+        self.flush_every_ms
+            .store(i64::try_from(every.as_millis()).unwrap_or(i64::MAX), Relaxed);
         let mut tick = tokio::time::interval(every);
         // After a slow flush, one catch-up tick is enough: each flush carries all
         // deltas so far.

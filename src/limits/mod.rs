@@ -147,6 +147,9 @@ pub struct Limiter {
     /// One load per key at a time in `ensure_seeded`; entries live only while loading.
     seeding: DashMap<Uuid, std::sync::Arc<tokio::sync::Mutex<()>>>,
     seeds: Seeds,
+    /// The flusher's interval in ms (0 until one runs: the 1 s default), which says
+    /// how long into a minute other replicas may still add to the one before.
+    flush_every_ms: std::sync::atomic::AtomicI64,
 }
 
 /// How keys got their starting counts, for `/metrics`: a key seeded by a query of its

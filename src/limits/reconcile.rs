@@ -19,6 +19,15 @@ use crate::db::counters::WindowCount;
 /// minutes a key's windows no longer weigh on its estimate.
 const IDLE_MS: i64 = 2 * window::MINUTE_MS;
 
+/// How long past a minute's end other replicas' flushes may still add to it, beyond
+/// two of this replica's flush intervals (each replica flushes its last deltas for a
+/// minute within one interval of its end, and a slow flush delays the next by up to
+/// another): the clocks of replicas' hosts may differ by this much. Until then a
+/// flush reads the previous minute back; after it, that total is final, and reading
+/// it every second for the rest of the minute (one index probe per active key) bought
+/// nothing.
+const PREVIOUS_MINUTE_SETTLES_MS: i64 = 10_000;
+
 /// Spilled minute deltas older than this are dropped: they no longer affect any limit
 /// and only bloat memory during a long outage. Monthly deltas are never dropped.
 const SPILL_MAX_AGE_MINUTES: i64 = 60;
@@ -63,11 +72,18 @@ fn to_rows(cells: HashMap<(Uuid, i64), i64>, start: impl Fn(i64) -> Option<DateT
 
 impl Limiter {
     /// Moves every unflushed delta (cells and spill) into a batch, and lists the
-    /// current windows of recently active cells to read back.
+    /// windows of recently active cells to read back: the current minute, and the one
+    /// before while other replicas may still be adding to it.
     pub(crate) fn take(&self, now: DateTime<Utc>) -> Batch {
         let now_ms = now.timestamp_millis();
         let now_minute = window::minute_of(now_ms).0;
         let now_month = window::month_bounds(now_ms).0;
+        let every_ms = match self.flush_every_ms.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => 1_000,
+            ms => ms,
+        };
+        let read_previous =
+            window::minute_of(now_ms).1 <= every_ms.saturating_mul(2).saturating_add(PREVIOUS_MINUTE_SETTLES_MS);
         let mut keys: HashMap<(Uuid, i64), i64> = HashMap::new();
         let mut orgs: HashMap<(Uuid, i64), i64> = HashMap::new();
         let mut key_reads = Vec::new();
@@ -83,7 +99,10 @@ impl Limiter {
             }
             (k.pending_cur, k.pending_prev) = (0, 0);
             if now_ms - k.last_seen_ms <= IDLE_MS {
-                key_reads.extend([(id, now_minute), (id, now_minute - 1)]);
+                key_reads.push((id, now_minute));
+                if read_previous {
+                    key_reads.push((id, now_minute - 1));
+                }
             }
         }
         for entry in self.orgs.iter() {

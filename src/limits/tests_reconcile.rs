@@ -90,6 +90,30 @@ fn recently_active_cells_with_nothing_to_write_are_read_back() {
 }
 
 #[test]
+fn the_previous_minute_is_read_back_only_while_other_replicas_may_add_to_it() {
+    let l = Limiter::new();
+    let k = key(10, 1_000);
+    allowed_of(&l, &k, 1, at(0, 0, 0));
+    l.take(at(0, 1, 0));
+    let reads = |t| l.take(t).key_reads;
+    let (minute, previous) = (at(0, 0, 0), at(0, 0, 0) - Duration::minutes(1));
+    // Two 1 s flush intervals and the clocks' 10 s.
+    assert_eq!(reads(at(0, 12, 0)), vec![(k.key_id, minute), (k.key_id, previous)]);
+    assert_eq!(reads(at(0, 12, 1)), vec![(k.key_id, minute)], "final by now");
+    assert_eq!(reads(at(0, 59, 999)), vec![(k.key_id, minute)]);
+    // A slower flusher's replicas are later with their last deltas.
+    l.flush_every_ms.store(20_000, std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(reads(at(0, 50, 0)).len(), 2);
+    assert_eq!(reads(at(0, 50, 1)).len(), 1);
+    // A minute's own delta is written whenever it is taken, and returns its total.
+    allowed_of(&l, &k, 1, at(0, 55, 0));
+    let late = l.take(at(1, 30, 0));
+    assert_eq!(late.keys.len(), 1);
+    assert_eq!(late.keys[0].window_start, minute);
+    assert_eq!(late.key_reads, vec![(k.key_id, at(1, 0, 0))]);
+}
+
+#[test]
 fn idle_cells_are_evicted_unless_they_hold_unflushed_counts() {
     let l = Limiter::new();
     let (a, b) = (key(10, 100), key(10, 100));
