@@ -37,6 +37,12 @@
 #     job ignores SIGINT, and the stack would stay up)
 #   LOAD_PERF_STAT=1: also count syscalls and context switches per request of each
 #     proxy process (`perf stat`) in every round
+#   LOAD_CALLGRIND="kg-1key kg-other ...": after the timed rounds, run each named keygate
+#     variant again under callgrind (its own config, another port) and print user-space
+#     instructions per request at LOAD_LIGHT_CONNS, with the ratio to the first named:
+#     the stable number for an A/B of builds, which CPU time on this box is too noisy
+#     for (benches/load_callgrind.sh; LOAD_CALLGRIND_DURATION=10, LOAD_CALLGRIND_WARMUP=5;
+#     LOAD_ROUNDS=0 skips the timed rounds). Installs valgrind when missing.
 #   LOAD_EXTRA_BINS="name=/path/to/keygate[,keys][,nousage][,nolimits][,env=K=V][,runtime=R][,workers=N]
 #     [,batch=N][,writers=N][,flush=D][,nicebg=N] ..." (usage.batch_size, pool_size,
 #     flush_interval; nicebg: every thread but the request workers at that nice value)
@@ -79,6 +85,7 @@ command -v wrk >/dev/null 2>&1 || need+=(wrk)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v pgrep >/dev/null 2>&1 || need+=(procps)
 [ -n "$(find_nginx)" ] || need+=(nginx-light)
+[ -z "${LOAD_CALLGRIND:-}" ] || command -v callgrind_control >/dev/null 2>&1 || need+=(valgrind)
 if ((${#need[@]})); then
     log "installing ${need[*]} with apt-get"
     sudo=""
@@ -225,7 +232,8 @@ TOML
     KG_STARTED_PID=$!
     PIDS+=("$KG_STARTED_PID")
 }
-declare -A PORT PID_OF MANY SERVER_EXTRA USAGE_EXTRA NICE_BG
+declare -A PORT PID_OF MANY SERVER_EXTRA USAGE_EXTRA NICE_BG BIN_OF ENV_OF
+BIN_OF[kg-1key]=$BIN BIN_OF[kg-Nkeys]=$BIN
 VARIANTS=(direct nginx kg-1key kg-Nkeys)
 PORT[direct]=$UP_PORT PID_OF[direct]=$UP_PID
 PORT[nginx]=$NGX_PORT PID_OF[nginx]=$NGX_PID
@@ -255,7 +263,7 @@ for spec in ${LOAD_EXTRA_BINS:-}; do
     done
     if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then die "port $port is in use (set LOAD_PORT_BASE)"; fi
     start_keygate "$name" "${opts[0]}" "$port" "$usage" "$limits" "${envs[@]}"
-    PORT[$name]=$port PID_OF[$name]=$KG_STARTED_PID
+    PORT[$name]=$port PID_OF[$name]=$KG_STARTED_PID BIN_OF[$name]=${opts[0]} ENV_OF[$name]="${envs[*]}"
     VARIANTS+=("$name")
     [ -z "${MANY[$name]:-}" ] || wait_http "http://127.0.0.1:$port$PATH_Q" "Authorization: Bearer $(head -n 1 "$WORK/keys.txt")"
     port=$((port + 1))
@@ -488,5 +496,10 @@ awk -F'\t' -v hwmfile="$HWM" '
             if (v != "direct" && d in R) printf "  c=%-4d %-14s +%.0f / +%.0f\n", c, v, P50[k] - P50[d], P99[k] - P99[d]
         }
     }' "$TSV" | tee "$OUT/summary.txt"
+if [ -n "${LOAD_CALLGRIND:-}" ]; then
+    . benches/load_callgrind.sh
+    # shellcheck disable=SC2086
+    callgrind_pass ${LOAD_CALLGRIND//,/ }
+fi
 log ""
 log "per-round rows: $TSV; summary: $OUT/summary.txt"
