@@ -20,7 +20,7 @@
 # and RSS; at the end a table of medians with keygate/nginx and keygate/direct ratios,
 # and each proxy's peak RSS (VmHWM).
 #
-# Usage: benches/load.sh   (about 4 minutes plus the build; root or sudo to install packages)
+# Usage: benches/load.sh   (about 7 minutes plus the build, 4 without the flood pass; root or sudo to install packages)
 # Knobs (environment): LOAD_ROUNDS=3 LOAD_DURATION=8 LOAD_LIGHT_DURATION=5
 #   LOAD_LIGHT_ROUNDS=LOAD_ROUNDS (0 skips the light-load rounds)
 #   LOAD_COLD_DURATION=2: the many-keys variants' cold pass (all cache misses), first
@@ -43,6 +43,11 @@
 #     the stable number for an A/B of builds, which CPU time on this box is too noisy
 #     for (benches/load_callgrind.sh; LOAD_CALLGRIND_DURATION=10, LOAD_CALLGRIND_WARMUP=5;
 #     LOAD_ROUNDS=0 skips the timed rounds). Installs valgrind when missing.
+#   LOAD_FLOOD_ROUNDS=3 (0 skips): after the timed rounds, the brief's flood target
+#     (benches/load_flood.sh): the valid key's p50/p99 at LOAD_LIGHT_CONNS alone, beside
+#     an equal load of the valid key, and beside a flood of random well-formed keys at
+#     LOAD_FLOOD_CONNS (default LOAD_LIGHT_CONNS), against one keygate per auth config
+#     (LOAD_FLOOD_CONFIGS="per-address spread preload"), with key lookups per second
 #   LOAD_EXTRA_BINS="name=/path/to/keygate[,keys][,nousage][,nolimits][,env=K=V][,runtime=R][,workers=N]
 #     [,batch=N][,writers=N][,flush=D][,nicebg=N] ..." (usage.batch_size, pool_size,
 #     flush_interval; nicebg: every thread but the request workers at that nice value)
@@ -496,6 +501,10 @@ awk -F'\t' -v hwmfile="$HWM" '
             if (v != "direct" && d in R) printf "  c=%-4d %-14s +%.0f / +%.0f\n", c, v, P50[k] - P50[d], P99[k] - P99[d]
         }
     }' "$TSV" | tee "$OUT/summary.txt"
+if [ "${LOAD_FLOOD_ROUNDS:-3}" -gt 0 ]; then
+    . benches/load_flood.sh
+    flood_pass "${LOAD_FLOOD_ROUNDS:-3}"
+fi
 if [ -n "${LOAD_CALLGRIND:-}" ]; then
     . benches/load_callgrind.sh
     # shellcheck disable=SC2086
