@@ -12,13 +12,6 @@
 use http::header::{HeaderMap, HeaderName};
 use http::Method;
 
-/// Headers some upstream reads as the request's method.
-static METHOD_HEADERS: [HeaderName; 3] = [
-    HeaderName::from_static("x-http-method-override"),
-    HeaderName::from_static("x-http-method"),
-    HeaderName::from_static("x-method-override"),
-];
-
 /// Headers some upstream reads as the request's path. Only a front proxy may set them,
 /// and keygate is the front: a client's copy is removed (an operator who needs one sets
 /// it in `[upstream.headers]`, which is applied after).
@@ -32,8 +25,10 @@ static PATH_HEADERS: [HeaderName; 2] = [
 /// no framework can route by them either.
 pub fn method_overrides(headers: &HeaderMap, query: Option<&str>) -> Vec<Method> {
     let mut out = Vec::new();
-    for name in &METHOD_HEADERS {
-        for value in headers.get_all(name) {
+    // One pass over the names, matched as text, rather than a lookup per spelling:
+    // requests almost never carry one, and each lookup hashed a whole name.
+    for (name, value) in headers {
+        if is_method_header(name.as_str()) {
             let text = value.to_str().unwrap_or_default();
             out.extend(text.split(',').filter_map(|m| parse(m.trim())));
         }
@@ -52,11 +47,26 @@ fn parse(text: &str) -> Option<Method> {
         .flatten()
 }
 
-/// Removes client copies of the path-override headers.
+/// Removes client copies of the path-override headers. Whether there are any is one
+/// pass over the names, as in [`method_overrides`]; the hashed removals run only then.
 pub fn strip_path_overrides(h: &mut HeaderMap) {
-    for name in &PATH_HEADERS {
-        h.remove(name);
+    if h.keys().any(|k| is_path_header(k.as_str())) {
+        for name in &PATH_HEADERS {
+            h.remove(name);
+        }
     }
+}
+
+/// Headers some upstream reads as the request's method. `HeaderName`s are lowercase, so
+/// they compare as written; a `match` on the text compiles to a switch on the length
+/// and one compare.
+fn is_method_header(name: &str) -> bool {
+    matches!(name, "x-http-method-override" | "x-http-method" | "x-method-override")
+}
+
+/// [`PATH_HEADERS`] as text, for the same pass.
+fn is_path_header(name: &str) -> bool {
+    matches!(name, "x-original-url" | "x-rewrite-url")
 }
 
 #[cfg(test)]
@@ -97,5 +107,12 @@ mod tests {
         strip_path_overrides(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-url"));
+        // The pass that decides whether to remove knows every name that is removed.
+        for name in &PATH_HEADERS {
+            let mut h = headers(&[("accept", "*/*")]);
+            h.append(name.clone(), "/admin".parse().expect("value"));
+            strip_path_overrides(&mut h);
+            assert_eq!(h.len(), 1, "{name} was kept");
+        }
     }
 }
