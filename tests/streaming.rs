@@ -68,6 +68,14 @@ impl Echo {
     }
 }
 
+/// A gateway on a database of its own, in front of a fresh echo upstream.
+async fn echo_gateway() -> (TestDb, String, Echo, Gateway) {
+    let (db, key) = seeded_db().await;
+    let echo = Echo::start().await;
+    let gw = Gateway::start(&db, echo.port, ONE_WORKER).await;
+    (db, key, echo, gw)
+}
+
 type Upload = StreamBody<futures_util::stream::BoxStream<'static, Result<Frame<Bytes>, Infallible>>>;
 
 /// A request body fed piece by piece from the returned sender; it ends when the sender drops.
@@ -120,9 +128,7 @@ async fn read_exactly(body: &mut Incoming, want: usize) -> Vec<u8> {
 
 #[tokio::test]
 async fn each_piece_of_an_upload_is_echoed_before_the_next_is_sent() {
-    let (db, key) = seeded_db().await;
-    let echo = Echo::start().await;
-    let gw = Gateway::start(&db, echo.port, ONE_WORKER).await;
+    let (_db, key, echo, gw) = echo_gateway().await;
     let (tx, body) = upload();
     let mut answer = post_streaming(&gw, &key, "/v1/echo", body).await;
     // Ping-pong: each piece goes only after the previous one came back through keygate,
@@ -152,9 +158,7 @@ async fn each_piece_of_an_upload_is_echoed_before_the_next_is_sent() {
 
 #[tokio::test]
 async fn an_eight_mib_upload_streams_through_both_ways_intact() {
-    let (db, key) = seeded_db().await;
-    let echo = Echo::start().await;
-    let gw = Gateway::start(&db, echo.port, ONE_WORKER).await;
+    let (_db, key, echo, gw) = echo_gateway().await;
     let (tx, body) = upload();
     let mut answer = post_streaming(&gw, &key, "/v1/echo", body).await;
     const PIECES: usize = 128;
