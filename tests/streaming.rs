@@ -158,7 +158,7 @@ async fn each_piece_of_an_upload_is_echoed_before_the_next_is_sent() {
 
 #[tokio::test]
 async fn an_eight_mib_upload_streams_through_both_ways_intact() {
-    let (_db, key, echo, gw) = echo_gateway().await;
+    let (_db, key, _echo, gw) = echo_gateway().await;
     let (tx, body) = upload();
     let mut answer = post_streaming(&gw, &key, "/v1/echo", body).await;
     const PIECES: usize = 128;
