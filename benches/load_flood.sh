@@ -21,8 +21,8 @@
 # against busy, the second load's RPS and non-2xx share, key lookups per second (keygate's
 # own count, from /readyz) and PostgreSQL's CPU per second.
 #
-# Uses from load.sh: WORK OUT BASE PATH_Q AUTH LIGHT_CONNS LIGHT_DURATION PIDS PORT BIN_OF
-# ENV_OF start_keygate wait_http pg_ticks TICK log die.
+# Uses from load.sh: WORK OUT BASE PATH_Q KEYS_PATH AUTH LIGHT_CONNS LIGHT_DURATION PIDS
+# BIN_OF ENV_OF wait_http pg_ticks TICK log die.
 
 FLOOD_CONFIGS=${LOAD_FLOOD_CONFIGS:-per-address spread preload}
 
@@ -36,13 +36,19 @@ flood_auth() { # config -> the [auth] section it appends
 }
 
 lookups() { # port -> keygate's key lookups so far
-    curl -fsS "http://127.0.0.1:$1/readyz" 2>/dev/null | sed -n 's/.*"lookups":\([0-9]*\).*/\1/p'
+    local n
+    n=$(curl -fsS "http://127.0.0.1:$1/readyz" 2>/dev/null | sed -n 's/.*"lookups":\([0-9]*\).*/\1/p')
+    # A failed read must not pass for "no lookups", which is what the table claims.
+    [ -n "$n" ] || die "could not read the lookup count from /readyz on port $1"
+    echo "$n"
 }
 
 flood_round() { # config port state round
     local cfg=$1 port=$2 state=$3 r=$4 d=$LIGHT_DURATION bg_pid="" l0 l1 g0 g1 out bg="" t0 t1
     local url="http://127.0.0.1:$port$PATH_Q"
-    l0=$(lookups "$port") g0=$(pg_ticks) t0=$(date +%s.%N)
+    # Lookups on lines of their own: set -e sees only the last substitution of a line.
+    l0=$(lookups "$port")
+    g0=$(pg_ticks) t0=$(date +%s.%N)
     case $state in
         busy) wrk -t1 -c"$FLOOD_CONNS" -d"$((d + 1))s" -H "$AUTH" "$url" >"$WORK/flood-bg.txt" &
             bg_pid=$! ;;
@@ -56,12 +62,13 @@ flood_round() { # config port state round
         wait "$bg_pid" || true
         bg=$(cat "$WORK/flood-bg.txt")
     fi
-    t1=$(date +%s.%N) l1=$(lookups "$port") g1=$(pg_ticks)
+    t1=$(date +%s.%N) g1=$(pg_ticks)
+    l1=$(lookups "$port")
     printf '%s\n%s\n' "$out" "$bg" >>"$OUT/wrk-flood.log"
     {
         printf '%s\n' "$out" | sed 's/^/V /'
         printf '%s\n' "$bg" | sed 's/^/B /'
-    } | awk -v cfg="$cfg" -v st="$state" -v r="$r" -v dl=$((${l1:-0} - ${l0:-0})) -v dg=$((g1 - g0)) \
+    } | awk -v cfg="$cfg" -v st="$state" -v r="$r" -v dl=$((l1 - l0)) -v dg=$((g1 - g0)) \
         -v secs="$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')" -v tick="$TICK" '
         function us(x) { if (x ~ /us$/) return x + 0; if (x ~ /ms$/) return x * 1000; if (x ~ /s$/) return x * 1e6; return x + 0 }
         $1 == "V" && / 50% / { p50 = us($3) } $1 == "V" && / 99% / { p99 = us($3) }
