@@ -183,148 +183,144 @@ impl JsonScan {
 
     /// Scans `chunk`; calls `sink(field, raw_value)` for each wanted top-level key whose
     /// value completed in it. Chunk boundaries may fall anywhere, even inside an escape.
+    ///
+    /// The hot state (depth, string, escape) lives in locals for the whole chunk. Runs of
+    /// bytes that cannot change it go at once: strings a word at a time
+    /// ([`string_run`]), the rest through a class table (not memchr: strings and numbers in
+    /// chat bodies are short, where its set-up cost more than it saved). A value being
+    /// captured is not copied byte by byte: the capture takes each span of the chunk
+    /// between the bytes it must not keep (the key depth's `,` `:` and closers), so a
+    /// captured value costs one copy per chunk it spans.
     pub(crate) fn feed<F: FnMut(Field, &[u8])>(&mut self, chunk: &[u8], sink: &mut F) {
+        let (mut depth, mut in_string, mut escaped) = (self.depth, self.in_string, self.escaped);
         let mut i = 0;
-        while i < chunk.len() {
-            // Runs of bytes that cannot change the state go at once (into the capture,
-            // when one is open), then the byte that ends the run goes through the state
-            // machine below, in the same turn. Not memchr: strings and numbers in chat
-            // bodies are short, where its set-up cost more than it saved (measured on the
-            // meter bench); string runs take a word at a time, the rest a class table.
-            let rest = chunk.get(i..).unwrap_or_default();
-            let run = if self.in_string {
-                // An escaped byte is the state machine's alone.
-                if self.escaped {
-                    0
-                } else {
-                    string_run(rest)
+        // Start of the bytes not yet handed to the capture (a no-op when none is open).
+        let mut kept = 0;
+        while let Some(rest) = chunk.get(i..).filter(|r| !r.is_empty()) {
+            if in_string {
+                if escaped {
+                    // An escaped byte never ends the string.
+                    escaped = false;
+                    if let Some(&b) = rest.first() {
+                        self.key_byte(b);
+                    }
+                    i += 1;
+                    continue;
                 }
-            } else {
-                // Inside a nested value only quotes and brackets count; at the key depth
-                // (and above it) the separators too.
-                let stop = if self.depth > self.key_depth { NESTED } else { TOP };
-                rest.iter()
-                    .position(|&c| CLASS[usize::from(c)] & stop != 0)
-                    .unwrap_or(rest.len())
-            };
-            if run > 0 {
-                let bytes = rest.get(..run).unwrap_or_default();
+                let run = string_run(rest);
                 if self.reading_key {
-                    self.key_bytes(bytes);
-                } else if self.capture.is_some() {
-                    self.keep_all(bytes);
+                    self.key_bytes(rest.get(..run).unwrap_or_default());
                 }
                 i += run;
-            }
-            let Some(&b) = chunk.get(i) else { return };
-            i += 1;
-            if self.in_string {
-                self.string_byte(b);
-            } else {
-                self.structural_byte(b, sink);
-            }
-        }
-    }
-
-    fn string_byte(&mut self, b: u8) {
-        self.keep(b);
-        if self.escaped {
-            self.escaped = false;
-            self.key_byte(b);
-            return;
-        }
-        match b {
-            b'"' => {
-                self.in_string = false;
-                if self.reading_key {
-                    self.reading_key = false;
-                    self.pending = self.wanted_key();
-                }
-            }
-            b'\\' => {
-                self.escaped = true;
-                self.key_byte(b);
-            }
-            _ => self.key_byte(b),
-        }
-    }
-
-    fn structural_byte<F: FnMut(Field, &[u8])>(&mut self, b: u8, sink: &mut F) {
-        match b {
-            b'"' => {
-                self.keep(b);
-                self.in_string = true;
-                if self.depth == self.key_depth && self.expect_key && self.capture.is_none() {
-                    self.expect_key = false;
-                    self.reading_key = true;
-                    self.key_len = 0;
-                    self.pending = None;
-                }
-            }
-            b'{' | b'[' => {
-                if self.depth == 0 {
-                    // A new document (NDJSON-like bodies, or the next SSE event after reset).
-                    self.top_object = b == b'{';
-                    self.expect_key = self.top_object;
-                    self.key_depth = 1;
-                }
-                if std::mem::take(&mut self.descend) && b == b'{' {
-                    self.key_depth = 2;
-                    self.expect_key = true;
-                }
-                self.keep(b);
-                self.depth = self.depth.saturating_add(1);
-            }
-            b'}' | b']' => {
-                if self.depth == self.key_depth {
-                    self.finish(sink);
-                    // A descended-into object ends as a value at depth 1.
-                    self.key_depth = 1;
-                    self.expect_key = false;
+                let Some(&b) = chunk.get(i) else { break };
+                i += 1;
+                if b == b'"' {
+                    in_string = false;
+                    if std::mem::take(&mut self.reading_key) {
+                        self.pending = self.wanted_key();
+                    }
                 } else {
-                    self.keep(b);
+                    escaped = true;
+                    self.key_byte(b);
                 }
-                // Saturating: a stray closer in garbage must not wrap the depth.
-                self.depth = self.depth.saturating_sub(1);
+                continue;
             }
-            b',' if self.depth == self.key_depth => {
-                self.finish(sink);
-                self.expect_key = self.top_object;
+            let key_depth = self.key_depth;
+            if depth > key_depth {
+                // Inside a nested value only quotes and brackets count.
+                i += rest
+                    .iter()
+                    .position(|&c| CLASS[usize::from(c)] & NESTED != 0)
+                    .unwrap_or(rest.len());
+                let Some(&b) = chunk.get(i) else { break };
+                i += 1;
+                match b {
+                    b'"' => in_string = true,
+                    b'{' | b'[' => depth = depth.saturating_add(1),
+                    _ => depth = depth.saturating_sub(1),
+                }
+                continue;
             }
-            b':' if self.depth == self.key_depth => {
-                if self.capture.is_none() {
-                    if let Some(field) = self.pending.take() {
-                        if field == Field::Response {
-                            self.descend = true;
-                            return;
-                        }
-                        self.capture = Some(field);
-                        self.overflow = false;
-                        self.buf.clear();
-                        // One allocation for a typical value, not a doubling per few bytes.
-                        self.buf.reserve(CAPTURE_START.min(field.cap()));
+            // At the key depth (or above it): the separators count too.
+            i += rest
+                .iter()
+                .position(|&c| CLASS[usize::from(c)] & TOP != 0)
+                .unwrap_or(rest.len());
+            let Some(&b) = chunk.get(i) else { break };
+            let at = i;
+            i += 1;
+            match b {
+                b'"' => {
+                    in_string = true;
+                    if depth == key_depth && self.expect_key && self.capture.is_none() {
+                        self.expect_key = false;
+                        self.reading_key = true;
+                        self.key_len = 0;
+                        self.pending = None;
                     }
                 }
+                b'{' | b'[' => {
+                    if depth == 0 {
+                        // A new document (NDJSON-like bodies, or the next SSE event after reset).
+                        self.top_object = b == b'{';
+                        self.expect_key = self.top_object;
+                        self.key_depth = 1;
+                    }
+                    if std::mem::take(&mut self.descend) && b == b'{' {
+                        self.key_depth = 2;
+                        self.expect_key = true;
+                    }
+                    depth = depth.saturating_add(1);
+                }
+                b'}' | b']' => {
+                    if depth == key_depth {
+                        self.keep_all(chunk.get(kept..at).unwrap_or_default());
+                        kept = i;
+                        self.finish(sink);
+                        // A descended-into object ends as a value at depth 1.
+                        self.key_depth = 1;
+                        self.expect_key = false;
+                    }
+                    // Saturating: a stray closer in garbage must not wrap the depth.
+                    depth = depth.saturating_sub(1);
+                }
+                b',' if depth == key_depth => {
+                    self.keep_all(chunk.get(kept..at).unwrap_or_default());
+                    kept = i;
+                    self.finish(sink);
+                    self.expect_key = self.top_object;
+                }
+                b':' if depth == key_depth => {
+                    self.keep_all(chunk.get(kept..at).unwrap_or_default());
+                    kept = i;
+                    self.colon();
+                }
+                _ => {}
             }
-            _ => self.keep(b),
         }
+        self.keep_all(chunk.get(kept..).unwrap_or_default());
+        (self.depth, self.in_string, self.escaped) = (depth, in_string, escaped);
     }
 
-    /// Appends to the capture, if any, within its cap.
-    fn keep(&mut self, b: u8) {
-        let Some(field) = self.capture else { return };
-        if self.overflow {
+    /// A `:` at the key depth: the value of a wanted key starts after it.
+    fn colon(&mut self) {
+        if self.capture.is_some() {
             return;
         }
-        if self.buf.len() >= field.cap() {
-            self.overflow = true;
+        if let Some(field) = self.pending.take() {
+            if field == Field::Response {
+                self.descend = true;
+                return;
+            }
+            self.capture = Some(field);
+            self.overflow = false;
             self.buf.clear();
-        } else {
-            self.buf.push(b);
+            // One allocation for a typical value, not a doubling per few bytes.
+            self.buf.reserve(CAPTURE_START.min(field.cap()));
         }
     }
 
-    /// [`keep`](Self::keep) for a run of bytes.
+    /// Appends to the capture, if any, within its cap; past the cap the value is dropped.
     fn keep_all(&mut self, bytes: &[u8]) {
         let Some(field) = self.capture else { return };
         if self.overflow {
