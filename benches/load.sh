@@ -48,6 +48,12 @@
 #     an equal load of the valid key, and beside a flood of random well-formed keys at
 #     LOAD_FLOOD_CONNS (default LOAD_LIGHT_CONNS), against one keygate per auth config
 #     (LOAD_FLOOD_CONFIGS="per-address spread preload"), with key lookups per second
+#   LOAD_STREAM_ROUNDS=3 (0 skips): after the timed rounds, streamed completions
+#     (benches/load_stream.sh): a POST with "stream": true to a path ending in
+#     /completions, answered with a 22-event chat-completion event stream, through direct,
+#     nginx and kg-1key at LOAD_CONNS and LOAD_LIGHT_CONNS: keygate reads the request body
+#     to ask for usage, meters every event and takes the usage chunk back out. Its own
+#     table (stream-rounds.tsv, stream-summary.txt), and a check of the billed rows
 #   LOAD_EXTRA_BINS="name=/path/to/keygate[,keys][,nousage][,nolimits][,env=K=V][,runtime=R][,workers=N]
 #     [,batch=N][,writers=N][,flush=D][,nicebg=N] ..." (usage.batch_size, pool_size,
 #     flush_interval; nicebg: every thread but the request workers at that nice value)
@@ -186,8 +192,21 @@ http {
 }
 NGINX
 }
+# A streamed completion as an upstream that was asked for usage sends it: content in 20
+# events, the finish, the usage chunk, [DONE] (load_stream.sh). No quote or `$` in it, as
+# nginx would take those for its own.
+STREAM_PATH=/v1/chat/stream/completions
+SSE_BODY=$(
+    ev() { printf 'data: {"id":"chatcmpl-load","object":"chat.completion.chunk","created":1700000000,"model":"demo-1","choices":%s}\n\n' "$1"; }
+    for i in $(seq 1 20); do ev "[{\"index\":0,\"delta\":{\"content\":\"word$i \"},\"finish_reason\":null}]"; done
+    ev '[{"index":0,"delta":{},"finish_reason":"stop"}]'
+    printf 'data: {"id":"chatcmpl-load","object":"chat.completion.chunk","created":1700000000,"model":"demo-1","choices":[],"usage":{"prompt_tokens":12,"completion_tokens":20,"total_tokens":32}}\n\n'
+    printf 'data: [DONE]\n\nx'
+)
+SSE_BODY=${SSE_BODY%x} # the x keeps $(...) from eating the final blank line
 nginx_conf "$WORK/up" "server { listen 127.0.0.1:$UP_PORT backlog=4096;
-        location / { default_type application/json; return 200 '$BODY'; } }"
+        location / { default_type application/json; return 200 '$BODY'; }
+        location $STREAM_PATH { default_type text/event-stream; return 200 '$SSE_BODY'; } }"
 nginx_conf "$WORK/ngx" "upstream up { server 127.0.0.1:$UP_PORT; keepalive 64; keepalive_requests 10000000; keepalive_timeout 300s; }
     server { listen 127.0.0.1:$NGX_PORT backlog=4096;
         location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\";
@@ -355,6 +374,8 @@ printf 'variant\tconns\tround\trps\tp50_us\tp99_us\tproxy_us\tupstream_us\tdb_us
 run_round() { # variant conns duration round [label]
     local v=$1 c=$2 d=$3 r=$4 label=${5:-$1} script=() proxy_pids up_pids db_pids perf_pid=""
     [ -n "${MANY[$v]:-}" ] && script=(-s "$WORK/keys.lua")
+    # ROUND_SCRIPT and ROUND_PATH: another request shape (load_stream.sh's streamed POST).
+    [ -n "${ROUND_SCRIPT:-}" ] && script=(-s "$ROUND_SCRIPT")
     proxy_pids=$(tree "${PID_OF[$v]}")
     up_pids=$(tree "$UP_PID")
     db_pids=$(pg_pids)
@@ -375,7 +396,7 @@ run_round() { # variant conns duration round [label]
     p0=$(ticks $proxy_pids) u0=$(ticks $up_pids) d0=$(pg_ticks)
     times >"$WORK/times0"
     out=$(timeout $((d + 30)) wrk -t1 -c"$c" -d"${d}s" --latency "${script[@]}" -H "$AUTH" \
-        "http://127.0.0.1:${PORT[$v]}$PATH_Q")
+        "http://127.0.0.1:${PORT[$v]}${ROUND_PATH:-$PATH_Q}")
     times >"$WORK/times1"
     w0=$(child_secs "$WORK/times0") w1=$(child_secs "$WORK/times1")
     [ -z "$perf_pid" ] || wait "$perf_pid" || true
@@ -456,6 +477,7 @@ for v in "${VARIANTS[@]}"; do
 done
 
 # --- summary: medians per variant and connection count ----------------------------------
+summarize() { # rounds.tsv -> the table, per-request counters and added latency
 awk -F'\t' -v hwmfile="$HWM" '
     function median(list,   a, n, i, j, t) {
         n = split(list, a, " ")
@@ -500,10 +522,16 @@ awk -F'\t' -v hwmfile="$HWM" '
             k = order[i]; split(k, kc, SUBSEP); v = kc[1]; c = kc[2]; d = "direct" SUBSEP c
             if (v != "direct" && d in R) printf "  c=%-4d %-14s +%.0f / +%.0f\n", c, v, P50[k] - P50[d], P99[k] - P99[d]
         }
-    }' "$TSV" | tee "$OUT/summary.txt"
+    }' "$1"
+}
+summarize "$TSV" | tee "$OUT/summary.txt"
 if [ "${LOAD_FLOOD_ROUNDS:-3}" -gt 0 ]; then
     . benches/load_flood.sh
     flood_pass "${LOAD_FLOOD_ROUNDS:-3}"
+fi
+if [ "${LOAD_STREAM_ROUNDS:-3}" -gt 0 ]; then
+    . benches/load_stream.sh
+    stream_pass "${LOAD_STREAM_ROUNDS:-3}"
 fi
 if [ -n "${LOAD_CALLGRIND:-}" ]; then
     . benches/load_callgrind.sh

@@ -13,7 +13,8 @@
 # sha2's portable code under it (about 3,500 instructions a request, against ~60 ns
 # natively): the same for every variant, so ratios hold, absolute counts are high by that.
 #
-# Uses from load.sh: WORK OUT PATH_Q AUTH LIGHT_CONNS PIDS PORT MANY BIN_OF ENV_OF log die.
+# Uses from load.sh: WORK OUT PATH_Q STREAM_PATH AUTH LIGHT_CONNS PIDS PORT MANY BIN_OF ENV_OF log die.
+# LOAD_CALLGRIND_STREAM=1 counts the streamed completion of load_stream.sh instead of the GET.
 
 callgrind_pass() { # variants... -> a table on stdout, also in $OUT/callgrind.txt
     local secs=${LOAD_CALLGRIND_DURATION:-10} warm=${LOAD_CALLGRIND_WARMUP:-5}
@@ -37,11 +38,17 @@ callgrind_pass() { # variants... -> a table on stdout, also in $OUT/callgrind.tx
             sleep 0.1
         done
         [ -n "${MANY[$v]:-}" ] && script=(-s "$WORK/keys.lua")
+        local path=$PATH_Q
+        if [ -n "${LOAD_CALLGRIND_STREAM:-}" ]; then
+            # The streamed completion of load_stream.sh instead of the plain GET.
+            declare -F stream_script >/dev/null || . benches/load_stream.sh
+            path=$STREAM_PATH script=(-s "$(stream_script)")
+        fi
         # Warm-up first (pools, cache, limiter cells), then only the measured requests count.
-        wrk -t1 -c"$LIGHT_CONNS" -d"${warm}s" "${script[@]}" -H "$AUTH" "http://127.0.0.1:$port$PATH_Q" >/dev/null
+        wrk -t1 -c"$LIGHT_CONNS" -d"${warm}s" "${script[@]}" -H "$AUTH" "http://127.0.0.1:$port$path" >/dev/null
         callgrind_control --zero "$vpid" >/dev/null 2>&1 || die "callgrind_control --zero failed for $v"
         local out n
-        out=$(wrk -t1 -c"$LIGHT_CONNS" -d"${secs}s" "${script[@]}" -H "$AUTH" "http://127.0.0.1:$port$PATH_Q")
+        out=$(wrk -t1 -c"$LIGHT_CONNS" -d"${secs}s" "${script[@]}" -H "$AUTH" "http://127.0.0.1:$port$path")
         callgrind_control --dump "$vpid" >/dev/null 2>&1 || die "callgrind_control --dump failed for $v"
         n=$(printf '%s\n' "$out" | awk '/requests in/ { print $1 }')
         kill -TERM "$vpid" 2>/dev/null || true
@@ -58,7 +65,7 @@ callgrind_pass() { # variants... -> a table on stdout, also in $OUT/callgrind.tx
         port=$((port + 1))
     done
     {
-        printf '\ninstructions per request under callgrind (user space, c=%d, %ss after %ss warm-up):\n' "$LIGHT_CONNS" "$secs" "$warm"
+        printf '\ninstructions per request under callgrind (user space, c=%d, %ss after %ss warm-up%s):\n' "$LIGHT_CONNS" "$secs" "$warm" "${LOAD_CALLGRIND_STREAM:+, streamed completions}"
         printf '%-14s %9s %14s %9s %8s\n' variant requests instructions per_req "/first"
         printf '%s\n' "${rows[@]}"
         printf 'profiles: %s/callgrind-<variant>.out (callgrind_annotate --inclusive=yes)\n' "$OUT"

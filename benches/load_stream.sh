@@ -1,0 +1,102 @@
+# Sourced by load.sh for LOAD_STREAM_ROUNDS (default 3; 0 skips): streamed completions,
+# the shape most of an LLM gateway's traffic has, through the same direct, nginx and
+# kg-1key as the main table.
+#
+# The request is a POST with `"stream": true` to a path ending in /completions, so keygate
+# does what it does for a real streamed chat completion: it reads the request body whole
+# and asks for usage (`stream_options.include_usage`), meters every event of the answer,
+# and takes the usage chunk back out, since this client did not ask for it. nginx passes
+# the same bytes through unbuffered. The upstream answers every such request with the
+# same 22-event stream (load.sh's SSE_BODY: 20 content deltas, the finish, the usage
+# chunk, [DONE]) in one response of about 4 KiB; it does not pace the events, so this
+# measures the per-byte and per-event work, not a slow stream's idle time.
+#
+# Before the rounds it checks what a client gets through keygate (the 21 events and
+# [DONE], without the usage chunk) and after them that every row keygate recorded for the
+# stream path carries the stream's 32 tokens: a table of numbers for requests keygate did
+# not fully meter would mean nothing.
+#
+# Printed: load.sh's table for these rounds (stream-rounds.tsv, stream-summary.txt), with
+# the ratios to nginx and direct, then the billed-row check.
+#
+# Uses from load.sh: WORK OUT TSV HWM STREAM_PATH CONNS LIGHT_CONNS DURATION
+# LIGHT_DURATION PORT PID_OF AUTH run_round summarize tree mem_kb sql log die.
+
+STREAM_REQUEST='{"model":"demo-1","stream":true,"messages":[{"role":"user","content":"Say hello in twenty words."}]}'
+
+stream_rows() { # -> "billed unbilled gone other": the stream path's rows by kind
+    sql -F ' ' -c "SELECT count(*) FILTER (WHERE status_code = 200 AND tokens_used = 32),
+                          count(*) FILTER (WHERE status_code = 200 AND tokens_used IS DISTINCT FROM 32),
+                          count(*) FILTER (WHERE status_code = 499 AND error_code = 'client_disconnected'),
+                          count(*) FILTER (WHERE status_code NOT IN (200, 499))
+                   FROM api_key_usage WHERE endpoint = '$STREAM_PATH'"
+}
+
+stream_script() { # -> the wrk script that sends the streamed request, written once
+    [ -f "$WORK/stream.lua" ] || cat >"$WORK/stream.lua" <<LUA
+wrk.method = "POST"
+wrk.body = '$STREAM_REQUEST'
+wrk.headers["Content-Type"] = "application/json"
+LUA
+    echo "$WORK/stream.lua"
+}
+
+stream_pass() { # rounds
+    local rounds=$1 variants=(direct nginx kg-1key) v r i n c d body events script
+    script=$(stream_script)
+    body=$(curl -fsS -H "$AUTH" -H 'Content-Type: application/json' --data "$STREAM_REQUEST" \
+        "http://127.0.0.1:${PORT[kg-1key]}$STREAM_PATH") || die "stream: keygate refused the streamed request"
+    events=$(grep -c '^data: ' <<<"$body" || true)
+    [ "$events" -eq 22 ] && grep -q '^data: \[DONE\]' <<<"$body" ||
+        die "stream: keygate's answer has $events events, not the 21 and [DONE] the client should see"
+    ! grep -q '"usage"' <<<"$body" || die "stream: keygate passed on a usage chunk the client did not ask for"
+    grep -q '"usage"' < <(curl -fsS --data "$STREAM_REQUEST" "http://127.0.0.1:${PORT[nginx]}$STREAM_PATH") ||
+        die "stream: the upstream's stream has no usage chunk"
+
+    local main_tsv=$TSV
+    TSV=$OUT/stream-rounds.tsv
+    printf 'variant\tconns\tround\trps\tp50_us\tp99_us\tproxy_us\tupstream_us\tdb_us\tclient_us\trss_kb\terrors\trequests\tsyscalls_req\tctxsw_req\n' >"$TSV"
+    ROUND_PATH=$STREAM_PATH ROUND_SCRIPT=$script
+    log ""
+    log "streamed completions: $rounds rounds x ${DURATION}s at c=$CONNS and x ${LIGHT_DURATION}s at c=$LIGHT_CONNS"
+    for v in "${variants[@]}"; do
+        wrk -t1 -c"$CONNS" -d2s -s "$ROUND_SCRIPT" -H "$AUTH" "http://127.0.0.1:${PORT[$v]}$STREAM_PATH" >/dev/null
+    done
+    n=${#variants[@]}
+    for c in "$CONNS" "$LIGHT_CONNS"; do
+        d=$DURATION
+        [ "$c" = "$CONNS" ] || d=$LIGHT_DURATION
+        for r in $(seq 1 "$rounds"); do
+            for i in $(seq 0 $((n - 1))); do run_round "${variants[$(((i + r - 1) % n))]}" "$c" "$d" "$r"; done
+        done
+    done
+    unset ROUND_PATH ROUND_SCRIPT
+    : >"$HWM"
+    for v in "${variants[@]}"; do
+        # shellcheck disable=SC2046
+        printf '%s\t%s\n' "$v" "$(mem_kb VmHWM $(tree "${PID_OF[$v]}"))" >>"$HWM"
+    done
+    log ""
+    log "streamed completions (POST, \"stream\": true, 22 events of about 4 KiB in all):"
+    summarize "$TSV" | tee "$OUT/stream-summary.txt"
+
+    # Every request keygate answered in the rounds (2xx, counted by wrk) has its row with
+    # the stream's tokens, once the writer has caught up. The only other rows allowed
+    # are 499s from the requests in flight when a wrk run stopped (at most its
+    # connections, each run): wrk closes its sockets then, and keygate records the
+    # hang-up.
+    local served runs_conns billed=0 unbilled=0 gone=0 other=0 i
+    served=$(awk -F'\t' 'NR > 1 && $1 == "kg-1key" { n += $13 - $12 } END { print n + 0 }' "$TSV")
+    runs_conns=$(awk -F'\t' 'NR > 1 && $1 == "kg-1key" { n += $2 } END { print n + '"$CONNS"' + 1 }' "$TSV")
+    for i in $(seq 1 20); do
+        read -r billed unbilled gone other <<<"$(stream_rows)"
+        [ "$billed" -gt "$served" ] && break
+        sleep 0.5
+    done
+    printf '\nrows for %s: %d billed with the stream'"'"'s 32 tokens, %d answered without them, %d client hang-ups (499, at most %d: the connections of every wrk run), %d other; keygate served %d in the rounds (plus the warm-up and the check)\n' \
+        "$STREAM_PATH" "$billed" "$unbilled" "$gone" "$runs_conns" "$other" "$served" | tee -a "$OUT/stream-summary.txt"
+    [ "$billed" -gt "$served" ] || die "stream: fewer billed rows ($billed) than requests keygate served ($served)"
+    [ "$unbilled" -eq 0 ] && [ "$other" -eq 0 ] || die "stream: rows without the stream's tokens (see above)"
+    [ "$gone" -le "$runs_conns" ] || die "stream: more hang-ups ($gone) than connections in flight at the runs' ends"
+    TSV=$main_tsv
+}
