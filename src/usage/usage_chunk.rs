@@ -97,22 +97,20 @@ impl UsageChunkFilter {
     }
 
     /// `buf`, events ending at `ends`, without the usage-only event: `buf` itself when
-    /// it has none.
+    /// it has none. Each event is tested once (the test parses the one that is).
     fn without_usage_chunk(&mut self, buf: Bytes, ends: &[usize]) -> Bytes {
-        let events = || {
-            let mut start = 0;
-            ends.iter().map(move |&end| {
-                let range = start..end;
-                start = end;
-                range
-            })
-        };
-        if !events().any(|r| is_usage_only(&buf[r])) {
+        let mut events = ends.iter().scan(0, |start, &end| {
+            let range = *start..end;
+            *start = end;
+            Some(range)
+        });
+        let Some(first) = events.by_ref().find(|r| is_usage_only(&buf[r.clone()])) else {
             return buf;
-        }
+        };
         self.dropped = true;
         let mut out = BytesMut::with_capacity(buf.len());
-        for r in events().filter(|r| !is_usage_only(&buf[r.clone()])) {
+        out.extend_from_slice(&buf[..first.start]);
+        for r in events.filter(|r| !is_usage_only(&buf[r.clone()])) {
             out.extend_from_slice(&buf[r]);
         }
         out.freeze()
@@ -121,15 +119,27 @@ impl UsageChunkFilter {
 
 /// Pushes onto `ends` the offsets (plus `base`) just past each blank line in `buf` that
 /// ends an event, with `line` carried from the bytes before it. Lines end in `\n`,
-/// `\r\n` or a lone `\r` (the SSE grammar).
+/// `\r\n` or a lone `\r` (the SSE grammar). Inside a line only its end can matter, so
+/// the rest of it is skipped with `memchr2`: a data line is a whole JSON chunk, and
+/// stepping through it byte by byte was most of this filter's cost.
 fn boundaries(buf: &[u8], base: usize, line: &mut LineState, ends: &mut Vec<usize>) {
     let start = ends.len();
-    for (i, &b) in buf.iter().enumerate() {
+    let mut i = 0;
+    while i < buf.len() {
+        if line.in_line && !line.cr_end {
+            // `in_line` means the last byte was text, so `after_cr` is already false.
+            match memchr::memchr2(b'\n', b'\r', &buf[i..]) {
+                Some(n) => i += n,
+                None => break,
+            }
+        }
+        let b = buf[i];
         if line.cr_end {
             line.cr_end = false;
             if b == b'\n' {
                 line.after_cr = false;
                 ends.push(i + 1);
+                i += 1;
                 continue;
             }
             ends.push(i);
@@ -150,6 +160,7 @@ fn boundaries(buf: &[u8], base: usize, line: &mut LineState, ends: &mut Vec<usiz
                 line.after_cr = false;
             }
         }
+        i += 1;
     }
     for e in &mut ends[start..] {
         *e += base;

@@ -74,7 +74,8 @@ impl SseScan {
             if !is_eol(b) && matches!(self.line, Line::Data | Line::Skip) {
                 // Whole runs up to the line end: the scanner (or nothing) takes them at once.
                 let rest = chunk.get(i..).unwrap_or_default();
-                let run = rest.iter().position(|&c| is_eol(c)).unwrap_or(rest.len());
+                // memchr2: a data line is a whole JSON chunk, long enough to pay for it.
+                let run = memchr::memchr2(b'\n', b'\r', rest).unwrap_or(rest.len());
                 if self.line == Line::Data {
                     self.json.feed(rest.get(..run).unwrap_or_default(), sink);
                 }
