@@ -20,7 +20,7 @@
 # and RSS; at the end a table of medians with keygate/nginx and keygate/direct ratios,
 # and each proxy's peak RSS (VmHWM).
 #
-# Usage: benches/load.sh   (about 7 minutes plus the build, 4 without the flood pass; root or sudo to install packages)
+# Usage: benches/load.sh   (about 10 minutes plus the build, 4 without the flood and stream passes; root or sudo to install packages)
 # Knobs (environment): LOAD_ROUNDS=3 LOAD_DURATION=8 LOAD_LIGHT_DURATION=5
 #   LOAD_LIGHT_ROUNDS=LOAD_ROUNDS (0 skips the light-load rounds)
 #   LOAD_COLD_DURATION=2: the many-keys variants' cold pass (all cache misses), first

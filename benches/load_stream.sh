@@ -20,7 +20,7 @@
 # the ratios to nginx and direct, then the billed-row check.
 #
 # Uses from load.sh: WORK OUT TSV HWM STREAM_PATH CONNS LIGHT_CONNS DURATION
-# LIGHT_DURATION PORT PID_OF AUTH run_round summarize tree mem_kb sql log die.
+# LIGHT_DURATION VARIANTS MANY PORT PID_OF AUTH run_round summarize tree mem_kb sql log die.
 
 STREAM_REQUEST='{"model":"demo-1","stream":true,"messages":[{"role":"user","content":"Say hello in twenty words."}]}'
 
@@ -44,6 +44,10 @@ LUA
 stream_pass() { # rounds
     local rounds=$1 variants=(direct nginx kg-1key) v r i n c d body events script
     script=$(stream_script)
+    # Extra one-key keygates (LOAD_EXTRA_BINS) join the rounds: an A/B of builds on streams.
+    for v in "${VARIANTS[@]}"; do
+        case $v in direct | nginx | kg-1key | kg-Nkeys) ;; *) [ -n "${MANY[$v]:-}" ] || variants+=("$v") ;; esac
+    done
     body=$(curl -fsS -H "$AUTH" -H 'Content-Type: application/json' --data "$STREAM_REQUEST" \
         "http://127.0.0.1:${PORT[kg-1key]}$STREAM_PATH") || die "stream: keygate refused the streamed request"
     events=$(grep -c '^data: ' <<<"$body" || true)
@@ -86,14 +90,14 @@ stream_pass() { # rounds
     # connections, each run): wrk closes its sockets then, and keygate records the
     # hang-up.
     local served runs_conns billed=0 unbilled=0 gone=0 other=0 i
-    served=$(awk -F'\t' 'NR > 1 && $1 == "kg-1key" { n += $13 - $12 } END { print n + 0 }' "$TSV")
-    runs_conns=$(awk -F'\t' 'NR > 1 && $1 == "kg-1key" { n += $2 } END { print n + '"$CONNS"' + 1 }' "$TSV")
+    served=$(awk -F'\t' 'NR > 1 && $1 ~ /^kg-/ { n += $13 - $12 } END { print n + 0 }' "$TSV")
+    runs_conns=$(awk -F'\t' 'NR > 1 && $1 ~ /^kg-/ { n += $2 } END { print n + '"$CONNS"' * '"$((${#variants[@]} - 2))"' + 1 }' "$TSV")
     for i in $(seq 1 20); do
         read -r billed unbilled gone other <<<"$(stream_rows)"
         [ "$billed" -gt "$served" ] && break
         sleep 0.5
     done
-    printf '\nrows for %s: %d billed with the stream'"'"'s 32 tokens, %d answered without them, %d client hang-ups (499, at most %d: the connections of every wrk run), %d other; keygate served %d in the rounds (plus the warm-up and the check)\n' \
+    printf '\nrows for %s: %d billed with the stream'"'"'s 32 tokens, %d answered without them, %d client hang-ups (499, at most %d: the connections of every wrk run), %d other; the keygates served %d in the rounds (plus the warm-up and the check)\n' \
         "$STREAM_PATH" "$billed" "$unbilled" "$gone" "$runs_conns" "$other" "$served" | tee -a "$OUT/stream-summary.txt"
     [ "$billed" -gt "$served" ] || die "stream: fewer billed rows ($billed) than requests keygate served ($served)"
     [ "$unbilled" -eq 0 ] && [ "$other" -eq 0 ] || die "stream: rows without the stream's tokens (see above)"
