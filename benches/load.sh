@@ -20,7 +20,7 @@
 # and RSS; at the end a table of medians with keygate/nginx and keygate/direct ratios,
 # and each proxy's peak RSS (VmHWM).
 #
-# Usage: benches/load.sh   (about 10 minutes plus the build, 4 without the flood and stream passes; root or sudo to install packages)
+# Usage: benches/load.sh   (about 13 minutes plus the build, 4 without the flood and stream passes; root or sudo to install packages)
 # Knobs (environment): LOAD_ROUNDS=3 LOAD_DURATION=8 LOAD_LIGHT_DURATION=5
 #   LOAD_LIGHT_ROUNDS=LOAD_ROUNDS (0 skips the light-load rounds)
 #   LOAD_COLD_DURATION=2: the many-keys variants' cold pass (all cache misses), first
@@ -53,7 +53,10 @@
 #     /completions, answered with a 22-event chat-completion event stream, through direct,
 #     nginx and kg-1key at LOAD_CONNS and LOAD_LIGHT_CONNS: keygate reads the request body
 #     to ask for usage, meters every event and takes the usage chunk back out. Its own
-#     table (stream-rounds.tsv, stream-summary.txt), and a check of the billed rows
+#     table (stream-rounds.tsv, stream-summary.txt), and a check of the billed rows.
+#     Then paced streams (LOAD_STREAM_PACED=1; LOAD_STREAM_INTERVAL=2ms): keygate
+#     demo-upstream's events one frame each, through a second nginx and keygate
+#     (stream-paced-rounds.tsv, stream-paced-summary.txt)
 #   LOAD_EXTRA_BINS="name=/path/to/keygate[,keys][,nousage][,nolimits][,env=K=V][,runtime=R][,workers=N]
 #     [,batch=N][,writers=N][,flush=D][,nicebg=N] ..." (usage.batch_size, pool_size,
 #     flush_interval; nicebg: every thread but the request workers at that nice value)

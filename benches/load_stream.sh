@@ -19,8 +19,18 @@
 # Printed: load.sh's table for these rounds (stream-rounds.tsv, stream-summary.txt), with
 # the ratios to nginx and direct, then the billed-row check.
 #
+# Then the same through a paced upstream (LOAD_STREAM_PACED=1, the default; 0 skips):
+# `keygate demo-upstream` sends each event as a frame of its own, LOAD_STREAM_INTERVAL
+# (2ms) apart, 20 content events per answer, as a model generating tokens does. A
+# second nginx and a second keygate (kg-1key's config, this upstream) go in front of it.
+# Closed-loop wrk then cannot saturate anything (each request lasts ~45 ms), so the
+# number that matters is CPU per request: the per-frame work a real stream costs
+# (a read, the meter, the filter and a write per event). Rows stream-paced-*; the
+# billed-row check asks for the demo's 20 completion tokens on every answered request.
+#
 # Uses from load.sh: WORK OUT TSV HWM STREAM_PATH CONNS LIGHT_CONNS DURATION
-# LIGHT_DURATION VARIANTS MANY PORT PID_OF AUTH run_round summarize tree mem_kb sql log die.
+# LIGHT_DURATION VARIANTS MANY PORT PID_OF BIN_OF ENV_OF UP_PID UP_PORT BASE NGINX PIDS AUTH
+# run_round summarize nginx_conf wait_http tree mem_kb sql log die.
 
 STREAM_REQUEST='{"model":"demo-1","stream":true,"messages":[{"role":"user","content":"Say hello in twenty words."}]}'
 
@@ -102,5 +112,95 @@ stream_pass() { # rounds
     [ "$billed" -gt "$served" ] || die "stream: fewer billed rows ($billed) than requests keygate served ($served)"
     [ "$unbilled" -eq 0 ] && [ "$other" -eq 0 ] || die "stream: rows without the stream's tokens (see above)"
     [ "$gone" -le "$runs_conns" ] || die "stream: more hang-ups ($gone) than connections in flight at the runs' ends"
+    TSV=$main_tsv
+    [ "${LOAD_STREAM_PACED:-1}" = 0 ] || stream_paced "$rounds"
+}
+
+stream_paced() { # rounds
+    local rounds=$1 up=$((BASE + 50)) ngx=$((BASE + 51)) kg=$((BASE + 52)) p v r i n c d name
+    local interval=${LOAD_STREAM_INTERVAL:-2ms}
+    for p in $up $ngx $kg; do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then die "port $p is in use (set LOAD_PORT_BASE)"; fi
+    done
+    "${BIN_OF[kg-1key]}" demo-upstream --listen "127.0.0.1:$up" --stream-interval "$interval" \
+        2>>"$WORK/demo-upstream.log" &
+    PORT[paced-direct]=$up PID_OF[paced-direct]=$!
+    PIDS+=("$!")
+    nginx_conf "$WORK/ngx-paced" "upstream up { server 127.0.0.1:$up; keepalive 64; keepalive_requests 10000000; keepalive_timeout 300s; }
+    server { listen 127.0.0.1:$ngx backlog=4096;
+        location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\";
+                     proxy_buffering off; } }"
+    "$NGINX" -c "$WORK/ngx-paced/nginx.conf" -p "$WORK/ngx-paced" 2>>"$WORK/nginx-paced.log" &
+    PORT[paced-nginx]=$ngx PID_OF[paced-nginx]=$!
+    PIDS+=("$!")
+    name=kg-paced
+    mkdir -p "$WORK/$name"
+    sed -e "s|^listen = .*|listen = \"127.0.0.1:$kg\"|" \
+        -e "s|^url = \"http://127.0.0.1:$UP_PORT\"|url = \"http://127.0.0.1:$up\"|" \
+        -e "s|^spool_dir = .*|spool_dir = \"$WORK/$name/spool\"|" "$WORK/kg-1key/keygate.toml" >"$WORK/$name/keygate.toml"
+    grep -q "127.0.0.1:$up" "$WORK/$name/keygate.toml" || die "stream: could not point $name at the paced upstream"
+    # shellcheck disable=SC2086
+    env ${ENV_OF[kg-1key]:-} "${BIN_OF[kg-1key]}" serve --config "$WORK/$name/keygate.toml" 2>>"$WORK/keygate-$name.log" &
+    PORT[paced-kg]=$kg PID_OF[paced-kg]=$!
+    PIDS+=("$!")
+    wait_http "http://127.0.0.1:$up/healthz"
+    wait_http "http://127.0.0.1:$kg/healthz"
+
+    local request='{"model":"demo-1","stream":true,"max_tokens":20,"messages":[{"role":"user","content":"Say hello."}]}'
+    cat >"$WORK/paced.lua" <<LUA
+wrk.method = "POST"
+wrk.body = '$request'
+wrk.headers["Content-Type"] = "application/json"
+LUA
+    local body events
+    body=$(curl -fsS -H "$AUTH" -H 'Content-Type: application/json' --data "$request" \
+        "http://127.0.0.1:$kg/v1/chat/completions") || die "stream: keygate refused the paced request"
+    events=$(grep -c '^data: ' <<<"$body" || true)
+    [ "$events" -ge 22 ] && ! grep -q '"usage":{' <<<"$body" ||
+        die "stream: the paced answer through keygate has $events events or a usage chunk it should not"
+
+    local main_tsv=$TSV variants=(paced-direct paced-nginx paced-kg) labels=(direct nginx kg-1key)
+    TSV=$OUT/stream-paced-rounds.tsv
+    printf 'variant\tconns\tround\trps\tp50_us\tp99_us\tproxy_us\tupstream_us\tdb_us\tclient_us\trss_kb\terrors\trequests\tsyscalls_req\tctxsw_req\n' >"$TSV"
+    ROUND_PATH=/v1/chat/completions ROUND_SCRIPT=$WORK/paced.lua
+    local saved_up=$UP_PID
+    UP_PID=${PID_OF[paced-direct]} # run_round charges the upstream column to this one
+    for v in "${variants[@]}"; do
+        wrk -t1 -c"$CONNS" -d2s -s "$ROUND_SCRIPT" -H "$AUTH" "http://127.0.0.1:${PORT[$v]}$ROUND_PATH" >/dev/null
+    done
+    n=${#variants[@]}
+    for c in "$CONNS" "$LIGHT_CONNS"; do
+        d=$DURATION
+        [ "$c" = "$CONNS" ] || d=$LIGHT_DURATION
+        for r in $(seq 1 "$rounds"); do
+            for i in $(seq 0 $((n - 1))); do
+                local k=$(((i + r - 1) % n))
+                run_round "${variants[$k]}" "$c" "$d" "$r" "${labels[$k]}"
+            done
+        done
+    done
+    unset ROUND_PATH ROUND_SCRIPT
+    UP_PID=$saved_up
+    : >"$HWM"
+    for i in 0 1 2; do
+        # shellcheck disable=SC2046
+        printf '%s\t%s\n' "${labels[$i]}" "$(mem_kb VmHWM $(tree "${PID_OF[${variants[$i]}]}"))" >>"$HWM"
+    done
+    log ""
+    log "paced streams (keygate demo-upstream, 20 content events $interval apart, one frame each; the upstream is keygate's demo):"
+    summarize "$TSV" | tee "$OUT/stream-paced-summary.txt"
+
+    local served bad=0 good=0
+    served=$(awk -F'\t' 'NR > 1 && $1 == "kg-1key" { n += $13 - $12 } END { print n + 0 }' "$TSV")
+    for i in $(seq 1 20); do
+        read -r good bad <<<"$(sql -F ' ' -c "SELECT count(*) FILTER (WHERE status_code = 200 AND tokens_used > 20),
+                                                   count(*) FILTER (WHERE status_code = 200 AND (tokens_used IS NULL OR tokens_used <= 20))
+                                            FROM api_key_usage WHERE method = 'POST' AND endpoint = '/v1/chat/completions'")"
+        [ "$good" -gt "$served" ] && break
+        sleep 0.5
+    done
+    printf '\npaced rows: %d billed with the 20 completion tokens and the prompt, %d answered without; keygate served %d in the rounds\n' \
+        "$good" "$bad" "$served" | tee -a "$OUT/stream-paced-summary.txt"
+    [ "$good" -gt "$served" ] && [ "$bad" -eq 0 ] || die "stream: paced requests without their tokens"
     TSV=$main_tsv
 }
