@@ -51,6 +51,30 @@ LUA
     echo "$WORK/stream.lua"
 }
 
+stream_rounds() { # rounds variant[=label]... : interleaved rounds at CONNS, then at
+    # LIGHT_CONNS, rows named by label (the main table's names, so summarize's ratios
+    # work); then each variant's peak RSS into HWM under its label
+    local rounds=$1 specs n c d r i v k
+    shift
+    specs=("$@") n=$#
+    for c in "$CONNS" "$LIGHT_CONNS"; do
+        d=$DURATION
+        [ "$c" = "$CONNS" ] || d=$LIGHT_DURATION
+        for r in $(seq 1 "$rounds"); do
+            for i in $(seq 0 $((n - 1))); do
+                k=${specs[$(((i + r - 1) % n))]}
+                run_round "${k%%=*}" "$c" "$d" "$r" "${k#*=}"
+            done
+        done
+    done
+    : >"$HWM"
+    for k in "${specs[@]}"; do
+        v=${k%%=*}
+        # shellcheck disable=SC2046
+        printf '%s\t%s\n' "${k#*=}" "$(mem_kb VmHWM $(tree "${PID_OF[$v]}"))" >>"$HWM"
+    done
+}
+
 stream_pass() { # rounds
     local rounds=$1 variants=(direct nginx kg-1key) v r i n c d body events script
     script=$(stream_script)
@@ -76,20 +100,8 @@ stream_pass() { # rounds
     for v in "${variants[@]}"; do
         wrk -t1 -c"$CONNS" -d2s -s "$ROUND_SCRIPT" -H "$AUTH" "http://127.0.0.1:${PORT[$v]}$STREAM_PATH" >/dev/null
     done
-    n=${#variants[@]}
-    for c in "$CONNS" "$LIGHT_CONNS"; do
-        d=$DURATION
-        [ "$c" = "$CONNS" ] || d=$LIGHT_DURATION
-        for r in $(seq 1 "$rounds"); do
-            for i in $(seq 0 $((n - 1))); do run_round "${variants[$(((i + r - 1) % n))]}" "$c" "$d" "$r"; done
-        done
-    done
+    stream_rounds "$rounds" "${variants[@]}"
     unset ROUND_PATH ROUND_SCRIPT
-    : >"$HWM"
-    for v in "${variants[@]}"; do
-        # shellcheck disable=SC2046
-        printf '%s\t%s\n' "$v" "$(mem_kb VmHWM $(tree "${PID_OF[$v]}"))" >>"$HWM"
-    done
     log ""
     log "streamed completions (POST, \"stream\": true, 22 events of about 4 KiB in all):"
     summarize "$TSV" | tee "$OUT/stream-summary.txt"
@@ -159,7 +171,7 @@ LUA
     [ "$events" -ge 22 ] && ! grep -q '"usage":{' <<<"$body" ||
         die "stream: the paced answer through keygate has $events events or a usage chunk it should not"
 
-    local main_tsv=$TSV variants=(paced-direct paced-nginx paced-kg) labels=(direct nginx kg-1key)
+    local main_tsv=$TSV variants=(paced-direct paced-nginx paced-kg)
     TSV=$OUT/stream-paced-rounds.tsv
     printf 'variant\tconns\tround\trps\tp50_us\tp99_us\tproxy_us\tupstream_us\tdb_us\tclient_us\trss_kb\terrors\trequests\tsyscalls_req\tctxsw_req\n' >"$TSV"
     ROUND_PATH=/v1/chat/completions ROUND_SCRIPT=$WORK/paced.lua
@@ -168,24 +180,9 @@ LUA
     for v in "${variants[@]}"; do
         wrk -t1 -c"$CONNS" -d2s -s "$ROUND_SCRIPT" -H "$AUTH" "http://127.0.0.1:${PORT[$v]}$ROUND_PATH" >/dev/null
     done
-    n=${#variants[@]}
-    for c in "$CONNS" "$LIGHT_CONNS"; do
-        d=$DURATION
-        [ "$c" = "$CONNS" ] || d=$LIGHT_DURATION
-        for r in $(seq 1 "$rounds"); do
-            for i in $(seq 0 $((n - 1))); do
-                local k=$(((i + r - 1) % n))
-                run_round "${variants[$k]}" "$c" "$d" "$r" "${labels[$k]}"
-            done
-        done
-    done
+    stream_rounds "$rounds" paced-direct=direct paced-nginx=nginx paced-kg=kg-1key
     unset ROUND_PATH ROUND_SCRIPT
     UP_PID=$saved_up
-    : >"$HWM"
-    for i in 0 1 2; do
-        # shellcheck disable=SC2046
-        printf '%s\t%s\n' "${labels[$i]}" "$(mem_kb VmHWM $(tree "${PID_OF[${variants[$i]}]}"))" >>"$HWM"
-    done
     log ""
     log "paced streams (keygate demo-upstream, 20 content events $interval apart, one frame each; the upstream is keygate's demo):"
     summarize "$TSV" | tee "$OUT/stream-paced-summary.txt"
