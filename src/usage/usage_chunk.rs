@@ -126,8 +126,8 @@ fn boundaries(buf: &[u8], base: usize, line: &mut LineState, ends: &mut Vec<usiz
     let start = ends.len();
     let mut i = 0;
     while i < buf.len() {
-        if line.in_line && !line.cr_end {
-            // `in_line` means the last byte was text, so `after_cr` is already false.
+        if line.in_line {
+            // `in_line` means the last byte was text, so `after_cr` and `cr_end` are false.
             match memchr::memchr2(b'\n', b'\r', &buf[i..]) {
                 Some(n) => i += n,
                 None => break,
