@@ -210,10 +210,13 @@ SSE_BODY=${SSE_BODY%x} # the x keeps $(...) from eating the final blank line
 nginx_conf "$WORK/up" "server { listen 127.0.0.1:$UP_PORT backlog=4096;
         location / { default_type application/json; return 200 '$BODY'; }
         location $STREAM_PATH { default_type text/event-stream; return 200 '$SSE_BODY'; } }"
-nginx_conf "$WORK/ngx" "upstream up { server 127.0.0.1:$UP_PORT; keepalive 64; keepalive_requests 10000000; keepalive_timeout 300s; }
-    server { listen 127.0.0.1:$NGX_PORT backlog=4096;
+nginx_proxy_conf() { # dir upstream-port listen-port: the plain reverse proxy under test
+    nginx_conf "$1" "upstream up { server 127.0.0.1:$2; keepalive 64; keepalive_requests 10000000; keepalive_timeout 300s; }
+    server { listen 127.0.0.1:$3 backlog=4096;
         location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\";
                      proxy_buffering off; } }"
+}
+nginx_proxy_conf "$WORK/ngx" "$UP_PORT" "$NGX_PORT"
 "$NGINX" -c "$WORK/up/nginx.conf" -p "$WORK/up" 2>>"$WORK/nginx-up.log" &
 UP_PID=$!
 PIDS+=("$UP_PID")
@@ -372,7 +375,10 @@ settle() { # pids...
 }
 
 TSV=$OUT/rounds.tsv
-printf 'variant\tconns\tround\trps\tp50_us\tp99_us\tproxy_us\tupstream_us\tdb_us\tclient_us\trss_kb\terrors\trequests\tsyscalls_req\tctxsw_req\n' >"$TSV"
+# The columns of every rounds table (run_round's rows, summarize's input).
+ROUND_COLUMNS='variant\tconns\tround\trps\tp50_us\tp99_us\tproxy_us\tupstream_us\tdb_us\tclient_us\trss_kb\terrors\trequests\tsyscalls_req\tctxsw_req\n'
+# shellcheck disable=SC2059
+printf "$ROUND_COLUMNS" >"$TSV"
 
 run_round() { # variant conns duration round [label]
     local v=$1 c=$2 d=$3 r=$4 label=${5:-$1} script=() proxy_pids up_pids db_pids perf_pid=""
@@ -452,7 +458,8 @@ if [ -n "${LOAD_HOLD:-}" ]; then
     log "LOAD_HOLD: the stack stays up until this script is interrupted"
     while :; do sleep 1; done
 fi
-printf 'variant\tconns\tround\trps\tp50_us\tp99_us\tproxy_us\tupstream_us\tdb_us\tclient_us\trss_kb\terrors\trequests\tsyscalls_req\tctxsw_req\n' >&2
+# shellcheck disable=SC2059
+printf "$ROUND_COLUMNS" >&2
 # The cold pass: each many-keys variant's first COLD_DURATION seconds after start, while
 # every request is a key it has never seen (a cache miss, a lookup and a limiter seed),
 # as after a restart with auth.preload off. Its own row, `<variant>-cold`; if it served

@@ -23,14 +23,16 @@
 # `keygate demo-upstream` sends each event as a frame of its own, LOAD_STREAM_INTERVAL
 # (2ms) apart, 20 content events per answer, as a model generating tokens does. A
 # second nginx and a second keygate (kg-1key's config, this upstream) go in front of it.
-# Closed-loop wrk then cannot saturate anything (each request lasts ~45 ms), so the
-# number that matters is CPU per request: the per-frame work a real stream costs
-# (a read, the meter, the filter and a write per event). Rows stream-paced-*; the
-# billed-row check asks for the demo's 20 completion tokens on every answered request.
+# Closed-loop wrk then cannot saturate anything (each request lasts about 64 ms), so the
+# number that matters is CPU per request: the per-frame work a real stream costs (a
+# read, the meter, the filter and a write per event). Its own table
+# (stream-paced-rounds.tsv, stream-paced-summary.txt, rows named as in the main table);
+# the billed-row check asks that every answered request has one and the same token
+# count, the demo's 20 completion tokens plus the prompt's.
 #
 # Uses from load.sh: WORK OUT TSV HWM STREAM_PATH CONNS LIGHT_CONNS DURATION
 # LIGHT_DURATION VARIANTS MANY PORT PID_OF BIN_OF ENV_OF UP_PID UP_PORT BASE NGINX PIDS AUTH
-# run_round summarize nginx_conf wait_http tree mem_kb sql log die.
+# ROUND_COLUMNS run_round summarize nginx_proxy_conf wait_http tree mem_kb sql log die.
 
 STREAM_REQUEST='{"model":"demo-1","stream":true,"messages":[{"role":"user","content":"Say hello in twenty words."}]}'
 
@@ -42,21 +44,32 @@ stream_rows() { # -> "billed unbilled gone other": the stream path's rows by kin
                    FROM api_key_usage WHERE endpoint = '$STREAM_PATH'"
 }
 
-stream_script() { # -> the wrk script that sends the streamed request, written once
-    [ -f "$WORK/stream.lua" ] || cat >"$WORK/stream.lua" <<LUA
+post_script() { # name request -> a wrk script that POSTs the JSON request, written once
+    local file=$WORK/$1.lua
+    [ -f "$file" ] || cat >"$file" <<LUA
 wrk.method = "POST"
-wrk.body = '$STREAM_REQUEST'
+wrk.body = '$2'
 wrk.headers["Content-Type"] = "application/json"
 LUA
-    echo "$WORK/stream.lua"
+    echo "$file"
 }
 
-stream_rounds() { # rounds variant[=label]... : interleaved rounds at CONNS, then at
-    # LIGHT_CONNS, rows named by label (the main table's names, so summarize's ratios
-    # work); then each variant's peak RSS into HWM under its label
+stream_script() { # -> the wrk script that sends the streamed request
+    post_script stream "$STREAM_REQUEST"
+}
+
+stream_rounds() { # rounds variant[=label]... : into a fresh $TSV, a warm-up of each,
+    # interleaved rounds at CONNS, then at LIGHT_CONNS, rows named by label (the main
+    # table's names, so summarize's ratios work); then each variant's peak RSS into HWM
+    # under its label. ROUND_PATH and ROUND_SCRIPT say what is sent.
     local rounds=$1 specs n c d r i v k
     shift
     specs=("$@") n=$#
+    # shellcheck disable=SC2059
+    printf "$ROUND_COLUMNS" >"$TSV"
+    for k in "${specs[@]}"; do
+        wrk -t1 -c"$CONNS" -d2s -s "$ROUND_SCRIPT" -H "$AUTH" "http://127.0.0.1:${PORT[${k%%=*}]}$ROUND_PATH" >/dev/null
+    done
     for c in "$CONNS" "$LIGHT_CONNS"; do
         d=$DURATION
         [ "$c" = "$CONNS" ] || d=$LIGHT_DURATION
@@ -76,7 +89,7 @@ stream_rounds() { # rounds variant[=label]... : interleaved rounds at CONNS, the
 }
 
 stream_pass() { # rounds
-    local rounds=$1 variants=(direct nginx kg-1key) v r i n c d body events script
+    local rounds=$1 variants=(direct nginx kg-1key) v body events script
     script=$(stream_script)
     # Extra one-key keygates (LOAD_EXTRA_BINS) join the rounds: an A/B of builds on streams.
     for v in "${VARIANTS[@]}"; do
@@ -93,13 +106,9 @@ stream_pass() { # rounds
 
     local main_tsv=$TSV
     TSV=$OUT/stream-rounds.tsv
-    printf 'variant\tconns\tround\trps\tp50_us\tp99_us\tproxy_us\tupstream_us\tdb_us\tclient_us\trss_kb\terrors\trequests\tsyscalls_req\tctxsw_req\n' >"$TSV"
     ROUND_PATH=$STREAM_PATH ROUND_SCRIPT=$script
     log ""
     log "streamed completions: $rounds rounds x ${DURATION}s at c=$CONNS and x ${LIGHT_DURATION}s at c=$LIGHT_CONNS"
-    for v in "${variants[@]}"; do
-        wrk -t1 -c"$CONNS" -d2s -s "$ROUND_SCRIPT" -H "$AUTH" "http://127.0.0.1:${PORT[$v]}$STREAM_PATH" >/dev/null
-    done
     stream_rounds "$rounds" "${variants[@]}"
     unset ROUND_PATH ROUND_SCRIPT
     log ""
@@ -129,7 +138,7 @@ stream_pass() { # rounds
 }
 
 stream_paced() { # rounds
-    local rounds=$1 up=$((BASE + 50)) ngx=$((BASE + 51)) kg=$((BASE + 52)) p v r i n c d name
+    local rounds=$1 up=$((BASE + 50)) ngx=$((BASE + 51)) kg=$((BASE + 52)) p i name
     local interval=${LOAD_STREAM_INTERVAL:-2ms}
     for p in $up $ngx $kg; do
         if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then die "port $p is in use (set LOAD_PORT_BASE)"; fi
@@ -138,10 +147,7 @@ stream_paced() { # rounds
         2>>"$WORK/demo-upstream.log" &
     PORT[paced-direct]=$up PID_OF[paced-direct]=$!
     PIDS+=("$!")
-    nginx_conf "$WORK/ngx-paced" "upstream up { server 127.0.0.1:$up; keepalive 64; keepalive_requests 10000000; keepalive_timeout 300s; }
-    server { listen 127.0.0.1:$ngx backlog=4096;
-        location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\";
-                     proxy_buffering off; } }"
+    nginx_proxy_conf "$WORK/ngx-paced" "$up" "$ngx"
     "$NGINX" -c "$WORK/ngx-paced/nginx.conf" -p "$WORK/ngx-paced" 2>>"$WORK/nginx-paced.log" &
     PORT[paced-nginx]=$ngx PID_OF[paced-nginx]=$!
     PIDS+=("$!")
@@ -159,11 +165,6 @@ stream_paced() { # rounds
     wait_http "http://127.0.0.1:$kg/healthz"
 
     local request='{"model":"demo-1","stream":true,"max_tokens":20,"messages":[{"role":"user","content":"Say hello."}]}'
-    cat >"$WORK/paced.lua" <<LUA
-wrk.method = "POST"
-wrk.body = '$request'
-wrk.headers["Content-Type"] = "application/json"
-LUA
     local body events
     body=$(curl -fsS -H "$AUTH" -H 'Content-Type: application/json' --data "$request" \
         "http://127.0.0.1:$kg/v1/chat/completions") || die "stream: keygate refused the paced request"
@@ -171,15 +172,11 @@ LUA
     [ "$events" -ge 22 ] && ! grep -q '"usage":{' <<<"$body" ||
         die "stream: the paced answer through keygate has $events events or a usage chunk it should not"
 
-    local main_tsv=$TSV variants=(paced-direct paced-nginx paced-kg)
+    local main_tsv=$TSV
     TSV=$OUT/stream-paced-rounds.tsv
-    printf 'variant\tconns\tround\trps\tp50_us\tp99_us\tproxy_us\tupstream_us\tdb_us\tclient_us\trss_kb\terrors\trequests\tsyscalls_req\tctxsw_req\n' >"$TSV"
-    ROUND_PATH=/v1/chat/completions ROUND_SCRIPT=$WORK/paced.lua
+    ROUND_PATH=/v1/chat/completions ROUND_SCRIPT=$(post_script paced "$request")
     local saved_up=$UP_PID
     UP_PID=${PID_OF[paced-direct]} # run_round charges the upstream column to this one
-    for v in "${variants[@]}"; do
-        wrk -t1 -c"$CONNS" -d2s -s "$ROUND_SCRIPT" -H "$AUTH" "http://127.0.0.1:${PORT[$v]}$ROUND_PATH" >/dev/null
-    done
     stream_rounds "$rounds" paced-direct=direct paced-nginx=nginx paced-kg=kg-1key
     unset ROUND_PATH ROUND_SCRIPT
     UP_PID=$saved_up
@@ -187,17 +184,22 @@ LUA
     log "paced streams (keygate demo-upstream, 20 content events $interval apart, one frame each; the upstream is keygate's demo):"
     summarize "$TSV" | tee "$OUT/stream-paced-summary.txt"
 
-    local served bad=0 good=0
+    # Every answer is the same length, so every row has the same count: the demo's 20
+    # completion tokens plus the prompt's, which the check's own request shows.
+    local served bad=0 good=0 want
     served=$(awk -F'\t' 'NR > 1 && $1 == "kg-1key" { n += $13 - $12 } END { print n + 0 }' "$TSV")
+    want=$(sql -c "SELECT tokens_used FROM api_key_usage WHERE method = 'POST' AND endpoint = '/v1/chat/completions'
+                   AND status_code = 200 ORDER BY \"timestamp\" LIMIT 1")
+    [ "${want:-0}" -gt 20 ] || die "stream: the paced check's request was billed ${want:-no} tokens, not 20 and the prompt's"
     for i in $(seq 1 20); do
-        read -r good bad <<<"$(sql -F ' ' -c "SELECT count(*) FILTER (WHERE status_code = 200 AND tokens_used > 20),
-                                                   count(*) FILTER (WHERE status_code = 200 AND (tokens_used IS NULL OR tokens_used <= 20))
+        read -r good bad <<<"$(sql -F ' ' -c "SELECT count(*) FILTER (WHERE status_code = 200 AND tokens_used = $want),
+                                                   count(*) FILTER (WHERE status_code = 200 AND tokens_used IS DISTINCT FROM $want)
                                             FROM api_key_usage WHERE method = 'POST' AND endpoint = '/v1/chat/completions'")"
         [ "$good" -gt "$served" ] && break
         sleep 0.5
     done
-    printf '\npaced rows: %d billed with the 20 completion tokens and the prompt, %d answered without; keygate served %d in the rounds\n' \
-        "$good" "$bad" "$served" | tee -a "$OUT/stream-paced-summary.txt"
+    printf '\npaced rows: %d billed with %d tokens (20 completion and the prompt), %d answered with another count; keygate served %d in the rounds\n' \
+        "$good" "$want" "$bad" "$served" | tee -a "$OUT/stream-paced-summary.txt"
     [ "$good" -gt "$served" ] && [ "$bad" -eq 0 ] || die "stream: paced requests without their tokens"
     TSV=$main_tsv
 }
