@@ -1,5 +1,5 @@
 //! Moving the usage writer's pending per-key counts into `api_keys` (migration 13's
-//! `keygate_fold_key_counters`), and reading a key's counters with what is pending.
+//! `keygate_fold_key_counters`, in key order since migration 15), and reading a key's counters with what is pending.
 //!
 //! Owns these statements, and the cluster-wide claim that spaces folds (migration
 //! 14); when a replica tries to fold is `usage::fold`'s, and the writer's own upsert

@@ -48,6 +48,7 @@ pub static MIGRATIONS: &[Migration] = &[
     migration!(12, "bump_in_key_order", "0012_bump_in_key_order"),
     migration!(13, "key_counters", "0013_key_counters"),
     migration!(14, "fold_cadence", "0014_fold_cadence"),
+    migration!(15, "fold_in_key_order", "0015_fold_in_key_order"),
 ];
 
 pub fn latest_version() -> i32 {
