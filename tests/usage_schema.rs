@@ -448,13 +448,15 @@ async fn counters_against_id_order(c: &tokio_postgres::Client, org: Uuid, n: usi
 }
 
 /// A fold takes keys in id order, as writers do (migration 15), whatever order the
-/// table holds them in, and still passes over a key a writer holds.
+/// table holds them in, from the key it is given (inclusive), and still passes over a
+/// key a writer holds. The one-argument form, which replicas not yet upgraded call,
+/// starts from the lowest id.
 #[tokio::test]
 async fn folds_take_keys_in_id_order() {
     let (db, _key) = seeded_db().await;
     let c = db.client().await;
     let (_, org) = seeded_key(&c).await;
-    let keys = counters_against_id_order(&c, org, 12).await;
+    let keys = counters_against_id_order(&c, org, 16).await;
     let pending = |keys: Vec<Uuid>| {
         let c = &c;
         async move {
@@ -470,32 +472,79 @@ async fn folds_take_keys_in_id_order() {
             .collect::<Vec<_>>()
         }
     };
-    let fold_some = |n: i32| {
+    let fold_from = |n: i32, from: Uuid| {
         let c = &c;
         async move {
-            let folded: i64 = c
-                .query_one("SELECT keygate_fold_key_counters($1)", &[&n])
+            let r = c
+                .query_one("SELECT * FROM keygate_fold_key_counters($1, $2)", &[&n, &from])
                 .await
-                .expect("fold")
-                .get(0);
-            folded
+                .expect("fold");
+            (r.get::<_, i64>(0), r.get::<_, Option<Uuid>>(1))
         }
     };
-    assert_eq!(fold_some(4).await, 4);
-    assert_eq!(pending(keys.clone()).await, keys[4..], "the four lowest ids went first");
+    let old_form: i64 = c
+        .query_one("SELECT keygate_fold_key_counters(2)", &[])
+        .await
+        .expect("one-argument fold")
+        .get(0);
+    assert_eq!(old_form, 2);
+    assert_eq!(pending(keys.clone()).await, keys[2..], "the two lowest ids went first");
+    assert_eq!(fold_from(2, Uuid::nil()).await, (2, Some(keys[3])));
+    assert_eq!(pending(keys.clone()).await, keys[4..]);
+
+    // From a key: that one and those above it; none below.
+    assert_eq!(fold_from(2, keys[10]).await, (2, Some(keys[11])));
+    let mut left = keys[4..10].to_vec();
+    left.extend_from_slice(&keys[12..]);
+    assert_eq!(pending(keys.clone()).await, left);
 
     // A writer holds the lowest pending key: the fold passes over it to the next ones.
     let mut w = db.client().await;
     let tx = w.transaction().await.expect("tx");
     bump(&tx, keys[4], 1, chrono::Utc::now()).await;
-    let folded = tokio::time::timeout(std::time::Duration::from_secs(10), fold_some(3))
+    let folded = tokio::time::timeout(std::time::Duration::from_secs(10), fold_from(3, keys[4]))
         .await
         .expect("a fold passes over a held key");
-    assert_eq!(folded, 3);
+    assert_eq!(folded, (3, Some(keys[7])));
     let mut left = vec![keys[4]];
-    left.extend_from_slice(&keys[8..]);
+    left.extend_from_slice(&keys[8..10]);
+    left.extend_from_slice(&keys[12..]);
     assert_eq!(pending(keys.clone()).await, left);
     tx.commit().await.expect("commit");
+    assert_eq!(
+        fold_from(10, Uuid::nil()).await,
+        (7, Some(keys[15])),
+        "the rest, the key that was held too"
+    );
+    assert_eq!(fold_from(10, Uuid::nil()).await, (0, None), "nothing left");
+}
+
+/// A fold of more keys than one batch (`FOLD_BATCH`) goes on from batch to batch and
+/// folds every key's count exactly once.
+#[tokio::test]
+async fn a_fold_larger_than_a_batch_counts_every_key_once() {
+    let (db, _key) = seeded_db().await;
+    let c = db.client().await;
+    let (_, org) = seeded_key(&c).await;
+    let batch = usize::try_from(keygate::db::key_counters::FOLD_BATCH).expect("batch");
+    let keys = add_keys(&c, org, 2 * batch + 7).await;
+    let counts: Vec<i64> = (0..keys.len() as i64).map(|i| 1 + i % 5).collect();
+    let at = vec![chrono::Utc::now(); keys.len()];
+    c.execute("SELECT keygate_bump_key_counters($1, $2, $3)", &[&keys, &counts, &at])
+        .await
+        .expect("bump");
+    assert_eq!(fold_counters(&c).await, keys.len() as u64);
+    let wrong: i64 = c
+        .query_one(
+            "SELECT count(*) FROM api_keys k JOIN unnest($1::uuid[], $2::int8[]) AS e(id, n) ON e.id = k.id \
+             WHERE k.total_requests <> e.n",
+            &[&keys, &counts],
+        )
+        .await
+        .expect("totals")
+        .get(0);
+    assert_eq!(wrong, 0, "keys whose total is not their count");
+    assert_eq!(fold_counters(&c).await, 0, "nothing left to fold");
 }
 
 /// Writers and folds hammering the same few keys, the table's rows laid out against id

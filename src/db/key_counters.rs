@@ -1,5 +1,6 @@
 //! Moving the usage writer's pending per-key counts into `api_keys` (migration 13's
-//! `keygate_fold_key_counters`, in key order since migration 15), and reading a key's counters with what is pending.
+//! `keygate_fold_key_counters`, in key order since migration 15), and reading a key's
+//! counters with what is pending.
 //!
 //! Owns these statements, and the cluster-wide claim that spaces folds (migration
 //! 14); when a replica tries to fold is `usage::fold`'s, and the writer's own upsert
@@ -8,6 +9,7 @@
 use std::time::Duration;
 
 use tokio_postgres::GenericClient;
+use uuid::Uuid;
 
 use super::DbError;
 
@@ -15,16 +17,25 @@ use super::DbError;
 pub const FOLD_BATCH: i32 = 5_000;
 
 /// Folds every pending count that no writer holds right now. Returns the keys folded.
+///
+/// Batches go up in key order, each from the last key of the one before (inclusive:
+/// that key may have been bumped again since), so the whole fold is one walk of the
+/// table, and its locks are taken in the writers' order even inside one transaction.
 pub async fn fold(c: &impl GenericClient) -> Result<u64, DbError> {
     let mut total = 0;
+    let mut from = Uuid::nil();
     loop {
-        let n: i64 = c
-            .query_one("SELECT keygate_fold_key_counters($1)", &[&FOLD_BATCH])
-            .await?
-            .try_get(0)?;
+        let row = c
+            .query_one(
+                "SELECT folded, last_key FROM keygate_fold_key_counters($1, $2)",
+                &[&FOLD_BATCH, &from],
+            )
+            .await?;
+        let n: i64 = row.try_get(0)?;
         total += u64::try_from(n).unwrap_or(0);
-        if n < i64::from(FOLD_BATCH) {
-            return Ok(total);
+        match row.try_get::<_, Option<Uuid>>(1)? {
+            Some(last) if n >= i64::from(FOLD_BATCH) => from = last,
+            _ => return Ok(total),
         }
     }
 }
