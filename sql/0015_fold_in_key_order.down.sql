@@ -1,5 +1,6 @@
 -- Back to migration 13's fold, which takes rows in the table's physical order.
-DROP FUNCTION keygate_fold_key_counters(integer, uuid);
+DROP FUNCTION keygate_fold_key_counters(uuid[]);
+DROP FUNCTION keygate_pending_key_ids();
 
 CREATE OR REPLACE FUNCTION keygate_fold_key_counters(max_keys integer) RETURNS bigint
 LANGUAGE sql

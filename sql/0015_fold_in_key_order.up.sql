@@ -16,30 +16,40 @@
 -- holds only keys below B. SKIP LOCKED stays: the fold still passes over rows that
 -- writers hold, so in the common case it waits for none.
 --
--- In id order, each batch of a fold starts where the last one ended (from_key) and
--- walks the primary key from there: one pass over the table for the whole fold. A
--- batch that started from the lowest id each time would walk past every key the
--- earlier batches had just folded (psql, 200,000 counter rows, 100,000 pending, one
--- fold of 20 batches: 6.0 s that way, 3.9 s this way and 3.6 s for migration 13's).
--- The start is inclusive, so a key bumped again since its batch is folded again, as
--- it should be. The one-argument form stays for replicas not yet upgraded.
-CREATE FUNCTION keygate_fold_key_counters(max_keys integer, from_key uuid,
-    OUT folded bigint, OUT last_key uuid)
+-- A fold first reads which keys are pending, in id order (one scan of the table and a
+-- sort of those keys), then folds them in batches of that list, each batch locking
+-- its keys through the primary key. Batches that each walked the primary key from
+-- the lowest id to their next pending keys fetched every row in index order (psql,
+-- 200,000 counter rows, median of five against migration 13's fold: 1,000 pending
+-- keys 223 against 52 ms, 100,000 pending 5.2 against 3.1 s). The list costs about
+-- what migration 13 did: 80 against 58 ms, 10,000 pending 430 against 354 ms,
+-- 100,000 pending 3.0 against 3.0 s. The one-argument form stays for replicas not yet
+-- upgraded: it folds the lowest pending ids, up to max_keys.
+
+-- The keys with a pending count, in id order: what a fold goes through.
+CREATE FUNCTION keygate_pending_key_ids() RETURNS uuid[]
+LANGUAGE sql
+STABLE
+AS $$
+SELECT coalesce(array_agg(api_key_id ORDER BY api_key_id), '{}')
+FROM keygate_key_counters WHERE pending_requests > 0
+$$;
+
+CREATE FUNCTION keygate_fold_key_counters(keys uuid[]) RETURNS bigint
 LANGUAGE sql
 SET enable_hashjoin = off
 SET enable_mergejoin = off
 AS $$
 WITH due AS (
     SELECT api_key_id, pending_requests, last_used_at FROM keygate_key_counters
-    WHERE pending_requests > 0 AND api_key_id >= from_key
+    WHERE api_key_id = ANY (keys) AND pending_requests > 0
     ORDER BY api_key_id
-    LIMIT max_keys
     FOR UPDATE SKIP LOCKED
 ), taken AS (
     UPDATE keygate_key_counters c SET pending_requests = 0
     FROM due WHERE c.api_key_id = due.api_key_id
     RETURNING due.api_key_id, due.pending_requests AS n, due.last_used_at
-), done AS (
+), folded AS (
     UPDATE api_keys k
     SET total_requests = k.total_requests + t.n,
         last_used_at = greatest(k.last_used_at, t.last_used_at),
@@ -48,11 +58,13 @@ WITH due AS (
     WHERE k.id = t.api_key_id
     RETURNING k.id
 )
-SELECT count(*), (SELECT id FROM done ORDER BY id DESC LIMIT 1) FROM done
+SELECT count(*) FROM folded
 $$;
 
 CREATE OR REPLACE FUNCTION keygate_fold_key_counters(max_keys integer) RETURNS bigint
 LANGUAGE sql
 AS $$
-SELECT folded FROM keygate_fold_key_counters(max_keys, '00000000-0000-0000-0000-000000000000')
+SELECT keygate_fold_key_counters(ARRAY(
+    SELECT api_key_id FROM keygate_key_counters WHERE pending_requests > 0
+    ORDER BY api_key_id LIMIT max_keys))
 $$;

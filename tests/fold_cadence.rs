@@ -143,14 +143,14 @@ async fn two_replicas_fold_no_more_often_than_one() {
     let mut claims = 0;
     let seen = eventually(Duration::from_secs(10), async || {
         (folds, claims) = (
-            calls("keygate_fold_key_counters").await,
+            calls("keygate_pending_key_ids").await,
             calls("keygate_fold_claim").await,
         );
         claims > 0
     })
     .await;
     assert!(seen, "no function statistics");
-    // Each fold of a few keys is one call; each keygate's stop adds one unclaimed.
+    // Each fold lists the pending keys once; each keygate's stop adds one unclaimed fold.
     let periodic = folds - 2;
     let most = (elapsed / 0.9).ceil() as i64 + 1;
     assert!(periodic >= 2, "{periodic} folds in {elapsed:.1}s");

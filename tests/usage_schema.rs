@@ -447,39 +447,35 @@ async fn counters_against_id_order(c: &tokio_postgres::Client, org: Uuid, n: usi
     keys
 }
 
-/// A fold takes keys in id order, as writers do (migration 15), whatever order the
-/// table holds them in, from the key it is given (inclusive), and still passes over a
+/// A fold locks and writes keys in id order, as writers do (migration 15), whatever
+/// order the table holds them in or the list names them in, and still passes over a
 /// key a writer holds. The one-argument form, which replicas not yet upgraded call,
-/// starts from the lowest id.
+/// folds the lowest pending ids.
 #[tokio::test]
 async fn folds_take_keys_in_id_order() {
     let (db, _key) = seeded_db().await;
     let c = db.client().await;
     let (_, org) = seeded_key(&c).await;
     let keys = counters_against_id_order(&c, org, 16).await;
-    let pending = |keys: Vec<Uuid>| {
-        let c = &c;
-        async move {
-            c.query(
-                "SELECT api_key_id FROM keygate_key_counters WHERE api_key_id = ANY($1) \
-                 AND pending_requests > 0 ORDER BY api_key_id",
-                &[&keys],
+    let ids = |rows: Vec<tokio_postgres::Row>| rows.iter().map(|r| r.get::<_, Uuid>(0)).collect::<Vec<_>>();
+    let pending = async || {
+        ids(c
+            .query(
+                "SELECT api_key_id FROM keygate_key_counters WHERE pending_requests > 0 ORDER BY api_key_id",
+                &[],
             )
             .await
-            .expect("pending")
-            .iter()
-            .map(|r| r.get::<_, Uuid>(0))
-            .collect::<Vec<_>>()
-        }
+            .expect("pending"))
     };
-    let fold_from = |n: i32, from: Uuid| {
+    let fold_list = |list: Vec<Uuid>| {
         let c = &c;
         async move {
-            let r = c
-                .query_one("SELECT * FROM keygate_fold_key_counters($1, $2)", &[&n, &from])
+            let n: i64 = c
+                .query_one("SELECT keygate_fold_key_counters($1::uuid[])", &[&list])
                 .await
-                .expect("fold");
-            (r.get::<_, i64>(0), r.get::<_, Option<Uuid>>(1))
+                .expect("fold")
+                .get(0);
+            n
         }
     };
     let old_form: i64 = c
@@ -488,35 +484,43 @@ async fn folds_take_keys_in_id_order() {
         .expect("one-argument fold")
         .get(0);
     assert_eq!(old_form, 2);
-    assert_eq!(pending(keys.clone()).await, keys[2..], "the two lowest ids went first");
-    assert_eq!(fold_from(2, Uuid::nil()).await, (2, Some(keys[3])));
-    assert_eq!(pending(keys.clone()).await, keys[4..]);
+    assert_eq!(pending().await, keys[2..], "the two lowest ids went first");
 
-    // From a key: that one and those above it; none below.
-    assert_eq!(fold_from(2, keys[10]).await, (2, Some(keys[11])));
-    let mut left = keys[4..10].to_vec();
-    left.extend_from_slice(&keys[12..]);
-    assert_eq!(pending(keys.clone()).await, left);
+    // Named out of order, with a key that has nothing pending.
+    assert_eq!(fold_list(vec![keys[9], keys[3], keys[0], keys[5]]).await, 3);
+    let left: Vec<Uuid> = keys[2..]
+        .iter()
+        .copied()
+        .filter(|k| ![keys[3], keys[5], keys[9]].contains(k))
+        .collect();
+    assert_eq!(pending().await, left);
+    // Each new row version takes the page's next free slot, so the order of the
+    // versions is the order the fold wrote (and locked) the rows in.
+    let written = ids(c
+        .query(
+            "SELECT api_key_id FROM keygate_key_counters WHERE api_key_id = ANY($1) ORDER BY ctid",
+            &[&vec![keys[3], keys[5], keys[9]]],
+        )
+        .await
+        .expect("versions"));
+    assert_eq!(written, [keys[3], keys[5], keys[9]], "written in id order");
 
-    // A writer holds the lowest pending key: the fold passes over it to the next ones.
+    // A writer holds a key: the fold passes over it to the others.
     let mut w = db.client().await;
     let tx = w.transaction().await.expect("tx");
     bump(&tx, keys[4], 1, chrono::Utc::now()).await;
-    let folded = tokio::time::timeout(std::time::Duration::from_secs(10), fold_from(3, keys[4]))
-        .await
-        .expect("a fold passes over a held key");
-    assert_eq!(folded, (3, Some(keys[7])));
-    let mut left = vec![keys[4]];
-    left.extend_from_slice(&keys[8..10]);
-    left.extend_from_slice(&keys[12..]);
-    assert_eq!(pending(keys.clone()).await, left);
+    let folded = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        fold_list(vec![keys[4], keys[6], keys[7]]),
+    )
+    .await
+    .expect("a fold passes over a held key");
+    assert_eq!(folded, 2);
+    assert!(pending().await.contains(&keys[4]));
     tx.commit().await.expect("commit");
-    assert_eq!(
-        fold_from(10, Uuid::nil()).await,
-        (7, Some(keys[15])),
-        "the rest, the key that was held too"
-    );
-    assert_eq!(fold_from(10, Uuid::nil()).await, (0, None), "nothing left");
+    let rest = pending().await.len() as u64;
+    assert_eq!(fold_counters(&c).await, rest, "the rest, the key that was held too");
+    assert!(pending().await.is_empty(), "nothing left");
 }
 
 /// A fold of more keys than one batch (`FOLD_BATCH`) goes on from batch to batch and
@@ -526,7 +530,7 @@ async fn a_fold_larger_than_a_batch_counts_every_key_once() {
     let (db, _key) = seeded_db().await;
     let c = db.client().await;
     let (_, org) = seeded_key(&c).await;
-    let batch = usize::try_from(keygate::db::key_counters::FOLD_BATCH).expect("batch");
+    let batch = keygate::db::key_counters::FOLD_BATCH;
     let keys = add_keys(&c, org, 2 * batch + 7).await;
     let counts: Vec<i64> = (0..keys.len() as i64).map(|i| 1 + i % 5).collect();
     let at = vec![chrono::Utc::now(); keys.len()];

@@ -14,30 +14,25 @@ use uuid::Uuid;
 use super::DbError;
 
 /// Keys folded per statement, so one fold never holds many row locks for long.
-pub const FOLD_BATCH: i32 = 5_000;
+pub const FOLD_BATCH: usize = 5_000;
 
 /// Folds every pending count that no writer holds right now. Returns the keys folded.
 ///
-/// Batches go up in key order, each from the last key of the one before (inclusive:
-/// that key may have been bumped again since), so the whole fold is one walk of the
-/// table, and its locks are taken in the writers' order even inside one transaction.
+/// It lists the pending keys first, in id order, and folds them a batch at a time,
+/// going up the list, so its locks follow the writers' order (migration 15) even
+/// inside one transaction. A key that becomes pending after the list was read waits
+/// for the next fold.
 pub async fn fold(c: &impl GenericClient) -> Result<u64, DbError> {
+    let keys: Vec<Uuid> = c.query_one("SELECT keygate_pending_key_ids()", &[]).await?.try_get(0)?;
     let mut total = 0;
-    let mut from = Uuid::nil();
-    loop {
-        let row = c
-            .query_one(
-                "SELECT folded, last_key FROM keygate_fold_key_counters($1, $2)",
-                &[&FOLD_BATCH, &from],
-            )
-            .await?;
-        let n: i64 = row.try_get(0)?;
+    for batch in keys.chunks(FOLD_BATCH) {
+        let n: i64 = c
+            .query_one("SELECT keygate_fold_key_counters($1::uuid[])", &[&batch])
+            .await?
+            .try_get(0)?;
         total += u64::try_from(n).unwrap_or(0);
-        match row.try_get::<_, Option<Uuid>>(1)? {
-            Some(last) if n >= i64::from(FOLD_BATCH) => from = last,
-            _ => return Ok(total),
-        }
     }
+    Ok(total)
 }
 
 /// Folds, as [`fold`], if no replica (this one included) claimed a fold within
