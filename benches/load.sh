@@ -47,7 +47,7 @@
 #     (benches/load_flood.sh): the valid key's p50/p99 at LOAD_LIGHT_CONNS alone, beside
 #     an equal load of the valid key, and beside a flood of random well-formed keys at
 #     LOAD_FLOOD_CONNS (default LOAD_LIGHT_CONNS), against one keygate per auth config
-#     (LOAD_FLOOD_CONFIGS="per-address spread preload"), with key lookups per second
+#     (LOAD_FLOOD_CONFIGS="per-address spread uncapped preload"), with key lookups per second
 #   LOAD_STREAM_ROUNDS=3 (0 skips): after the timed rounds, streamed completions
 #     (benches/load_stream.sh): a POST with "stream": true to a path ending in
 #     /completions, answered with a 22-event chat-completion event stream, through direct,

@@ -6,8 +6,13 @@
 #   per-address  the defaults: one address presenting invalid keys gets 429 after
 #                auth.failed_auth_per_minute (60) of them, without further lookups
 #   spread       failed_auth_per_minute = 0: what a flood from many addresses sees, where
-#                every random key is a cache miss and a database lookup (at most
-#                auth.max_concurrent_lookups at once, each remembered as unknown)
+#                every random key is a cache miss: looked up (at most
+#                auth.max_concurrent_lookups at once, each remembered as unknown) until
+#                the second's lookups have found auth.max_unknown_lookups_per_second
+#                (1,000) unknown keys, then refused 503 without a lookup until the next
+#                second
+#   uncapped     spread without that cap (max_unknown_lookups_per_second = 0): every
+#                random key is a database lookup, as before the cap existed
 #   preload      spread, with auth.preload = true: no key is looked up on the request path
 # Against each, interleaved rounds of three states, with the valid key always at
 # LIGHT_CONNS connections (wrk --latency, LIGHT_DURATION seconds):
@@ -24,14 +29,15 @@
 # Uses from load.sh: WORK OUT BASE PATH_Q KEYS_PATH AUTH LIGHT_CONNS LIGHT_DURATION PIDS
 # BIN_OF ENV_OF wait_http pg_ticks TICK log die.
 
-FLOOD_CONFIGS=${LOAD_FLOOD_CONFIGS:-per-address spread preload}
+FLOOD_CONFIGS=${LOAD_FLOOD_CONFIGS:-per-address spread uncapped preload}
 
 flood_auth() { # config -> the [auth] section it appends
     case $1 in
         per-address) printf '[auth]\n' ;;
         spread) printf '[auth]\nfailed_auth_per_minute = 0\n' ;;
+        uncapped) printf '[auth]\nfailed_auth_per_minute = 0\nmax_unknown_lookups_per_second = 0\n' ;;
         preload) printf '[auth]\nfailed_auth_per_minute = 0\npreload = true\n' ;;
-        *) die "LOAD_FLOOD_CONFIGS: unknown config $1 (per-address, spread, preload)" ;;
+        *) die "LOAD_FLOOD_CONFIGS: unknown config $1 (per-address, spread, uncapped, preload)" ;;
     esac
 }
 

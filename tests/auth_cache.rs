@@ -37,6 +37,7 @@ fn cfg(ttl: Duration, negative_ttl: Duration, max_lookups: usize) -> AuthConfig 
         listen_notify: true,
         fail_open: false,
         failed_auth_per_minute: 0,
+        max_unknown_lookups_per_second: 0,
         lookup_timeout: Duration::from_secs(2),
         serve_stale_for: Duration::from_secs(3600),
         breaker_failures: 5,

@@ -72,6 +72,90 @@ async fn a_random_key_flood_bounds_lookups_and_valid_keys_keep_working() {
     }
 }
 
+/// The same flood from many addresses (the per-address limit off) is bounded by the
+/// unknown-key cap instead: past `max_unknown_lookups_per_second` lookups that found
+/// nothing, uncached keys get 503 `auth_overloaded` without a lookup for the rest of the
+/// second, and are never let through, not even with `fail_open`. The cached key keeps
+/// working throughout, and a valid key never seen before is looked up once the flood
+/// stops.
+#[tokio::test]
+async fn a_random_key_flood_from_many_addresses_is_shed_past_the_unknown_lookup_cap() {
+    let (db, key) = seeded_db().await;
+    db.ok(&["orgs", "update", "default", "--rate-limit", "100000"]);
+    let fresh = db.ok(&["keys", "create", "--org", "default", "--name", "fresh"]);
+    let fresh = bearer(fresh.trim());
+    let rec = Recorder::start().await;
+    let cap = 20u64;
+    let gw = Gateway::start(
+        &db,
+        rec.port,
+        &format!("[auth]\nfailed_auth_per_minute = 0\nmax_unknown_lookups_per_second = {cap}\nfail_open = true\n"),
+    )
+    .await;
+    let auth = bearer(&key);
+    assert_eq!(get(&gw.url("/echo"), &[("authorization", &auth)]).await.status, 200);
+    let before = gw.ready_json().await["cache"]["lookups"].as_u64().expect("lookups");
+
+    let url = gw.url("/echo");
+    let started = std::time::Instant::now();
+    let flood = tokio::spawn({
+        let url = url.clone();
+        async move {
+            let mut codes = std::collections::BTreeMap::<String, u32>::new();
+            for wave in 0..6u32 {
+                let tasks: Vec<_> = (0..50)
+                    .map(|j| {
+                        let (url, k) = (url.clone(), bearer(&random_key(50_000 + wave * 50 + j)));
+                        tokio::spawn(async move { get(&url, &[("authorization", &k)]).await })
+                    })
+                    .collect();
+                for t in tasks {
+                    let r = t.await.expect("join");
+                    if r.status == 503 {
+                        assert_eq!(r.header("retry-after"), Some("1"));
+                    }
+                    *codes
+                        .entry(format!("{} {}", r.status.as_u16(), r.error_code()))
+                        .or_default() += 1;
+                }
+            }
+            codes
+        }
+    });
+    let mut valid_failures = 0;
+    for _ in 0..50 {
+        if get(&url, &[("authorization", &auth)]).await.status != 200 {
+            valid_failures += 1;
+        }
+    }
+    let codes = flood.await.expect("flood");
+    let seconds = started.elapsed().as_secs();
+    assert_eq!(valid_failures, 0, "the cached key failed during the flood; {codes:?}");
+    assert_eq!(codes.values().sum::<u32>(), 300);
+    let shed = codes.get("503 auth_overloaded").copied().unwrap_or(0);
+    let invalid = codes.get("401 invalid_api_key").copied().unwrap_or(0);
+    assert_eq!(shed + invalid, 300, "{codes:?}");
+    assert!(shed > 0, "nothing shed in {seconds} s: {codes:?}");
+    // Each second's window lets `cap` unknown keys through, plus the lookups already
+    // holding a permit when it closed (at most max_concurrent_lookups, 16).
+    let lookups = gw.ready_json().await["cache"]["lookups"].as_u64().expect("lookups") - before;
+    let bound = (cap + 16) * (seconds + 2);
+    assert!(
+        lookups <= bound,
+        "{lookups} lookups in {seconds} s, cap {cap}/s; {codes:?}"
+    );
+    assert_eq!(u64::from(invalid), lookups, "every lookup made answers 401");
+    assert_eq!(gw.ready_json().await["cache"]["shed"].as_u64(), Some(u64::from(shed)));
+    // fail_open applies to a database that cannot answer, not to a shed flood.
+    let forwarded = rec.log.seen.lock().expect("seen").len();
+    assert_eq!(forwarded, 51, "only the valid key's requests reach the upstream");
+    eprintln!("flood from many addresses: 300 random keys in {seconds} s → {lookups} lookups, {codes:?}");
+
+    // A quiet second later, a key never seen before is looked up and admitted.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    assert_eq!(get(&url, &[("authorization", &fresh)]).await.status, 200);
+}
+
 #[tokio::test]
 async fn keys_in_query_strings_are_refused_and_never_logged() {
     let (db, key) = seeded_db().await;

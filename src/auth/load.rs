@@ -30,6 +30,14 @@ const SWEEP_EVERY: u64 = 16_384;
 /// Tries of one lookup when its connection is lost under it.
 const LOOKUP_ATTEMPTS: u32 = 3;
 
+/// What a flight's lookup came to, when the database did not fail it.
+enum Asked {
+    Read(Option<Found>),
+    /// Not made: while it queued for a permit, this second's lookups found the cap of
+    /// unknown keys (`gate`). Says nothing of the database's health.
+    Shed,
+}
+
 pub(super) struct Flight {
     start: u64,
     done: watch::Receiver<Option<Outcome>>,
@@ -50,9 +58,11 @@ impl Inner {
         self.flight(digest, false)
     }
 
-    /// The map guard is dropped before the task is spawned. The cache is read under it,
-    /// which is safe because nothing takes an in-flight lock while holding a cache lock.
-    fn flight(self: &Arc<Self>, digest: &KeyDigest, recheck: bool) -> watch::Receiver<Option<Outcome>> {
+    /// `miss`: for a request whose probe missed (the cache is looked at again, and the
+    /// lookup may be shed), not a refresh. The map guard is dropped before the task is
+    /// spawned. The cache is read under it, which is safe because nothing takes an
+    /// in-flight lock while holding a cache lock.
+    fn flight(self: &Arc<Self>, digest: &KeyDigest, miss: bool) -> watch::Receiver<Option<Outcome>> {
         let (start, tx, rx) = match self.inflight.entry(*digest) {
             Entry::Occupied(e) if self.cache.unchanged_since(e.get().start) => {
                 return e.get().done.clone();
@@ -60,7 +70,7 @@ impl Inner {
             entry => {
                 // A flight stores its answer before it leaves this map, so holding the
                 // entry, any answer that flight produced is visible here.
-                let cached = match recheck.then(|| self.cache.probe(digest, Instant::now())) {
+                let cached = match miss.then(|| self.cache.probe(digest, Instant::now())) {
                     Some(Probe::Hit(record, _)) => Some(Ok(record)),
                     Some(Probe::Unknown) => Some(Err(AuthError::Unknown)),
                     Some(Probe::Miss) | None => None,
@@ -86,13 +96,15 @@ impl Inner {
             }
         };
         // Spawned, not awaited here: if the request that started the flight goes away,
-        // the load still finishes for the others and for the cache.
-        tokio::spawn(self.clone().fly(*digest, start, tx));
+        // the load still finishes for the others and for the cache. A request's miss may
+        // be shed by the unknown-key cap; a refresh is of a key known to exist, and
+        // shedding it would expire keys in use during a flood.
+        tokio::spawn(self.clone().fly(*digest, start, tx, miss));
         rx
     }
 
-    async fn fly(self: Arc<Self>, digest: KeyDigest, start: u64, tx: watch::Sender<Option<Outcome>>) {
-        let outcome = self.load_one(&digest, start).await;
+    async fn fly(self: Arc<Self>, digest: KeyDigest, start: u64, tx: watch::Sender<Option<Outcome>>, gated: bool) {
+        let outcome = self.load_one(&digest, start, gated).await;
         // Cache first, then leave the in-flight map: a request arriving in between finds
         // the cached answer instead of starting a second load.
         self.inflight.remove_if(&digest, |_, f| f.start == start);
@@ -102,9 +114,9 @@ impl Inner {
         }
     }
 
-    async fn load_one(&self, digest: &KeyDigest, start: u64) -> Outcome {
-        match self.fetch_one(digest).await {
-            Ok(Some(Found { record, counters })) => {
+    async fn load_one(&self, digest: &KeyDigest, start: u64, gated: bool) -> Outcome {
+        match self.fetch_one(digest, gated).await {
+            Ok(Asked::Read(Some(Found { record, counters }))) => {
                 // The callers get what was read even if the cache refuses to keep it (an
                 // invalidation arrived meanwhile): they asked before the change was known.
                 self.loaded(&record, Some(&counters));
@@ -112,11 +124,13 @@ impl Inner {
                 self.cache.store_found(*digest, record, start, fresh_until);
                 Ok(record)
             }
-            Ok(None) => {
+            Ok(Asked::Read(None)) => {
+                self.unknown_gate.record(Instant::now());
                 let fresh_until = Instant::now() + self.negative_ttl;
                 self.cache.store_unknown(*digest, start, fresh_until);
                 Err(AuthError::Unknown)
             }
+            Ok(Asked::Shed) => self.shed(digest, Instant::now()),
             Err(e) => match self.cache.stale(digest, Instant::now(), self.serve_stale_for) {
                 Some(record) => {
                     tracing::debug!(error = %e, "key store unavailable; serving a stale record");
@@ -133,7 +147,7 @@ impl Inner {
 
     /// One lookup, unless the breaker is open. Every outcome is reported to the breaker:
     /// "no such key" is a healthy answer, any error (pool, connection, timeout) is not.
-    async fn fetch_one(&self, digest: &KeyDigest) -> Result<Option<Found>, DbError> {
+    async fn fetch_one(&self, digest: &KeyDigest, gated: bool) -> Result<Asked, DbError> {
         // Dropping the guard after the report is harmless: the report already settled
         // the probe slot (closed, or open again for a cooldown).
         let _probe = match self.breaker.permit(Instant::now()) {
@@ -141,20 +155,27 @@ impl Inner {
             Permit::Probe => Some(ProbeGuard(&self.breaker)),
             Permit::Go => None,
         };
-        let result = self.ask(digest).await;
+        let result = self.ask(digest, gated).await;
         match &result {
-            Ok(_) => self.breaker.succeeded(),
+            Ok(Asked::Read(_)) => self.breaker.succeeded(),
+            // A probe that was shed frees its slot through the guard.
+            Ok(Asked::Shed) => {}
             Err(_) => self.breaker.failed(Instant::now()),
         }
         result
     }
 
-    async fn ask(&self, digest: &KeyDigest) -> Result<Option<Found>, DbError> {
+    async fn ask(&self, digest: &KeyDigest, gated: bool) -> Result<Asked, DbError> {
         let _permit = self
             .lookups
             .acquire()
             .await
             .map_err(|_| DbError::Pool("lookup limiter closed".into()))?;
+        // Asked again after the wait: under a flood the queue holds many more misses than
+        // the cap, all let in before it closed, and each would still cost a query.
+        if gated && self.unknown_gate.closed(Instant::now()) {
+            return Ok(Asked::Shed);
+        }
         // A pooled connection whose backend was just terminated fails at once; the lookup
         // is retried on another connection (within the same budget) rather than turning a
         // failover or a killed backend into a 503 for a key that was merely re-validated.
@@ -177,7 +198,7 @@ impl Inner {
             .await
             .unwrap_or_else(|_| Err(DbError::Pool("key lookup timed out".into())));
         crate::telemetry::DB_LOOKUP_SECONDS.record(started.elapsed());
-        result
+        result.map(Asked::Read)
     }
 
     /// Reads every record in `scope` and stores it, then drops cached records in the

@@ -5,7 +5,8 @@
 //! single-flight loading with a cap on concurrent lookups, preloading the key table and
 //! keeping it in sync with change notifications. Inside: `cache` (the map and its
 //! no-resurrection ordering), `table` (the sharded storage under it), `load` (single
-//! flight, reloads), `sync` (the background task); this file is the public face and the
+//! flight, reloads), `gate` (the per-second cap on lookups that find no key), `sync`
+//! (the background task); this file is the public face and the
 //! shared state. It does not judge a record
 //! (status, scopes and limits are the caller's, via `AuthRecord::status(now)`, so expiry
 //! is evaluated at use time), parse keys from requests, or talk SQL itself: queries live
@@ -13,6 +14,7 @@
 
 mod breaker;
 mod cache;
+mod gate;
 mod load;
 mod sync;
 mod table;
@@ -35,6 +37,7 @@ use crate::model::AuthRecord;
 use breaker::Breaker;
 pub use breaker::BreakerState;
 use cache::{Cache, Probe, Scope};
+use gate::UnknownGate;
 use load::Flight;
 
 /// Why a digest did not authenticate. Cheap to copy: it is returned on every rejection.
@@ -44,6 +47,10 @@ pub enum AuthError {
     Unknown,
     #[error("the key store is unavailable")]
     StoreUnavailable,
+    /// Not asked: this second's lookups already found `max_unknown_lookups_per_second`
+    /// unknown keys. Says nothing about the key; never a reason to fail open.
+    #[error("too many unknown keys looked up this second")]
+    Shed,
 }
 
 /// A snapshot of the cache's state and counters, for `/readyz` and metrics.
@@ -73,6 +80,9 @@ pub struct AuthStats {
     pub breaker: BreakerState,
     /// Times the circuit breaker opened.
     pub breaker_opened: u64,
+    /// Uncached keys refused without a lookup because this second's lookups had found
+    /// too many unknown keys.
+    pub shed: u64,
 }
 
 /// A hook run on every record read from the database, before it is cached, with the
@@ -92,6 +102,7 @@ struct Counters {
     refreshes: AtomicU64,
     invalidations: AtomicU64,
     resyncs: AtomicU64,
+    shed: AtomicU64,
 }
 
 struct Inner {
@@ -109,6 +120,7 @@ struct Inner {
     /// How long past freshness a record may be served while the database is down.
     serve_stale_for: Duration,
     breaker: Breaker,
+    unknown_gate: UnknownGate,
     listen_notify: bool,
     on_load: OnceLock<OnLoad>,
     counters: Counters,
@@ -134,6 +146,7 @@ impl Authenticator {
                 lookup_timeout: cfg.lookup_timeout,
                 serve_stale_for: cfg.serve_stale_for,
                 breaker: Breaker::new(cfg.breaker_failures, cfg.breaker_cooldown),
+                unknown_gate: UnknownGate::new(cfg.max_unknown_lookups_per_second),
                 listen_notify: cfg.listen_notify,
                 on_load: OnceLock::new(),
                 counters: Counters::default(),
@@ -159,6 +172,11 @@ impl Authenticator {
                 return Err(AuthError::Unknown);
             }
             Probe::Miss => {}
+        }
+        // Before the flight, not in it: a refused key then never waits in the lookup
+        // queue behind the flood it is refused for.
+        if inner.unknown_gate.closed(now) {
+            return inner.shed(digest, now);
         }
         inner.counters.misses.fetch_add(1, Relaxed);
         let mut done = inner.join_or_load(digest);
@@ -232,6 +250,7 @@ impl Authenticator {
             listener_connected: self.inner.listener_connected.load(Relaxed),
             breaker: self.inner.breaker.state(Instant::now()),
             breaker_opened: self.inner.breaker.times_opened(),
+            shed: c.shed.load(Relaxed),
         }
     }
 
@@ -292,6 +311,22 @@ impl Inner {
         }
         self.counters.refreshes.fetch_add(1, Relaxed);
         drop(self.join_or_start(digest));
+    }
+
+    /// A miss the unknown-key cap refused a lookup: a record past its freshness is
+    /// served as it would be with the database down (never one a change notification
+    /// invalidated), so keys used before the flood keep working; otherwise `Shed`.
+    fn shed(&self, digest: &KeyDigest, now: Instant) -> Outcome {
+        match self.cache.stale(digest, now, self.serve_stale_for) {
+            Some(record) => {
+                self.counters.stale_served.fetch_add(1, Relaxed);
+                Ok(record)
+            }
+            None => {
+                self.counters.shed.fetch_add(1, Relaxed);
+                Err(AuthError::Shed)
+            }
+        }
     }
 
     fn invalidate(&self, scope: Scope) {

@@ -94,6 +94,7 @@ pub struct RawAuth {
     pub listen_notify: Option<bool>,
     pub fail_open: Option<bool>,
     pub failed_auth_per_minute: Option<i64>,
+    pub max_unknown_lookups_per_second: Option<i64>,
     pub lookup_timeout: Option<String>,
     pub serve_stale_for: Option<String>,
     pub breaker_failures: Option<i64>,

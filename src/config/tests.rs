@@ -88,6 +88,9 @@ fn defaults_cover_everything_but_upstream_and_database() {
     assert_eq!(cfg.usage.fold_interval, Duration::from_secs(30));
     assert_eq!(cfg.identity_headers.key_id.as_str(), "x-keygate-key-id");
     assert!(!cfg.auth.fail_open);
+    assert_eq!(cfg.auth.max_unknown_lookups_per_second, 1_000);
+    let off = parse("[auth]\nmax_unknown_lookups_per_second = 0\n").expect("0 turns it off");
+    assert_eq!(off.auth.max_unknown_lookups_per_second, 0);
     assert!(matches!(
         Config::parse_with_env("", Path::new("x"), &no_env),
         Err(ConfigError::NoDatabase)
@@ -177,6 +180,14 @@ fn each_rule_names_its_key() {
         ("[auth]\ncache_ttl = \"0s\"", "auth.cache_ttl"),
         ("[auth]\nmax_concurrent_lookups = 0", "auth.max_concurrent_lookups"),
         ("[auth]\nfailed_auth_per_minute = -1", "auth.failed_auth_per_minute"),
+        (
+            "[auth]\nmax_unknown_lookups_per_second = -1",
+            "auth.max_unknown_lookups_per_second",
+        ),
+        (
+            "[auth]\nmax_unknown_lookups_per_second = 4294967296",
+            "auth.max_unknown_lookups_per_second",
+        ),
         ("[auth]\nlookup_timeout = \"0s\"", "auth.lookup_timeout"),
         ("[auth]\nserve_stale_for = \"soon\"", "auth.serve_stale_for"),
         ("[auth]\nbreaker_failures = -2", "auth.breaker_failures"),

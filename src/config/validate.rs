@@ -190,6 +190,11 @@ fn auth(a: RawAuth) -> R<AuthConfig> {
         fail_open: a.fail_open.unwrap_or(false),
         lookup_timeout: positive("auth.lookup_timeout", a.lookup_timeout, "2s")?,
         failed_auth_per_minute: small("auth.failed_auth_per_minute", a.failed_auth_per_minute, 60)?,
+        max_unknown_lookups_per_second: small(
+            "auth.max_unknown_lookups_per_second",
+            a.max_unknown_lookups_per_second,
+            1_000,
+        )?,
         serve_stale_for: duration("auth.serve_stale_for", a.serve_stale_for, "1h")?,
         breaker_failures: small("auth.breaker_failures", a.breaker_failures, 5)?,
         breaker_cooldown: positive("auth.breaker_cooldown", a.breaker_cooldown, "2s")?,

@@ -57,6 +57,9 @@ pub enum Reject {
     BodyAmbiguous,
     #[error("key store unavailable")]
     StoreUnavailable,
+    /// An uncached key while this second's lookups have found too many unknown keys.
+    #[error("key lookups shed")]
+    AuthOverloaded,
     #[error("upstream unavailable")]
     UpstreamUnavailable,
     #[error("upstream timed out")]
@@ -77,7 +80,7 @@ impl Reject {
             BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             BodyTimeout => StatusCode::REQUEST_TIMEOUT,
-            StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            StoreUnavailable | AuthOverloaded => StatusCode::SERVICE_UNAVAILABLE,
             UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -107,6 +110,7 @@ impl Reject {
             BodyMalformed => "malformed_request_body",
             BodyAmbiguous => "ambiguous_request_body",
             StoreUnavailable => "key_store_unavailable",
+            AuthOverloaded => "auth_overloaded",
             UpstreamUnavailable => "upstream_unavailable",
             UpstreamTimeout => "upstream_timeout",
         }
@@ -135,6 +139,7 @@ impl Reject {
             BodyMalformed => "The request body is not valid HTTP framing.",
             BodyAmbiguous => "The request body gives `stream`, `stream_options` or `include_usage` more than once.",
             StoreUnavailable => "Keys cannot be verified right now; retry shortly.",
+            AuthOverloaded => "Too many unknown API keys are arriving; keys not verified recently must retry shortly.",
             UpstreamUnavailable => "The upstream service could not be reached.",
             UpstreamTimeout => "The upstream service did not answer in time.",
         }
@@ -145,7 +150,7 @@ impl Reject {
             Reject::RateLimited { retry_after_secs }
             | Reject::QuotaExceeded { retry_after_secs }
             | Reject::TooManyFailures { retry_after_secs } => Some(retry_after_secs.max(1)),
-            Reject::StoreUnavailable | Reject::TooManyConcurrent => Some(1),
+            Reject::StoreUnavailable | Reject::AuthOverloaded | Reject::TooManyConcurrent => Some(1),
             _ => None,
         }
     }
@@ -202,6 +207,7 @@ mod tests {
             Reject::BodyMalformed,
             Reject::BodyAmbiguous,
             Reject::StoreUnavailable,
+            Reject::AuthOverloaded,
             Reject::UpstreamUnavailable,
             Reject::UpstreamTimeout,
         ];

@@ -71,6 +71,7 @@ impl Health {
                 "misses": stats.misses,
                 "lookups": stats.db_lookups,
                 "stale_served": stats.stale_served,
+                "shed": stats.shed,
             },
             "notify_listener": if listener_ok { "ok" } else { "disconnected" },
             "config": {

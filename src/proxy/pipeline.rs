@@ -310,6 +310,8 @@ impl Proxy {
                 Ok(None)
             }
             Err(AuthError::StoreUnavailable) => Err(Reject::StoreUnavailable),
+            // Never failing open here: the flood being shed is one of random keys.
+            Err(AuthError::Shed) => Err(Reject::AuthOverloaded),
         }
     }
 

@@ -156,7 +156,12 @@ pub fn restart_needed(running: &Config, new: &Config) -> Vec<&'static str> {
         "auth",
         o,
         n,
-        [listen_notify, failed_auth_per_minute, lookup_timeout]
+        [
+            listen_notify,
+            failed_auth_per_minute,
+            max_unknown_lookups_per_second,
+            lookup_timeout
+        ]
     );
     changed!(out, "auth", o, n, [serve_stale_for, breaker_failures, breaker_cooldown]);
     changed!(

@@ -104,6 +104,7 @@ pub fn render(handle: &PrometheusHandle, s: &Sources) -> String {
         crate::auth::BreakerState::Open | crate::auth::BreakerState::HalfOpen => 1.0,
     });
     counter!("keygate_auth_breaker_opened_total").absolute(a.breaker_opened);
+    counter!("keygate_auth_lookups_shed_total").absolute(a.shed);
     gauge!("keygate_notify_listener_connected").set(if a.listener_connected { 1.0 } else { 0.0 });
     let t = s.limiter.tracked();
     gauge!("keygate_rate_limit_tracked", "kind" => "keys").set(t.keys as f64);
