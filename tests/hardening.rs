@@ -146,6 +146,23 @@ async fn a_random_key_flood_from_many_addresses_is_shed_past_the_unknown_lookup_
     );
     assert_eq!(u64::from(invalid), lookups, "every lookup made answers 401");
     assert_eq!(gw.ready_json().await["cache"]["shed"].as_u64(), Some(u64::from(shed)));
+    let metrics = get(&format!("http://127.0.0.1:{}/metrics", gw.admin_port), &[]).await;
+    let metrics = String::from_utf8_lossy(&metrics.body).into_owned();
+    let value = |series: &str| -> Option<f64> {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+    };
+    assert_eq!(
+        value("keygate_auth_lookups_shed_total"),
+        Some(f64::from(shed)),
+        "{metrics}"
+    );
+    assert_eq!(
+        value(r#"keygate_requests_total{outcome="auth_overloaded",status="503"}"#),
+        Some(f64::from(shed)),
+        "{metrics}"
+    );
     // fail_open applies to a database that cannot answer, not to a shed flood.
     let forwarded = rec.log.seen.lock().expect("seen").len();
     assert_eq!(forwarded, 51, "only the valid key's requests reach the upstream");
