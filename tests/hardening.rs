@@ -74,7 +74,7 @@ async fn a_random_key_flood_bounds_lookups_and_valid_keys_keep_working() {
 
 /// The same flood from many addresses (the per-address limit off) is bounded by the
 /// unknown-key cap instead: past `max_unknown_lookups_per_second` lookups that found
-/// nothing, uncached keys get 503 `auth_overloaded` without a lookup for the rest of the
+/// nothing, uncached keys get 429 `too_many_unknown_keys` without a lookup for the rest of the
 /// second, and are never let through, not even with `fail_open`. The cached key keeps
 /// working throughout, and a valid key never seen before is looked up once the flood
 /// stops.
@@ -111,7 +111,7 @@ async fn a_random_key_flood_from_many_addresses_is_shed_past_the_unknown_lookup_
                     .collect();
                 for t in tasks {
                     let r = t.await.expect("join");
-                    if r.status == 503 {
+                    if r.status == 429 {
                         assert_eq!(r.header("retry-after"), Some("1"));
                     }
                     *codes
@@ -132,7 +132,7 @@ async fn a_random_key_flood_from_many_addresses_is_shed_past_the_unknown_lookup_
     let seconds = started.elapsed().as_secs();
     assert_eq!(valid_failures, 0, "the cached key failed during the flood; {codes:?}");
     assert_eq!(codes.values().sum::<u32>(), 300);
-    let shed = codes.get("503 auth_overloaded").copied().unwrap_or(0);
+    let shed = codes.get("429 too_many_unknown_keys").copied().unwrap_or(0);
     let invalid = codes.get("401 invalid_api_key").copied().unwrap_or(0);
     assert_eq!(shed + invalid, 300, "{codes:?}");
     assert!(shed > 0, "nothing shed in {seconds} s: {codes:?}");
@@ -159,7 +159,7 @@ async fn a_random_key_flood_from_many_addresses_is_shed_past_the_unknown_lookup_
         "{metrics}"
     );
     assert_eq!(
-        value(r#"keygate_requests_total{outcome="auth_overloaded",status="503"}"#),
+        value(r#"keygate_requests_total{outcome="too_many_unknown_keys",status="429"}"#),
         Some(f64::from(shed)),
         "{metrics}"
     );

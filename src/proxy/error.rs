@@ -37,6 +37,11 @@ pub enum Reject {
     TooManyConcurrent,
     #[error("too many failed authentications")]
     TooManyFailures { retry_after_secs: u64 },
+    /// An uncached key while this second's lookups have found too many unknown keys,
+    /// from all clients together: a flood, answered like the per-client limit above
+    /// (429, so a flood sees 401 or 429 only), not as an outage.
+    #[error("too many unknown keys")]
+    TooManyUnknownKeys,
     #[error("API key in query string")]
     KeyInQuery,
     #[error("malformed request path")]
@@ -57,9 +62,6 @@ pub enum Reject {
     BodyAmbiguous,
     #[error("key store unavailable")]
     StoreUnavailable,
-    /// An uncached key while this second's lookups have found too many unknown keys.
-    #[error("key lookups shed")]
-    AuthOverloaded,
     #[error("upstream unavailable")]
     UpstreamUnavailable,
     #[error("upstream timed out")]
@@ -72,15 +74,17 @@ impl Reject {
         match self {
             MissingKey | InvalidKey | KeyRevoked | KeyExpired | KeyDisabled => StatusCode::UNAUTHORIZED,
             OrganizationDisabled | MissingScope => StatusCode::FORBIDDEN,
-            RateLimited { .. } | QuotaExceeded { .. } | TooManyFailures { .. } | TooManyConcurrent => {
-                StatusCode::TOO_MANY_REQUESTS
-            }
+            RateLimited { .. }
+            | QuotaExceeded { .. }
+            | TooManyFailures { .. }
+            | TooManyUnknownKeys
+            | TooManyConcurrent => StatusCode::TOO_MANY_REQUESTS,
             KeyInQuery | PathMalformed | BodyMalformed | BodyAmbiguous => StatusCode::BAD_REQUEST,
             Tunnel => StatusCode::NOT_IMPLEMENTED,
             BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             BodyTimeout => StatusCode::REQUEST_TIMEOUT,
-            StoreUnavailable | AuthOverloaded => StatusCode::SERVICE_UNAVAILABLE,
+            StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -100,6 +104,7 @@ impl Reject {
             RateLimited { .. } => "rate_limit_exceeded",
             QuotaExceeded { .. } => "monthly_quota_exceeded",
             TooManyFailures { .. } => "too_many_failed_authentications",
+            TooManyUnknownKeys => "too_many_unknown_keys",
             TooManyConcurrent => "too_many_concurrent_requests",
             KeyInQuery => "api_key_in_query",
             PathMalformed => "malformed_request_path",
@@ -110,7 +115,6 @@ impl Reject {
             BodyMalformed => "malformed_request_body",
             BodyAmbiguous => "ambiguous_request_body",
             StoreUnavailable => "key_store_unavailable",
-            AuthOverloaded => "auth_overloaded",
             UpstreamUnavailable => "upstream_unavailable",
             UpstreamTimeout => "upstream_timeout",
         }
@@ -129,6 +133,9 @@ impl Reject {
             RateLimited { .. } => "Too many requests for this API key; retry after the time in Retry-After.",
             QuotaExceeded { .. } => "The organization's monthly request quota is used up.",
             TooManyFailures { .. } => "Too many requests with invalid API keys from this client; retry later.",
+            TooManyUnknownKeys => {
+                "Too many requests with unknown API keys are arriving; a key not used recently must retry shortly."
+            }
             TooManyConcurrent => "This API key has too many requests in flight; retry when one finishes.",
             KeyInQuery => "Send the API key in a header, never in the URL; rotate a key that was sent in one.",
             PathMalformed => "The request path has a malformed `%` escape, or one of a control character.",
@@ -139,7 +146,6 @@ impl Reject {
             BodyMalformed => "The request body is not valid HTTP framing.",
             BodyAmbiguous => "The request body gives `stream`, `stream_options` or `include_usage` more than once.",
             StoreUnavailable => "Keys cannot be verified right now; retry shortly.",
-            AuthOverloaded => "Too many unknown API keys are arriving; keys not verified recently must retry shortly.",
             UpstreamUnavailable => "The upstream service could not be reached.",
             UpstreamTimeout => "The upstream service did not answer in time.",
         }
@@ -150,7 +156,7 @@ impl Reject {
             Reject::RateLimited { retry_after_secs }
             | Reject::QuotaExceeded { retry_after_secs }
             | Reject::TooManyFailures { retry_after_secs } => Some(retry_after_secs.max(1)),
-            Reject::StoreUnavailable | Reject::AuthOverloaded | Reject::TooManyConcurrent => Some(1),
+            Reject::StoreUnavailable | Reject::TooManyUnknownKeys | Reject::TooManyConcurrent => Some(1),
             _ => None,
         }
     }
@@ -197,6 +203,7 @@ mod tests {
             Reject::RateLimited { retry_after_secs: 3 },
             Reject::QuotaExceeded { retry_after_secs: 0 },
             Reject::TooManyFailures { retry_after_secs: 9 },
+            Reject::TooManyUnknownKeys,
             Reject::TooManyConcurrent,
             Reject::KeyInQuery,
             Reject::PathMalformed,
@@ -207,7 +214,6 @@ mod tests {
             Reject::BodyMalformed,
             Reject::BodyAmbiguous,
             Reject::StoreUnavailable,
-            Reject::AuthOverloaded,
             Reject::UpstreamUnavailable,
             Reject::UpstreamTimeout,
         ];

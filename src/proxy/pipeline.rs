@@ -311,7 +311,7 @@ impl Proxy {
             }
             Err(AuthError::StoreUnavailable) => Err(Reject::StoreUnavailable),
             // Never failing open here: the flood being shed is one of random keys.
-            Err(AuthError::Shed) => Err(Reject::AuthOverloaded),
+            Err(AuthError::Shed) => Err(Reject::TooManyUnknownKeys),
         }
     }
 
