@@ -85,7 +85,7 @@ async fn a_random_key_flood_from_many_addresses_is_shed_past_the_unknown_lookup_
     let fresh = db.ok(&["keys", "create", "--org", "default", "--name", "fresh"]);
     let fresh = bearer(fresh.trim());
     let rec = Recorder::start().await;
-    let cap = 20u64;
+    let cap = 10u64;
     let gw = Gateway::start(
         &db,
         rec.port,
