@@ -9,7 +9,7 @@
 #                every random key is a cache miss: looked up (at most
 #                auth.max_concurrent_lookups at once, each remembered as unknown) until
 #                the second's lookups have found auth.max_unknown_lookups_per_second
-#                (1,000) unknown keys, then refused 503 without a lookup until the next
+#                (1,000) unknown keys, then refused 429 without a lookup until the next
 #                second
 #   uncapped     spread without that cap (max_unknown_lookups_per_second = 0): every
 #                random key is a database lookup, as before the cap existed

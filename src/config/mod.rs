@@ -146,7 +146,7 @@ pub struct AuthConfig {
     /// Invalid keys one client may present per minute before it gets 429; 0 is off.
     pub failed_auth_per_minute: u32,
     /// Lookups per second, across all clients, that may find no key before uncached
-    /// keys get 503 for the rest of that second; 0 is off.
+    /// keys get 429 for the rest of that second; 0 is off.
     pub max_unknown_lookups_per_second: u32,
     /// Budget for one key lookup (pool wait included); past it the request gets 503.
     pub lookup_timeout: Duration,
