@@ -131,17 +131,11 @@ impl Inner {
                 Err(AuthError::Unknown)
             }
             Ok(Asked::Shed) => self.shed(digest, Instant::now()),
-            Err(e) => match self.cache.stale(digest, Instant::now(), self.serve_stale_for) {
-                Some(record) => {
-                    tracing::debug!(error = %e, "key store unavailable; serving a stale record");
-                    self.counters.stale_served.fetch_add(1, Relaxed);
-                    Ok(record)
-                }
-                None => {
-                    tracing::debug!(error = %e, "key store unavailable");
-                    Err(AuthError::StoreUnavailable)
-                }
-            },
+            Err(e) => {
+                let stale = self.stale_record(digest, Instant::now());
+                tracing::debug!(error = %e, serving_stale = stale.is_some(), "key store unavailable");
+                stale.ok_or(AuthError::StoreUnavailable)
+            }
         }
     }
 

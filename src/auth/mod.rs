@@ -313,20 +313,22 @@ impl Inner {
         drop(self.join_or_start(digest));
     }
 
-    /// A miss the unknown-key cap refused a lookup: a record past its freshness is
-    /// served as it would be with the database down (never one a change notification
-    /// invalidated), so keys used before the flood keep working; otherwise `Shed`.
+    /// A record past its freshness that may stand in when the database is not asked
+    /// (down, or the unknown-key cap shed the lookup): within `serve_stale_for`, never
+    /// one a change notification invalidated. Counted as served.
+    fn stale_record(&self, digest: &KeyDigest, now: Instant) -> Option<AuthRecord> {
+        let record = self.cache.stale(digest, now, self.serve_stale_for)?;
+        self.counters.stale_served.fetch_add(1, Relaxed);
+        Some(record)
+    }
+
+    /// A miss the unknown-key cap refused a lookup: keys used before the flood keep
+    /// working from a stale record; otherwise `Shed`.
     fn shed(&self, digest: &KeyDigest, now: Instant) -> Outcome {
-        match self.cache.stale(digest, now, self.serve_stale_for) {
-            Some(record) => {
-                self.counters.stale_served.fetch_add(1, Relaxed);
-                Ok(record)
-            }
-            None => {
-                self.counters.shed.fetch_add(1, Relaxed);
-                Err(AuthError::Shed)
-            }
-        }
+        self.stale_record(digest, now).ok_or_else(|| {
+            self.counters.shed.fetch_add(1, Relaxed);
+            AuthError::Shed
+        })
     }
 
     fn invalidate(&self, scope: Scope) {
