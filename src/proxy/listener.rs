@@ -3,8 +3,9 @@
 //! handshake when `[server.tls]` is set (bounded by the same timeout), and a graceful
 //! stop that lets in-flight requests, streams included, finish.
 //!
-//! With per-core workers, each accepted connection is handed to one worker's runtime
-//! (`workers`), registered with that thread's reactor, and served there to the end.
+//! With per-core workers, every worker accepts on its own copy of the listening socket
+//! and serves what it accepts on its own runtime to the end; `balance` decides which
+//! worker may take the next connection, so they stay even.
 //!
 //! It knows nothing about keys or upstreams: each request goes to the handler it is given.
 //! Certificates are loaded by `config::tls`, never here.
@@ -21,11 +22,12 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
+use super::balance::Turn;
 use super::body::ProxyBody;
 use super::workers::Workers;
 use crate::config::ServerConfig;
@@ -50,34 +52,35 @@ pub fn builder(cfg: &ServerConfig) -> auto::Builder<TokioExecutor> {
     }
 }
 
-/// An accepted socket on its way to the runtime that will serve it.
-enum Accepted {
-    Here(TcpStream),
-    /// Deregistered from this runtime's reactor, to be registered with a worker's.
-    Moving(std::net::TcpStream),
+/// What every accept loop shares: one connection cap and one set of settings.
+struct Accepting<H> {
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    tls: Option<TlsAcceptor>,
+    slots: Arc<Semaphore>,
+    handshake_timeout: Duration,
+    handler: H,
+    cancel: CancellationToken,
+    grace: Duration,
 }
 
-impl Accepted {
-    fn new(stream: TcpStream, moving: bool) -> std::io::Result<Accepted> {
-        if moving {
-            stream.into_std().map(Accepted::Moving)
-        } else {
-            Ok(Accepted::Here(stream))
-        }
-    }
-
-    /// Runs on the serving runtime.
-    fn into_stream(self) -> std::io::Result<TcpStream> {
-        match self {
-            Accepted::Here(s) => Ok(s),
-            Accepted::Moving(s) => TcpStream::from_std(s),
+impl<H: Clone> Clone for Accepting<H> {
+    fn clone(&self) -> Self {
+        Accepting {
+            builder: self.builder.clone(),
+            tls: self.tls.clone(),
+            slots: self.slots.clone(),
+            handshake_timeout: self.handshake_timeout,
+            handler: self.handler.clone(),
+            cancel: self.cancel.clone(),
+            grace: self.grace,
         }
     }
 }
 
 /// Serves `listener` until `cancel` fires, then waits up to `grace` for open
-/// connections to finish their requests. With `workers`, connections are served on
-/// the workers' runtimes in turn; otherwise on the calling runtime.
+/// connections to finish their requests. With `workers`, each worker accepts on a copy
+/// of the listening socket and serves what it accepts (`balance` keeps them even);
+/// otherwise the calling runtime accepts and serves.
 pub async fn serve<H, F>(
     listener: TcpListener,
     cfg: &ServerConfig,
@@ -89,20 +92,100 @@ pub async fn serve<H, F>(
     H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Result<Response<ProxyBody>, Infallible>> + Send + 'static,
 {
-    let builder = Arc::new(builder(cfg));
-    let tls = cfg.tls.as_ref().map(|t| TlsAcceptor::from(t.server_config.clone()));
+    let accepting = Accepting {
+        builder: Arc::new(builder(cfg)),
+        tls: cfg.tls.as_ref().map(|t| TlsAcceptor::from(t.server_config.clone())),
+        slots: Arc::new(Semaphore::new(cfg.max_connections)),
+        handshake_timeout: cfg.header_read_timeout,
+        handler,
+        cancel,
+        grace,
+    };
+    let Some(workers) = workers else {
+        return drained(accept_loop(listener, accepting, Turn::alone()).await);
+    };
+    let mut copies = Vec::with_capacity(workers.count());
+    for handle in workers.handles() {
+        match copy_listener(&listener) {
+            Ok(copy) => copies.push((copy, handle)),
+            Err(e) => tracing::warn!(error = %e, "cannot give a worker its copy of the listener; it will not accept"),
+        }
+    }
+    if copies.is_empty() {
+        return drained(accept_loop(listener, accepting, Turn::alone()).await);
+    }
+    // The copies keep the socket open; this runtime stops watching it.
+    drop(listener);
+    let turns = Turn::split(copies.len());
+    let loops: Vec<_> = copies
+        .into_iter()
+        .zip(turns)
+        .map(|((copy, handle), turn)| {
+            let accepting = accepting.clone();
+            // Registered inside the worker, with that thread's reactor.
+            handle.spawn(async move {
+                match TcpListener::from_std(copy) {
+                    Ok(listener) => accept_loop(listener, accepting, turn).await,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "a worker cannot watch the listener; it will not accept");
+                        turn.retire();
+                        true
+                    }
+                }
+            })
+        })
+        .collect();
+    // Each loop drains its own connections before it ends, so when this returns every
+    // connection has ended (or been aborted) and its usage row is recorded.
+    let mut all = true;
+    for l in loops {
+        all &= l.await.unwrap_or(false);
+    }
+    drained(all);
+}
+
+fn drained(all: bool) {
+    if all {
+        tracing::info!("all connections closed");
+    }
+}
+
+/// A second descriptor for the same listening socket, for another thread's reactor.
+#[cfg(unix)]
+fn copy_listener(listener: &TcpListener) -> std::io::Result<std::net::TcpListener> {
+    use std::os::fd::AsFd;
+    let copy = std::net::TcpListener::from(listener.as_fd().try_clone_to_owned()?);
+    copy.set_nonblocking(true)?;
+    Ok(copy)
+}
+
+#[cfg(not(unix))]
+fn copy_listener(_: &TcpListener) -> std::io::Result<std::net::TcpListener> {
+    Err(std::io::ErrorKind::Unsupported.into())
+}
+
+/// Accepts on this runtime and serves each connection in a task of its own here, until
+/// `cancel`; then lets them finish within the grace period and aborts the rest. True
+/// when none had to be aborted.
+async fn accept_loop<H, F>(listener: TcpListener, acc: Accepting<H>, turn: Turn) -> bool
+where
+    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Result<Response<ProxyBody>, Infallible>> + Send + 'static,
+{
     let graceful = GracefulShutdown::new();
     // Connections live in a JoinSet so that any still open when the grace period ends
     // are aborted and dropped *here*, before shutdown moves on: dropping a response body
     // is what records its usage row, and the writer drains only after this returns.
     let mut conns = tokio::task::JoinSet::new();
-    let slots = Arc::new(Semaphore::new(cfg.max_connections));
     loop {
+        if !turn.wait(&acc.cancel).await {
+            break;
+        }
         // Past the cap, connections wait in the kernel's backlog rather than being
         // accepted and starved.
         let permit = tokio::select! {
-            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-            () = cancel.cancelled() => break,
+            p = acc.slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            () = acc.cancel.cancelled() => break,
         };
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -114,50 +197,32 @@ pub async fn serve<H, F>(
                     continue;
                 }
             },
-            () = cancel.cancelled() => break,
+            () = acc.cancel.cancelled() => break,
         };
         while conns.try_join_next().is_some() {}
         let _ = stream.set_nodelay(true);
-        let stream = match Accepted::new(stream, workers.is_some()) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::debug!(error = %e, %peer, "cannot hand the connection to a worker");
-                continue;
-            }
-        };
-        let handler = handler.clone();
+        let open = turn.opened();
+        let handler = acc.handler.clone();
         // The handler's own future, not an `async move` wrapper around it: a wrapper's
         // state machine held the handler's future twice (8 KiB), and hyper moves it.
         let svc = service_fn(move |req| handler(req, peer));
-        let (builder, watcher) = (builder.clone(), graceful.watcher());
-        let Some(acceptor) = tls.clone() else {
-            let task = async move {
-                let stream = match stream.into_stream() {
-                    Ok(s) => s,
-                    Err(e) => return tracing::debug!(error = %e, %peer, "cannot register the connection"),
-                };
+        let (builder, watcher) = (acc.builder.clone(), graceful.watcher());
+        let Some(acceptor) = acc.tls.clone() else {
+            conns.spawn(async move {
                 let conn = builder.serve_connection(TokioIo::new(stream), svc);
                 if let Err(e) = watcher.watch(conn).await {
                     tracing::debug!(error = %e, %peer, "connection ended with an error");
                 }
-                drop(permit);
-            };
-            match workers {
-                Some(w) => conns.spawn_on(task, w.pick()),
-                None => conns.spawn(task),
-            };
+                drop((permit, open));
+            });
             continue;
         };
         // The handshake runs in the connection's own task, holding its slot, so a slow or
         // silent client delays nobody else and counts against the cap; the header-read
         // timeout bounds it, or a slowloris could park in the handshake instead.
-        let cancel = cancel.clone();
-        let timeout = cfg.header_read_timeout;
-        let task = async move {
-            let stream = match stream.into_stream() {
-                Ok(s) => s,
-                Err(e) => return tracing::debug!(error = %e, %peer, "cannot register the connection"),
-            };
+        let cancel = acc.cancel.clone();
+        let timeout = acc.handshake_timeout;
+        conns.spawn(async move {
             let handshake = tokio::time::timeout(timeout, acceptor.accept(stream));
             let stream = tokio::select! {
                 r = handshake => match r {
@@ -179,20 +244,22 @@ pub async fn serve<H, F>(
             if let Err(e) = watcher.watch(conn).await {
                 tracing::debug!(error = %e, %peer, "connection ended with an error");
             }
-            drop(permit);
-        };
-        match workers {
-            Some(w) => conns.spawn_on(task, w.pick()),
-            None => conns.spawn(task),
-        };
+            drop((permit, open));
+        });
     }
     drop(listener);
-    tokio::select! {
-        () = graceful.shutdown() => tracing::info!("all connections closed"),
-        () = tokio::time::sleep(grace) => {
-            tracing::warn!(?grace, open = conns.len(), "grace period over; closing remaining connections");
+    let all = tokio::select! {
+        () = graceful.shutdown() => true,
+        () = tokio::time::sleep(acc.grace) => {
+            tracing::warn!(grace = ?acc.grace, open = conns.len(), "grace period over; closing remaining connections");
             conns.abort_all();
+            false
         }
-    }
+    };
     while conns.join_next().await.is_some() {}
+    all
 }
+
+#[cfg(test)]
+#[path = "listener_tests.rs"]
+mod tests;

@@ -8,6 +8,7 @@
 
 pub(crate) mod access_log;
 mod authorise;
+mod balance;
 mod body;
 mod bounded;
 mod error;

@@ -1,6 +1,7 @@
 //! The data plane's threads: with `server.runtime = "per-core"`, one single-threaded
-//! tokio runtime per worker thread, each serving the client connections handed to it and
-//! owning the upstream connections it opened, like nginx's worker processes.
+//! tokio runtime per worker thread, each accepting and serving its own client
+//! connections and owning the upstream connections it opened, like nginx's worker
+//! processes.
 //!
 //! Why: on the shared multi-threaded runtime, a request's task, its client connection's
 //! task and the pooled upstream connection's task can each land on a different worker,
@@ -8,11 +9,10 @@
 //! context switches per request against nginx's 0.06, docs/performance.md). Here all
 //! three live on one thread.
 //!
-//! Owns the threads, their runtimes and which worker a connection goes to. It does not
-//! accept connections (`listener`) or know what a request is.
+//! Owns the threads and their runtimes. It does not accept connections (`listener`),
+//! decide which worker takes one (`balance`), or know what a request is.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::thread::JoinHandle;
 
 use tokio::runtime::Handle;
@@ -31,7 +31,6 @@ pub fn current() -> usize {
 
 pub struct Workers {
     handles: Vec<Handle>,
-    next: AtomicUsize,
     stop: CancellationToken,
     threads: Vec<JoinHandle<()>>,
 }
@@ -57,12 +56,7 @@ impl Workers {
                 })?;
             threads.push(thread);
         }
-        Ok(Workers {
-            handles,
-            next: AtomicUsize::new(0),
-            stop,
-            threads,
-        })
+        Ok(Workers { handles, stop, threads })
     }
 
     /// How many workers run (at least one).
@@ -70,11 +64,9 @@ impl Workers {
         self.handles.len()
     }
 
-    /// The runtime for the next connection, round robin: keep-alive connections carry
-    /// many requests each, so counting connections balances well enough.
-    pub fn pick(&self) -> &Handle {
-        let i = self.next.fetch_add(1, Relaxed) % self.handles.len();
-        &self.handles[i]
+    /// Each worker's runtime, in worker order.
+    pub fn handles(&self) -> &[Handle] {
+        &self.handles
     }
 
     /// Ends every worker's runtime (their remaining tasks are dropped) and joins them.
