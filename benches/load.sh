@@ -20,7 +20,7 @@
 # and RSS; at the end a table of medians with keygate/nginx and keygate/direct ratios,
 # and each proxy's peak RSS (VmHWM).
 #
-# Usage: benches/load.sh   (about 13 minutes plus the build, 4 without the flood and stream passes; root or sudo to install packages)
+# Usage: benches/load.sh   (about 14 minutes plus the build, 4 without the close, flood and stream passes; root or sudo to install packages)
 # Knobs (environment): LOAD_ROUNDS=3 LOAD_DURATION=8 LOAD_LIGHT_DURATION=5
 #   LOAD_LIGHT_ROUNDS=LOAD_ROUNDS (0 skips the light-load rounds)
 #   LOAD_COLD_DURATION=2: the many-keys variants' cold pass (all cache misses), first
@@ -43,6 +43,10 @@
 #     the stable number for an A/B of builds, which CPU time on this box is too noisy
 #     for (benches/load_callgrind.sh; LOAD_CALLGRIND_DURATION=10, LOAD_CALLGRIND_WARMUP=5;
 #     LOAD_ROUNDS=0 skips the timed rounds). Installs valgrind when missing.
+#   LOAD_CLOSE_ROUNDS=3 (0 skips): after the timed rounds, direct, nginx and the one-key
+#     keygates again with `Connection: close` on every request (a new connection per
+#     request, as clients without a pool make), LOAD_LIGHT_DURATION rounds at LOAD_CONNS
+#     and LOAD_LIGHT_CONNS; its own table (close-rounds.tsv, close-summary.txt)
 #   LOAD_FLOOD_ROUNDS=3 (0 skips): after the timed rounds, the brief's flood target
 #     (benches/load_flood.sh): the valid key's p50/p99 at LOAD_LIGHT_CONNS alone, beside
 #     an equal load of the valid key, and beside a flood of random well-formed keys at
@@ -383,8 +387,10 @@ printf "$ROUND_COLUMNS" >"$TSV"
 run_round() { # variant conns duration round [label]
     local v=$1 c=$2 d=$3 r=$4 label=${5:-$1} script=() proxy_pids up_pids db_pids perf_pid=""
     [ -n "${MANY[$v]:-}" ] && script=(-s "$WORK/keys.lua")
-    # ROUND_SCRIPT and ROUND_PATH: another request shape (load_stream.sh's streamed POST).
+    # ROUND_SCRIPT and ROUND_PATH: another request shape (load_stream.sh's streamed POST);
+    # ROUND_HEADER: one more request header (the connection-per-request pass).
     [ -n "${ROUND_SCRIPT:-}" ] && script=(-s "$ROUND_SCRIPT")
+    [ -n "${ROUND_HEADER:-}" ] && script+=(-H "$ROUND_HEADER")
     proxy_pids=$(tree "${PID_OF[$v]}")
     up_pids=$(tree "$UP_PID")
     db_pids=$(pg_pids)
@@ -438,6 +444,40 @@ run_round() { # variant conns duration round [label]
                 v, c, r, rps, p50, p99, proxy, du * per, dd * per, (w[2] - w[1]) * 1e6 / (n > 0 ? n : 1), rss, err, n,
                 sys, cs
         }' | tee -a "$TSV" >&2
+}
+
+side_rounds() { # rounds variant[=label]... : into a fresh $TSV, a warm-up of each,
+    # interleaved rounds at CONNS, then at LIGHT_CONNS, rows named by label (the main
+    # table's names, so summarize's ratios work); then each variant's peak RSS into HWM
+    # under its label. ROUND_PATH, ROUND_SCRIPT and ROUND_HEADER say what is sent;
+    # ROUND_DURATION, when set, is every round's length. For the passes after the main
+    # table (load_stream.sh, the connection-per-request pass below).
+    local rounds=$1 specs n c d r i v k
+    shift
+    specs=("$@") n=$#
+    # shellcheck disable=SC2059
+    printf "$ROUND_COLUMNS" >"$TSV"
+    for k in "${specs[@]}"; do
+        wrk -t1 -c"$CONNS" -d2s ${ROUND_SCRIPT:+-s "$ROUND_SCRIPT"} ${ROUND_HEADER:+-H "$ROUND_HEADER"} -H "$AUTH" \
+            "http://127.0.0.1:${PORT[${k%%=*}]}${ROUND_PATH:-$PATH_Q}" >/dev/null
+    done
+    for c in "$CONNS" "$LIGHT_CONNS"; do
+        d=$DURATION
+        [ "$c" = "$CONNS" ] || d=$LIGHT_DURATION
+        d=${ROUND_DURATION:-$d}
+        for r in $(seq 1 "$rounds"); do
+            for i in $(seq 0 $((n - 1))); do
+                k=${specs[$(((i + r - 1) % n))]}
+                run_round "${k%%=*}" "$c" "$d" "$r" "${k#*=}"
+            done
+        done
+    done
+    : >"$HWM"
+    for k in "${specs[@]}"; do
+        v=${k%%=*}
+        # shellcheck disable=SC2046
+        printf '%s\t%s\n' "${k#*=}" "$(mem_kb VmHWM $(tree "${PID_OF[$v]}"))" >>"$HWM"
+    done
 }
 
 log ""
@@ -535,6 +575,24 @@ awk -F'\t' -v hwmfile="$HWM" '
     }' "$1"
 }
 summarize "$TSV" | tee "$OUT/summary.txt"
+# A new connection per request: the one-key variants again, every request sent with
+# `Connection: close`, as clients without a connection pool send them (curl in a loop,
+# a script's one-off calls). What this adds to the main table is each proxy's cost of a
+# connection: the accept, registering the socket with a reactor, the connection's task
+# and buffers, the close. Its own table (close-rounds.tsv, close-summary.txt).
+if [ "${LOAD_CLOSE_ROUNDS:-3}" -gt 0 ]; then
+    close_variants=()
+    for v in "${VARIANTS[@]}"; do [ -n "${MANY[$v]:-}" ] || close_variants+=("$v"); done
+    main_tsv=$TSV TSV=$OUT/close-rounds.tsv ROUND_HEADER='Connection: close' ROUND_DURATION=$LIGHT_DURATION
+    log ""
+    log "a new connection per request (Connection: close): ${LOAD_CLOSE_ROUNDS:-3} rounds x ${LIGHT_DURATION}s at c=$CONNS and c=$LIGHT_CONNS"
+    side_rounds "${LOAD_CLOSE_ROUNDS:-3}" "${close_variants[@]}"
+    unset ROUND_HEADER ROUND_DURATION
+    log ""
+    log "a new connection per request:"
+    summarize "$TSV" | tee "$OUT/close-summary.txt"
+    TSV=$main_tsv
+fi
 if [ "${LOAD_FLOOD_ROUNDS:-3}" -gt 0 ]; then
     . benches/load_flood.sh
     flood_pass "${LOAD_FLOOD_ROUNDS:-3}"

@@ -32,7 +32,7 @@
 #
 # Uses from load.sh: WORK OUT TSV HWM STREAM_PATH CONNS LIGHT_CONNS DURATION
 # LIGHT_DURATION VARIANTS MANY PORT PID_OF BIN_OF ENV_OF UP_PID UP_PORT BASE NGINX PIDS AUTH
-# ROUND_COLUMNS run_round summarize nginx_proxy_conf wait_http tree mem_kb sql log die.
+# ROUND_COLUMNS run_round side_rounds summarize nginx_proxy_conf wait_http tree mem_kb sql log die.
 
 STREAM_REQUEST='{"model":"demo-1","stream":true,"messages":[{"role":"user","content":"Say hello in twenty words."}]}'
 
@@ -58,36 +58,6 @@ stream_script() { # -> the wrk script that sends the streamed request
     post_script stream "$STREAM_REQUEST"
 }
 
-stream_rounds() { # rounds variant[=label]... : into a fresh $TSV, a warm-up of each,
-    # interleaved rounds at CONNS, then at LIGHT_CONNS, rows named by label (the main
-    # table's names, so summarize's ratios work); then each variant's peak RSS into HWM
-    # under its label. ROUND_PATH and ROUND_SCRIPT say what is sent.
-    local rounds=$1 specs n c d r i v k
-    shift
-    specs=("$@") n=$#
-    # shellcheck disable=SC2059
-    printf "$ROUND_COLUMNS" >"$TSV"
-    for k in "${specs[@]}"; do
-        wrk -t1 -c"$CONNS" -d2s -s "$ROUND_SCRIPT" -H "$AUTH" "http://127.0.0.1:${PORT[${k%%=*}]}$ROUND_PATH" >/dev/null
-    done
-    for c in "$CONNS" "$LIGHT_CONNS"; do
-        d=$DURATION
-        [ "$c" = "$CONNS" ] || d=$LIGHT_DURATION
-        for r in $(seq 1 "$rounds"); do
-            for i in $(seq 0 $((n - 1))); do
-                k=${specs[$(((i + r - 1) % n))]}
-                run_round "${k%%=*}" "$c" "$d" "$r" "${k#*=}"
-            done
-        done
-    done
-    : >"$HWM"
-    for k in "${specs[@]}"; do
-        v=${k%%=*}
-        # shellcheck disable=SC2046
-        printf '%s\t%s\n' "${k#*=}" "$(mem_kb VmHWM $(tree "${PID_OF[$v]}"))" >>"$HWM"
-    done
-}
-
 stream_pass() { # rounds
     local rounds=$1 variants=(direct nginx kg-1key) v body events script
     script=$(stream_script)
@@ -109,7 +79,7 @@ stream_pass() { # rounds
     ROUND_PATH=$STREAM_PATH ROUND_SCRIPT=$script
     log ""
     log "streamed completions: $rounds rounds x ${DURATION}s at c=$CONNS and x ${LIGHT_DURATION}s at c=$LIGHT_CONNS"
-    stream_rounds "$rounds" "${variants[@]}"
+    side_rounds "$rounds" "${variants[@]}"
     unset ROUND_PATH ROUND_SCRIPT
     log ""
     log "streamed completions (POST, \"stream\": true, 22 events of about 4 KiB in all):"
@@ -177,7 +147,7 @@ stream_paced() { # rounds
     ROUND_PATH=/v1/chat/completions ROUND_SCRIPT=$(post_script paced "$request")
     local saved_up=$UP_PID
     UP_PID=${PID_OF[paced-direct]} # run_round charges the upstream column to this one
-    stream_rounds "$rounds" paced-direct=direct paced-nginx=nginx paced-kg=kg-1key
+    side_rounds "$rounds" paced-direct=direct paced-nginx=nginx paced-kg=kg-1key
     unset ROUND_PATH ROUND_SCRIPT
     UP_PID=$saved_up
     log ""
