@@ -42,6 +42,7 @@
 #     instructions per request at LOAD_LIGHT_CONNS, with the ratio to the first named:
 #     the stable number for an A/B of builds, which CPU time on this box is too noisy
 #     for (benches/load_callgrind.sh; LOAD_CALLGRIND_DURATION=10, LOAD_CALLGRIND_WARMUP=5;
+#     LOAD_CALLGRIND_CLOSE=1 sends `Connection: close`, a new connection per request;
 #     LOAD_ROUNDS=0 skips the timed rounds). Installs valgrind when missing.
 #   LOAD_CLOSE_ROUNDS=3 (0 skips): after the timed rounds, direct, nginx and the one-key
 #     keygates again with `Connection: close` on every request (a new connection per

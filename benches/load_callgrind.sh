@@ -15,6 +15,8 @@
 #
 # Uses from load.sh: WORK OUT PATH_Q STREAM_PATH AUTH LIGHT_CONNS PIDS PORT MANY BIN_OF ENV_OF log die.
 # LOAD_CALLGRIND_STREAM=1 counts the streamed completion of load_stream.sh instead of the GET.
+# LOAD_CALLGRIND_CLOSE=1 sends every request with `Connection: close` (the close pass's
+# shape), so the count includes what accepting and closing a connection costs.
 
 callgrind_pass() { # variants... -> a table on stdout, also in $OUT/callgrind.txt
     local secs=${LOAD_CALLGRIND_DURATION:-10} warm=${LOAD_CALLGRIND_WARMUP:-5}
@@ -44,6 +46,7 @@ callgrind_pass() { # variants... -> a table on stdout, also in $OUT/callgrind.tx
             declare -F stream_script >/dev/null || . benches/load_stream.sh
             path=$STREAM_PATH script=(-s "$(stream_script)")
         fi
+        [ -z "${LOAD_CALLGRIND_CLOSE:-}" ] || script+=(-H 'Connection: close')
         # Warm-up first (pools, cache, limiter cells), then only the measured requests count.
         wrk -t1 -c"$LIGHT_CONNS" -d"${warm}s" "${script[@]}" -H "$AUTH" "http://127.0.0.1:$port$path" >/dev/null
         callgrind_control --zero "$vpid" >/dev/null 2>&1 || die "callgrind_control --zero failed for $v"
