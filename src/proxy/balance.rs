@@ -5,8 +5,9 @@
 //! threads. Left to race, the first worker to wake would take a whole burst of
 //! connections (a client pool opening 50 at once), and keep-alive connections would
 //! stay unevenly spread for their lifetime. So each worker counts its open connections
-//! here, and one that is more than [`SLACK`] ahead of the least loaded stops accepting
-//! until that changes: the others, woken by the same connection, take it.
+//! here, and one that is ahead of the least loaded by more than an eighth of that
+//! (`SLACK_DIVISOR`) stops accepting until a count changes: the others, woken by the
+//! same connection, take it.
 //!
 //! Owns the counts and the wait. It does not accept, and knows nothing of HTTP.
 
