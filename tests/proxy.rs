@@ -579,7 +579,7 @@ async fn both_runtimes_serve_concurrent_connections_and_drain() {
         let worker_threads = names.iter().filter(|n| n.starts_with("keygate-worker")).count();
         assert_eq!(worker_threads, workers, "{runtime}: threads {names:?}");
         // Twelve at once: a fresh client each, so twelve client connections, spread over
-        // the workers in turn.
+        // the workers by how many each holds open.
         let calls = (0..12).map(|i| {
             let (url, auth) = (gw.url("/chat"), bearer(&key));
             tokio::spawn(async move {

@@ -59,7 +59,7 @@ impl Turn {
     }
 
     /// Connections this worker holds open.
-    pub(crate) fn open(&self) -> usize {
+    fn open(&self) -> usize {
         self.counts.open[self.me].load(Relaxed)
     }
 

@@ -53,6 +53,7 @@ pub fn builder(cfg: &ServerConfig) -> auto::Builder<TokioExecutor> {
 }
 
 /// What every accept loop shares: one connection cap and one set of settings.
+#[derive(Clone)]
 struct Accepting<H> {
     builder: Arc<auto::Builder<TokioExecutor>>,
     tls: Option<TlsAcceptor>,
@@ -61,20 +62,6 @@ struct Accepting<H> {
     handler: H,
     cancel: CancellationToken,
     grace: Duration,
-}
-
-impl<H: Clone> Clone for Accepting<H> {
-    fn clone(&self) -> Self {
-        Accepting {
-            builder: self.builder.clone(),
-            tls: self.tls.clone(),
-            slots: self.slots.clone(),
-            handshake_timeout: self.handshake_timeout,
-            handler: self.handler.clone(),
-            cancel: self.cancel.clone(),
-            grace: self.grace,
-        }
-    }
 }
 
 /// Serves `listener` until `cancel` fires, then waits up to `grace` for open
