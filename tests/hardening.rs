@@ -38,6 +38,25 @@ async fn flood(url: String, first: u32, waves: u32, width: u32) -> std::collecti
     codes
 }
 
+/// `flood` in the background while the cached key `auth` sends 50 requests one after
+/// another; the flood's counts and how many of the 50 were not answered 200.
+async fn flood_beside_valid(
+    url: &str,
+    auth: &str,
+    first: u32,
+    waves: u32,
+    width: u32,
+) -> (std::collections::BTreeMap<String, u32>, u32) {
+    let flooding = tokio::spawn(flood(url.to_string(), first, waves, width));
+    let mut valid_failures = 0;
+    for _ in 0..50 {
+        if get(url, &[("authorization", auth)]).await.status != 200 {
+            valid_failures += 1;
+        }
+    }
+    (flooding.await.expect("flood"), valid_failures)
+}
+
 #[tokio::test]
 async fn a_random_key_flood_bounds_lookups_and_valid_keys_keep_working() {
     let (db, key) = seeded_db().await;
@@ -49,14 +68,7 @@ async fn a_random_key_flood_bounds_lookups_and_valid_keys_keep_working() {
     let before = gw.ready_json().await["cache"]["lookups"].as_u64().expect("lookups");
 
     let url = gw.url("/echo");
-    let flood = tokio::spawn(flood(url.clone(), 0, 30, 10));
-    let mut valid_failures = 0;
-    for _ in 0..50 {
-        if get(&url, &[("authorization", &auth)]).await.status != 200 {
-            valid_failures += 1;
-        }
-    }
-    let codes = flood.await.expect("flood");
+    let (codes, valid_failures) = flood_beside_valid(&url, &auth, 0, 30, 10).await;
     assert_eq!(valid_failures, 0, "a valid key failed during the flood");
     let lookups = gw.ready_json().await["cache"]["lookups"].as_u64().expect("lookups") - before;
     // 50 a minute, twice if the run straddles a minute boundary.
@@ -102,14 +114,7 @@ async fn a_random_key_flood_from_many_addresses_is_shed_past_the_unknown_lookup_
 
     let url = gw.url("/echo");
     let started = std::time::Instant::now();
-    let flood = tokio::spawn(flood(url.clone(), 50_000, 6, 50));
-    let mut valid_failures = 0;
-    for _ in 0..50 {
-        if get(&url, &[("authorization", &auth)]).await.status != 200 {
-            valid_failures += 1;
-        }
-    }
-    let codes = flood.await.expect("flood");
+    let (codes, valid_failures) = flood_beside_valid(&url, &auth, 50_000, 6, 50).await;
     let seconds = started.elapsed().as_secs();
     assert_eq!(valid_failures, 0, "the cached key failed during the flood; {codes:?}");
     assert_eq!(codes.values().sum::<u32>(), 300);
