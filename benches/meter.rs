@@ -4,7 +4,8 @@
 //! one event per frame as a streaming upstream sends them; and the 305-byte body of
 //! benches/load.sh's upstream, the per-request cost of metering a small completion.
 //! Group `stream_usage`: asking a streaming request body for its usage
-//! (`include_usage::ask`) on a 1.6 KB and a 100 KB chat request, and taking the usage
+//! (`include_usage::ask`) on a 1.6 KB and a 100 KB chat request, on a 3 KB one that does
+//! not stream (with and without saying `"stream":false`), and taking the usage
 //! chunk out of the 1 MiB SSE stream (`UsageChunkFilter`), one event per frame.
 //!
 //! Run: `cargo bench --bench meter`. Under `cargo test --all-targets` each case runs
@@ -108,16 +109,17 @@ fn meter(c: &mut Criterion) {
     g.finish();
 }
 
-/// A streaming chat request with a conversation of `turns` messages of about 150 bytes.
-fn chat_request(turns: usize) -> Vec<u8> {
+/// A chat request with a conversation of `turns` messages of about 150 bytes about
+/// `topic`, ending in `tail` (`,"stream":true`, or nothing).
+fn chat_request(turns: usize, topic: &str, tail: &str) -> Vec<u8> {
     let messages: Vec<String> = (0..turns)
         .map(|i| {
             let role = if i % 2 == 0 { "user" } else { "assistant" };
-            format!(r#"{{"role":"{role}","content":"Turn {i}: tell me about \"streams\", usage accounting and why the last chunk matters.\n"}}"#)
+            format!(r#"{{"role":"{role}","content":"Turn {i}: tell me about \"{topic}\", usage accounting and why the last chunk matters.\n"}}"#)
         })
         .collect();
     format!(
-        r#"{{"model":"gpt-4o-mini","temperature":0.7,"max_tokens":512,"messages":[{}],"stream":true}}"#,
+        r#"{{"model":"gpt-4o-mini","temperature":0.7,"max_tokens":512,"messages":[{}]{tail}}}"#,
         messages.join(",")
     )
     .into_bytes()
@@ -125,8 +127,19 @@ fn chat_request(turns: usize) -> Vec<u8> {
 
 fn stream_usage(c: &mut Criterion) {
     let mut g = c.benchmark_group("stream_usage");
-    for (name, body) in [("ask_1k6", chat_request(10)), ("ask_100k", chat_request(640))] {
+    let streams = |turns| chat_request(turns, "streams", r#","stream":true"#);
+    for (name, body) in [("ask_1k6", streams(10)), ("ask_100k", streams(640))] {
         assert!(matches!(ask(&body), Asked::Rewritten(_)), "{name}");
+        g.throughput(Throughput::Bytes(body.len() as u64));
+        g.bench_function(name, |b| b.iter(|| ask(&body)));
+    }
+    // A request that does not stream: without the word `stream` anywhere it is not
+    // parsed; with `"stream":false` (or the word in its text) it is, as a stream is.
+    for (name, body) in [
+        ("no_stream_3k", chat_request(20, "rivers", "")),
+        ("stream_false_3k", chat_request(20, "rivers", r#","stream":false"#)),
+    ] {
+        assert_eq!(ask(&body), Asked::Unchanged, "{name}");
         g.throughput(Throughput::Bytes(body.len() as u64));
         g.bench_function(name, |b| b.iter(|| ask(&body)));
     }

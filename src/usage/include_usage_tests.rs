@@ -6,7 +6,7 @@
 
 use serde_json::{json, Value};
 
-use super::{ask, Asked};
+use super::{ask, parse_and_ask, Asked};
 use crate::usage::meter::tests::Rng;
 
 fn rewritten(body: &str) -> Value {
@@ -53,6 +53,32 @@ fn a_stream_that_does_not_ask_is_made_to() {
         rewritten(r#"{"str\u0065am":true,"stream_opti\u006fns":{"include_\u0075sage":false}}"#),
         json!({"stream": true, "stream_options": {"include_usage": true}})
     );
+    // Even when the word itself is nowhere in the body, in either case of hex digit.
+    for body in [
+        r#"{"\u0073tream":true}"#,
+        r#"{"strea\u006D":true,"model":"m"}"#,
+        r#"{"model":"caf\u00e9","\u0073\u0074\u0072\u0065\u0061\u006d":true}"#,
+    ] {
+        assert_eq!(
+            rewritten(body)["stream_options"],
+            json!({"include_usage": true}),
+            "{body}"
+        );
+    }
+}
+
+#[test]
+fn a_body_that_never_says_stream_is_not_parsed_and_comes_out_the_same() {
+    for body in [
+        r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"caf\u00e9 \u4f60\u597d"}]}"#,
+        r#"{"model":"m","messages":[],"note":"\\u0073tream is not a name"}"#,
+        r#"{"model":"m","STREAM":true,"Stream":true}"#,
+        r#"not json at all"#,
+    ] {
+        assert_eq!(ask(body.as_bytes()), Asked::Unchanged, "{body}");
+        assert_eq!(ask(body.as_bytes()), parse_and_ask(body.as_bytes()), "{body}");
+    }
+    assert_eq!(ask(b"{\"model\":\"\xff\"}"), Asked::Unchanged);
 }
 
 #[test]
@@ -128,7 +154,9 @@ impl Gen<'_> {
     /// A name as written, and what it decodes to.
     fn name(&mut self, decoded: &str) {
         let spelled = match (decoded, self.rng.below(4)) {
-            ("stream", 0) => r#""str\u0065am""#.to_string(),
+            ("stream", 0) => self
+                .pick(&[r#""str\u0065am""#, r#""\u0073tream""#, r#""strea\u006D""#])
+                .to_string(),
             ("stream_options", 0) => r#""stream\u005foptions""#.to_string(),
             ("include_usage", 0) => r#""include_usag\u0065""#.to_string(),
             (d, _) => format!("\"{d}\""),
@@ -256,6 +284,8 @@ fn random_bodies_come_out_as_the_generator_says() {
     for _ in 0..20_000 {
         let (input, expect) = body(&mut rng);
         let got = ask(input.as_bytes());
+        // The shortcut for bodies that never say `stream` answers as the parse does.
+        assert_eq!(got, parse_and_ask(input.as_bytes()), "{input}");
         match (&expect, &got) {
             (Expect::Rewritten, Asked::Rewritten(out)) => {
                 seen[0] += 1;
@@ -285,4 +315,68 @@ fn random_bodies_come_out_as_the_generator_says() {
     }
     eprintln!("rewritten, unchanged, already asked, ambiguous: {seen:?}");
     assert!(seen.iter().all(|&n| n > 500), "every outcome drawn often: {seen:?}");
+}
+
+/// Bodies of the shape real clients send, mostly without `stream`, with the pieces that
+/// decide the shortcut (the word in content, escapes of letters and of other text, an
+/// escaped backslash) in random places: the shortcut and the parse must agree.
+#[test]
+fn random_chat_bodies_get_the_same_answer_with_and_without_the_shortcut() {
+    let pieces = [
+        "hello ",
+        "caf\\u00e9 ",
+        "\\u4f60",
+        "\\u0041",
+        "\\u0073",
+        "\\u006D",
+        "\\\\u0073",
+        "stream",
+        "STREAM",
+        "\\\"",
+        "strea",
+        "m",
+        "\\u00",
+        "6",
+        "7",
+    ];
+    let names = [
+        "\"model\"",
+        "\"messages\"",
+        "\"stream\"",
+        "\"\\u0073tream\"",
+        "\"max_tokens\"",
+        "\"user\"",
+    ];
+    let mut rng = Rng::new(0x5eed_4321);
+    let mut shortcut = 0;
+    for _ in 0..20_000 {
+        let mut body = String::from("{");
+        for i in 0..1 + rng.below(4) {
+            if i > 0 {
+                body.push(',');
+            }
+            // Mostly names that are not `stream`, so most bodies take the shortcut.
+            let name = if rng.below(8) == 0 {
+                names[rng.below(names.len())]
+            } else {
+                names[rng.below(2)]
+            };
+            body.push_str(name);
+            body.push_str(":\"");
+            for _ in 0..rng.below(6) {
+                body.push_str(pieces[rng.below(pieces.len())]);
+            }
+            body.push('"');
+        }
+        body.push('}');
+        let cut = if rng.below(4) == 0 {
+            rng.below(body.len())
+        } else {
+            body.len()
+        };
+        let input = &body.as_bytes()[..cut];
+        assert_eq!(ask(input), parse_and_ask(input), "{}", String::from_utf8_lossy(input));
+        shortcut += usize::from(!super::may_name_stream(input));
+    }
+    assert!(shortcut > 5_000, "the shortcut was taken often: {shortcut}");
 }
