@@ -20,7 +20,7 @@
 # and RSS; at the end a table of medians with keygate/nginx and keygate/direct ratios,
 # and each proxy's peak RSS (VmHWM).
 #
-# Usage: benches/load.sh   (about 14 minutes plus the build, 4 without the close, flood and stream passes; root or sudo to install packages)
+# Usage: benches/load.sh   (about 16 minutes plus the build, 4 without the close, POST, flood and stream passes; root or sudo to install packages)
 # Knobs (environment): LOAD_ROUNDS=3 LOAD_DURATION=8 LOAD_LIGHT_DURATION=5
 #   LOAD_LIGHT_ROUNDS=LOAD_ROUNDS (0 skips the light-load rounds)
 #   LOAD_COLD_DURATION=2: the many-keys variants' cold pass (all cache misses), first
@@ -43,11 +43,17 @@
 #     the stable number for an A/B of builds, which CPU time on this box is too noisy
 #     for (benches/load_callgrind.sh; LOAD_CALLGRIND_DURATION=10, LOAD_CALLGRIND_WARMUP=5;
 #     LOAD_CALLGRIND_CLOSE=1 sends `Connection: close`, a new connection per request;
+#     LOAD_CALLGRIND_POST=1 sends load_post.sh's request instead of the GET;
 #     LOAD_ROUNDS=0 skips the timed rounds). Installs valgrind when missing.
 #   LOAD_CLOSE_ROUNDS=3 (0 skips): after the timed rounds, direct, nginx and the one-key
 #     keygates again with `Connection: close` on every request (a new connection per
 #     request, as clients without a pool make), LOAD_LIGHT_DURATION rounds at LOAD_CONNS
 #     and LOAD_LIGHT_CONNS; its own table (close-rounds.tsv, close-summary.txt)
+#   LOAD_POST_ROUNDS=3 (0 skips): after the timed rounds, non-streamed completions with a
+#     3.2 KiB conversation in the request (benches/load_post.sh), which keygate reads whole
+#     to see whether it streams, through direct, nginx and kg-1key, LOAD_LIGHT_DURATION
+#     rounds at LOAD_CONNS and LOAD_LIGHT_CONNS; its own table (post-rounds.tsv,
+#     post-summary.txt), and a check of the billed rows
 #   LOAD_FLOOD_ROUNDS=3 (0 skips): after the timed rounds, the brief's flood target
 #     (benches/load_flood.sh): the valid key's p50/p99 at LOAD_LIGHT_CONNS alone, beside
 #     an equal load of the valid key, and beside a flood of random well-formed keys at
@@ -593,6 +599,10 @@ if [ "${LOAD_CLOSE_ROUNDS:-3}" -gt 0 ]; then
     log "a new connection per request:"
     summarize "$TSV" | tee "$OUT/close-summary.txt"
     TSV=$main_tsv
+fi
+if [ "${LOAD_POST_ROUNDS:-3}" -gt 0 ]; then
+    . benches/load_post.sh
+    post_pass "${LOAD_POST_ROUNDS:-3}"
 fi
 if [ "${LOAD_FLOOD_ROUNDS:-3}" -gt 0 ]; then
     . benches/load_flood.sh

@@ -15,6 +15,7 @@
 #
 # Uses from load.sh: WORK OUT PATH_Q STREAM_PATH AUTH LIGHT_CONNS PIDS PORT MANY BIN_OF ENV_OF log die.
 # LOAD_CALLGRIND_STREAM=1 counts the streamed completion of load_stream.sh instead of the GET.
+# LOAD_CALLGRIND_POST=1 counts load_post.sh's non-streamed completion with a 3.2 KiB request.
 # LOAD_CALLGRIND_CLOSE=1 sends every request with `Connection: close` (the close pass's
 # shape), so the count includes what accepting and closing a connection costs.
 
@@ -45,6 +46,12 @@ callgrind_pass() { # variants... -> a table on stdout, also in $OUT/callgrind.tx
             # The streamed completion of load_stream.sh instead of the plain GET.
             declare -F stream_script >/dev/null || . benches/load_stream.sh
             path=$STREAM_PATH script=(-s "$(stream_script)")
+        fi
+        if [ -n "${LOAD_CALLGRIND_POST:-}" ]; then
+            # load_post.sh's non-streamed completion with a 3.2 KiB conversation.
+            declare -F post_request >/dev/null || . benches/load_post.sh
+            declare -F post_script >/dev/null || . benches/load_stream.sh
+            path=$POST_PATH script=(-s "$(post_script post "$(post_request)")")
         fi
         [ -z "${LOAD_CALLGRIND_CLOSE:-}" ] || script+=(-H 'Connection: close')
         # Warm-up first (pools, cache, limiter cells), then only the measured requests count.

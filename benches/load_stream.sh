@@ -36,19 +36,40 @@
 
 STREAM_REQUEST='{"model":"demo-1","stream":true,"messages":[{"role":"user","content":"Say hello in twenty words."}]}'
 
-stream_rows() { # -> "billed unbilled gone other": the stream path's rows by kind
-    sql -F ' ' -c "SELECT count(*) FILTER (WHERE status_code = 200 AND tokens_used = 32),
-                          count(*) FILTER (WHERE status_code = 200 AND tokens_used IS DISTINCT FROM 32),
+path_rows() { # path tokens -> "billed unbilled gone other": the path's rows by kind
+    sql -F ' ' -c "SELECT count(*) FILTER (WHERE status_code = 200 AND tokens_used = $2),
+                          count(*) FILTER (WHERE status_code = 200 AND tokens_used IS DISTINCT FROM $2),
                           count(*) FILTER (WHERE status_code = 499 AND error_code = 'client_disconnected'),
                           count(*) FILTER (WHERE status_code NOT IN (200, 499))
-                   FROM api_key_usage WHERE endpoint = '$STREAM_PATH'"
+                   FROM api_key_usage WHERE endpoint = '$1'"
+}
+
+# Every request keygate answered in $TSV's rounds (2xx, counted by wrk) has its row with
+# the answer's tokens, once the writer has caught up. The only other rows allowed are
+# 499s from the requests in flight when a wrk run stopped (at most its connections, each
+# run): wrk closes its sockets then, and keygate records the hang-up.
+rows_check() { # path tokens keygates what summary-file
+    local path=$1 tokens=$2 kgs=$3 what=$4 summary=$5 served runs_conns billed=0 unbilled=0 gone=0 other=0 i
+    served=$(awk -F'\t' 'NR > 1 && $1 ~ /^kg-/ { n += $13 - $12 } END { print n + 0 }' "$TSV")
+    runs_conns=$(awk -F'\t' 'NR > 1 && $1 ~ /^kg-/ { n += $2 } END { print n + '"$CONNS"' * '"$kgs"' + 1 }' "$TSV")
+    for i in $(seq 1 20); do
+        read -r billed unbilled gone other <<<"$(path_rows "$path" "$tokens")"
+        [ "$billed" -gt "$served" ] && break
+        sleep 0.5
+    done
+    printf '\nrows for %s: %d billed with the %s'"'"'s %d tokens, %d answered without them, %d client hang-ups (499, at most %d: the connections of every wrk run), %d other; the keygates served %d in the rounds (plus the warm-up and the check)\n' \
+        "$path" "$billed" "$what" "$tokens" "$unbilled" "$gone" "$runs_conns" "$other" "$served" | tee -a "$summary"
+    [ "$billed" -gt "$served" ] || die "$what: fewer billed rows ($billed) than requests keygate served ($served)"
+    [ "$unbilled" -eq 0 ] && [ "$other" -eq 0 ] || die "$what: rows without the $what's tokens (see above)"
+    [ "$gone" -le "$runs_conns" ] || die "$what: more hang-ups ($gone) than connections in flight at the runs' ends"
 }
 
 post_script() { # name request -> a wrk script that POSTs the JSON request, written once
+    # (a long bracket: Lua takes the body's backslash escapes as they are)
     local file=$WORK/$1.lua
     [ -f "$file" ] || cat >"$file" <<LUA
 wrk.method = "POST"
-wrk.body = '$2'
+wrk.body = [==[$2]==]
 wrk.headers["Content-Type"] = "application/json"
 LUA
     echo "$file"
@@ -85,24 +106,7 @@ stream_pass() { # rounds
     log "streamed completions (POST, \"stream\": true, 22 events of about 4 KiB in all):"
     summarize "$TSV" | tee "$OUT/stream-summary.txt"
 
-    # Every request keygate answered in the rounds (2xx, counted by wrk) has its row with
-    # the stream's tokens, once the writer has caught up. The only other rows allowed
-    # are 499s from the requests in flight when a wrk run stopped (at most its
-    # connections, each run): wrk closes its sockets then, and keygate records the
-    # hang-up.
-    local served runs_conns billed=0 unbilled=0 gone=0 other=0 i
-    served=$(awk -F'\t' 'NR > 1 && $1 ~ /^kg-/ { n += $13 - $12 } END { print n + 0 }' "$TSV")
-    runs_conns=$(awk -F'\t' 'NR > 1 && $1 ~ /^kg-/ { n += $2 } END { print n + '"$CONNS"' * '"$((${#variants[@]} - 2))"' + 1 }' "$TSV")
-    for i in $(seq 1 20); do
-        read -r billed unbilled gone other <<<"$(stream_rows)"
-        [ "$billed" -gt "$served" ] && break
-        sleep 0.5
-    done
-    printf '\nrows for %s: %d billed with the stream'"'"'s 32 tokens, %d answered without them, %d client hang-ups (499, at most %d: the connections of every wrk run), %d other; the keygates served %d in the rounds (plus the warm-up and the check)\n' \
-        "$STREAM_PATH" "$billed" "$unbilled" "$gone" "$runs_conns" "$other" "$served" | tee -a "$OUT/stream-summary.txt"
-    [ "$billed" -gt "$served" ] || die "stream: fewer billed rows ($billed) than requests keygate served ($served)"
-    [ "$unbilled" -eq 0 ] && [ "$other" -eq 0 ] || die "stream: rows without the stream's tokens (see above)"
-    [ "$gone" -le "$runs_conns" ] || die "stream: more hang-ups ($gone) than connections in flight at the runs' ends"
+    rows_check "$STREAM_PATH" 32 $((${#variants[@]} - 2)) stream "$OUT/stream-summary.txt"
     TSV=$main_tsv
     [ "${LOAD_STREAM_PACED:-1}" = 0 ] || stream_paced "$rounds"
 }
