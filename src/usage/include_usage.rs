@@ -39,29 +39,50 @@ const ASK_OBJECT: &[u8] = br#"{"include_usage":true}"#;
 
 /// Reads `body` as the request's JSON and asks for usage when it streams without.
 pub fn ask(body: &[u8]) -> Asked {
-    // Most bodies that come this way are not streams and never say `stream`: such a
-    // body is left as it came whatever its JSON, so it need not be parsed. The parse
-    // runs at about 1.6 GiB/s, the search at 14 (`cargo bench --bench meter`); for a
-    // 3 KiB conversation the parse was a quarter of keygate's instructions for the
-    // request (docs/performance.md, round 21).
-    if !may_name_stream(body) {
+    // Most bodies that come this way are not streams: they never say `stream`, or say
+    // `"stream": false` once. Such a body is left as it came whatever its JSON, so it
+    // need not be parsed. The parse runs at about 1.6 GiB/s, the search at 14 (`cargo
+    // bench --bench meter`); for a 3 KiB conversation the parse was a quarter of
+    // keygate's instructions for the request (docs/performance.md, round 21).
+    if !may_stream(body) {
         return Asked::Unchanged;
     }
     parse_and_ask(body)
 }
 
-/// Whether any JSON string in `body` could decode to `stream` (or `stream_options`,
-/// which starts with it). Each of its letters is either written as itself or escaped
-/// as `\u0061`..`\u0074` (`\u006D` in upper case too): the letters of `stream` are
-/// U+0061..U+0074, and no other escape or surrogate pair decodes to an ASCII letter.
-/// So a body with neither the literal word nor a `\u006`/`\u007` escape names no
-/// `stream` member, and [`parse_and_ask`] would leave it unchanged. A `\\u0073` (an
-/// escaped backslash, then text) only costs the parse.
-fn may_name_stream(body: &[u8]) -> bool {
+/// Whether [`parse_and_ask`] could answer anything but `Unchanged`: only when `body`
+/// has a member `stream` whose value is `true`, or names `stream` or `stream_options`
+/// twice.
+///
+/// Each letter of those names is written either as itself or escaped as
+/// `\u0061`..`\u0074` (`\u006D` in upper case too): no other escape or surrogate pair
+/// decodes to an ASCII letter. So when the body has no `\u006`/`\u007` escape, every
+/// such name is the literal word in it. Then no mention of the word is no such member;
+/// and one mention is at most one such member, which streams only if it is the name
+/// `stream` followed by `:` and `true` (whitespace allowed around the colon). Two or
+/// more mentions, or an escape (a `\\u0073`, an escaped backslash, is one too), are
+/// left to the parse.
+fn may_stream(body: &[u8]) -> bool {
     // Searchers built once: building one per call cost more than a short body's scan.
     static WORD: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"stream"));
     static ESCAPES: LazyLock<[Finder<'static>; 2]> = LazyLock::new(|| [Finder::new(b"\\u006"), Finder::new(b"\\u007")]);
-    WORD.find(body).is_some() || ESCAPES.iter().any(|f| f.find(body).is_some())
+    let mut mentions = WORD.find_iter(body);
+    let Some(at) = mentions.next() else {
+        return ESCAPES.iter().any(|f| f.find(body).is_some());
+    };
+    if mentions.next().is_some() || ESCAPES.iter().any(|f| f.find(body).is_some()) {
+        return true;
+    }
+    let after = body.get(at + b"stream".len()..).unwrap_or_default();
+    let Some(value) = after.strip_prefix(b"\"") else {
+        return false;
+    };
+    let ws = |b: &&u8| matches!(b, b' ' | b'\t' | b'\n' | b'\r');
+    let mut rest = value.iter().skip_while(ws);
+    if rest.next() != Some(&b':') {
+        return false;
+    }
+    rest.find(|b| !ws(b)) == Some(&b't')
 }
 
 /// [`ask`] without the shortcut: the whole body parsed.

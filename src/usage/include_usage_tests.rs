@@ -82,6 +82,34 @@ fn a_body_that_never_says_stream_is_not_parsed_and_comes_out_the_same() {
 }
 
 #[test]
+fn one_stream_that_is_not_true_is_not_parsed_and_comes_out_the_same() {
+    for body in [
+        r#"{"model":"m","messages":[],"stream":false}"#,
+        r#"{"model":"m","stream" : null,"n":1}"#,
+        r#"{"stream_options":{"include_usage":true},"model":"m"}"#,
+        r#"{"model":"m","messages":[{"role":"user","content":"a stream of words"}]}"#,
+        r#"{"stream":"true"}"#,
+    ] {
+        assert!(!super::may_stream(body.as_bytes()), "{body}");
+        assert_eq!(ask(body.as_bytes()), Asked::Unchanged, "{body}");
+        assert_eq!(ask(body.as_bytes()), parse_and_ask(body.as_bytes()), "{body}");
+    }
+    // Whatever could stream, or be given twice, is parsed.
+    for body in [
+        r#"{"stream":true}"#,
+        "{\"stream\"\n:\ttrue}",
+        r#"{"stream":false,"stream":false}"#,
+        r#"{"stream":false,"stream_options":null}"#,
+        r#"{"stream":false,"note":"caf\u0065"}"#,
+        r#"{"upstream":true}"#,
+    ] {
+        assert!(super::may_stream(body.as_bytes()), "{body}");
+    }
+    assert_eq!(ask(b"{\"stream\":false,\"x\":\"\xff\"}"), Asked::Unchanged);
+    assert_eq!(ask(br#"{"stream":false,"stream":false}"#), Asked::Ambiguous);
+}
+
+#[test]
 fn what_is_not_a_stream_without_usage_goes_as_it_came() {
     for body in [
         r#"{"stream":true,"stream_options":{"include_usage":true}}"#,
@@ -115,6 +143,7 @@ fn a_member_given_twice_is_refused() {
     for body in [
         r#"{"stream":false,"stream":true}"#,
         r#"{"stream":true,"str\u0065am":false}"#,
+        r#"{"stream":false,"str\u0065am":true}"#,
         r#"{"stream":true,"stream_options":null,"stream_options":{"include_usage":true}}"#,
         r#"{"stream":true,"stream_options":{"include_usage":true,"include_usage":false}}"#,
     ] {
@@ -317,9 +346,10 @@ fn random_bodies_come_out_as_the_generator_says() {
     assert!(seen.iter().all(|&n| n > 500), "every outcome drawn often: {seen:?}");
 }
 
-/// Bodies of the shape real clients send, mostly without `stream`, with the pieces that
-/// decide the shortcut (the word in content, escapes of letters and of other text, an
-/// escaped backslash) in random places: the shortcut and the parse must agree.
+/// Bodies of the shape real clients send, mostly not streams, with the pieces that
+/// decide the shortcut in random places: the word in content and in other names,
+/// `stream` with every kind of value and spacing, once or twice, escapes of letters and
+/// of other text, an escaped backslash, cuts. The shortcut and the parse must agree.
 #[test]
 fn random_chat_bodies_get_the_same_answer_with_and_without_the_shortcut() {
     let pieces = [
@@ -343,30 +373,39 @@ fn random_chat_bodies_get_the_same_answer_with_and_without_the_shortcut() {
         "\"model\"",
         "\"messages\"",
         "\"stream\"",
+        "\"stream_options\"",
+        "\"upstream\"",
         "\"\\u0073tream\"",
         "\"max_tokens\"",
         "\"user\"",
     ];
     let mut rng = Rng::new(0x5eed_4321);
-    let mut shortcut = 0;
-    for _ in 0..20_000 {
+    let (mut shortcut, mut outcomes) = (0, [0usize; 4]);
+    for _ in 0..40_000 {
         let mut body = String::from("{");
         for i in 0..1 + rng.below(4) {
             if i > 0 {
                 body.push(',');
             }
             // Mostly names that are not `stream`, so most bodies take the shortcut.
-            let name = if rng.below(8) == 0 {
+            let name = if rng.below(3) == 0 {
                 names[rng.below(names.len())]
             } else {
                 names[rng.below(2)]
             };
             body.push_str(name);
-            body.push_str(":\"");
-            for _ in 0..rng.below(6) {
-                body.push_str(pieces[rng.below(pieces.len())]);
+            body.push_str([":", " : ", ":\n\t"][rng.below(3)]);
+            match rng.below(3) {
+                // A literal, as `stream` has; a string otherwise.
+                0 => body.push_str(["true", "false", "null", "tru", "1"][rng.below(5)]),
+                _ => {
+                    body.push('"');
+                    for _ in 0..rng.below(6) {
+                        body.push_str(pieces[rng.below(pieces.len())]);
+                    }
+                    body.push('"');
+                }
             }
-            body.push('"');
         }
         body.push('}');
         let cut = if rng.below(4) == 0 {
@@ -376,7 +415,18 @@ fn random_chat_bodies_get_the_same_answer_with_and_without_the_shortcut() {
         };
         let input = &body.as_bytes()[..cut];
         assert_eq!(ask(input), parse_and_ask(input), "{}", String::from_utf8_lossy(input));
-        shortcut += usize::from(!super::may_name_stream(input));
+        shortcut += usize::from(!super::may_stream(input));
+        outcomes[match ask(input) {
+            Asked::Unchanged => 0,
+            Asked::Rewritten(_) => 1,
+            Asked::AlreadyAsked => 2,
+            Asked::Ambiguous => 3,
+        }] += 1;
     }
-    assert!(shortcut > 5_000, "the shortcut was taken often: {shortcut}");
+    eprintln!("unchanged, rewritten, already asked, ambiguous: {outcomes:?}; shortcut {shortcut}");
+    assert!(shortcut > 10_000, "the shortcut was taken often: {shortcut}");
+    assert!(
+        outcomes[1] > 150 && outcomes[3] > 150,
+        "streams and duplicates drawn: {outcomes:?}"
+    );
 }
