@@ -4,7 +4,7 @@
 //! one event per frame as a streaming upstream sends them; and the 305-byte body of
 //! benches/load.sh's upstream, the per-request cost of metering a small completion.
 //! Group `stream_usage`: asking a streaming request body for its usage
-//! (`include_usage::ask`) on a 1.6 KB and a 100 KB chat request, on a 3 KB one that does
+//! (`include_usage::ask`) on a 1.6 KB and a 100 KB chat request, on a 2.4 KB one that does
 //! not stream (with and without saying `"stream":false`) and the same streaming, and
 //! taking the usage chunk out of the 1 MiB SSE stream (`UsageChunkFilter`), one event
 //! per frame.
@@ -137,13 +137,13 @@ fn stream_usage(c: &mut Criterion) {
     // A request that does not stream, without the word `stream` or with
     // `"stream":false` once, is not parsed; the same request streaming is.
     for (name, body, streams) in [
-        ("no_stream_3k", chat_request(20, "rivers", ""), false),
+        ("no_stream_2k4", chat_request(20, "rivers", ""), false),
         (
-            "stream_false_3k",
+            "stream_false_2k4",
             chat_request(20, "rivers", r#","stream":false"#),
             false,
         ),
-        ("stream_true_3k", chat_request(20, "rivers", r#","stream":true"#), true),
+        ("stream_true_2k4", chat_request(20, "rivers", r#","stream":true"#), true),
     ] {
         assert_eq!(matches!(ask(&body), Asked::Rewritten(_)), streams, "{name}");
         g.throughput(Throughput::Bytes(body.len() as u64));
