@@ -67,12 +67,11 @@ fn may_stream(body: &[u8]) -> bool {
     static WORD: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"stream"));
     static ESCAPES: LazyLock<[Finder<'static>; 2]> = LazyLock::new(|| [Finder::new(b"\\u006"), Finder::new(b"\\u007")]);
     let mut mentions = WORD.find_iter(body);
-    let Some(at) = mentions.next() else {
-        return ESCAPES.iter().any(|f| f.find(body).is_some());
-    };
+    let first = mentions.next();
     if mentions.next().is_some() || ESCAPES.iter().any(|f| f.find(body).is_some()) {
         return true;
     }
+    let Some(at) = first else { return false };
     let after = body.get(at + b"stream".len()..).unwrap_or_default();
     let Some(value) = after.strip_prefix(b"\"") else {
         return false;
