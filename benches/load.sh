@@ -458,7 +458,7 @@ side_rounds() { # rounds variant[=label]... : into a fresh $TSV, a warm-up of ea
     # table's names, so summarize's ratios work); then each variant's peak RSS into HWM
     # under its label. ROUND_PATH, ROUND_SCRIPT and ROUND_HEADER say what is sent;
     # ROUND_DURATION, when set, is every round's length. For the passes after the main
-    # table (load_stream.sh, the connection-per-request pass below).
+    # table (load_stream.sh, load_post.sh, the connection-per-request pass below).
     local rounds=$1 specs n c d r i v k
     shift
     specs=("$@") n=$#

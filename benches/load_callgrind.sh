@@ -50,7 +50,6 @@ callgrind_pass() { # variants... -> a table on stdout, also in $OUT/callgrind.tx
         if [ -n "${LOAD_CALLGRIND_POST:-}" ]; then
             # load_post.sh's non-streamed completion with a 3.2 KiB conversation.
             declare -F post_request >/dev/null || . benches/load_post.sh
-            declare -F post_script >/dev/null || . benches/load_stream.sh
             path=$POST_PATH script=(-s "$(post_script post "$(post_request)")")
         fi
         [ -z "${LOAD_CALLGRIND_CLOSE:-}" ] || script+=(-H 'Connection: close')

@@ -20,6 +20,8 @@
 # BODY AUTH side_rounds summarize log die; from load_stream.sh: post_script rows_check.
 
 POST_PATH=/v1/chat/post/completions
+# post_script (the wrk script) and rows_check (the billed-row check) are the stream pass's.
+declare -F post_script >/dev/null || . benches/load_stream.sh
 
 post_request() { # -> the request body: about 3.2 KiB, no `stream`
     local i j role text="" msgs="" system=""
@@ -37,7 +39,6 @@ post_request() { # -> the request body: about 3.2 KiB, no `stream`
 
 post_pass() { # rounds
     local rounds=$1 variants=(direct nginx kg-1key) v body script request
-    declare -F post_script >/dev/null || . benches/load_stream.sh
     request=$(post_request)
     script=$(post_script post "$request")
     # Extra one-key keygates (LOAD_EXTRA_BINS) join the rounds: an A/B of builds.
