@@ -194,3 +194,61 @@ fn string_runs_stop_at_the_first_quote_or_backslash() {
         assert_eq!(super::json_scan::string_run(&bytes), naive(&bytes), "{bytes:?}");
     }
 }
+
+#[test]
+fn every_field_is_named_by_its_key_and_nothing_else_is() {
+    const ALL: [Field; 8] = [
+        Field::Usage,
+        Field::Model,
+        Field::Message,
+        Field::Response,
+        Field::UsageMetadata,
+        Field::ModelVersion,
+        Field::PromptEvalCount,
+        Field::EvalCount,
+    ];
+    for f in ALL {
+        assert_eq!(Field::named(f.key()), Some(f), "{f:?}");
+        // Every longest key fits the buffer a key cut by a chunk's end is kept in.
+        assert!(f.key().len() <= 17, "{f:?}");
+        let mut longer = f.key().to_vec();
+        longer.push(b's');
+        assert_eq!(Field::named(&longer), None);
+        assert_eq!(Field::named(&f.key()[1..]), None);
+        assert_eq!(Field::named(&f.key().to_ascii_uppercase()), None);
+    }
+    assert_eq!(Field::named(b""), None);
+}
+
+/// What `scanned` reports for a body with `WANTED`, fed whole, cut at every point, and
+/// byte by byte: all three must agree.
+fn scanned_every_way(doc: &str) -> Vec<(Field, Value)> {
+    let bytes = doc.as_bytes();
+    let whole = scanned(bytes, &[]);
+    for c in 0..=bytes.len() {
+        assert_eq!(scanned(bytes, &[c]), whole, "{doc} cut at {c}");
+    }
+    let every: Vec<usize> = (1..bytes.len()).collect();
+    assert_eq!(scanned(bytes, &every), whole, "{doc} byte by byte");
+    whole
+}
+
+#[test]
+fn keys_are_compared_as_written_wherever_a_chunk_cuts_them() {
+    let usage = || serde_json::json!({ "total_tokens": 3 });
+    // The name as written, once with an escaped letter: names are compared undecoded, as
+    // the scan always has, so only the plain one is found.
+    let found = scanned_every_way(r#"{"us\u0061ge":{"total_tokens":9},"usage":{"total_tokens":3}}"#);
+    assert_eq!(found, vec![(Field::Usage, usage())]);
+    // An escaped quote in a key does not end it, at its end or its start.
+    let found = scanned_every_way(r#"{"usage\"":{"total_tokens":9},"\"usage":1,"usage":{"total_tokens":3}}"#);
+    assert_eq!(found, vec![(Field::Usage, usage())]);
+    // Longer than any wanted key, with a wanted one at its start, and the other way round.
+    let found = scanned_every_way(
+        r#"{"usageusageusageusage":{"total_tokens":9},"usag":2,"sage":2,"usage":{"total_tokens":3}}"#,
+    );
+    assert_eq!(found, vec![(Field::Usage, usage())]);
+    // The longest names, kept across a cut (nothing in WANTED wants them: not reported).
+    let found = scanned_every_way(r#"{"prompt_eval_count":1,"model":"m","usageMetadata":{}}"#);
+    assert_eq!(found, vec![(Field::Model, serde_json::json!("m"))]);
+}
