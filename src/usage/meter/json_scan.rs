@@ -221,7 +221,7 @@ impl JsonScan {
     /// captured value costs one copy per chunk it spans.
     ///
     /// Fewer turns of the loop per token, since a chat stream's events are mostly short
-    /// tokens (22% less time per event than the loop before, `benches/meter.rs`): a
+    /// tokens (a fifth less time per event than the loop before, `benches/meter.rs`): a
     /// string is read to its end in the turn that opens it, escapes stepped over in
     /// place; a key is named from the chunk where it lies, by one `match`, and only one
     /// cut by the chunk's end is copied.
