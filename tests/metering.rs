@@ -236,6 +236,18 @@ async fn only_completion_bodies_are_read_and_only_to_ask_for_usage() {
     post(&gw.url("/v1/completions"), &h, asked).await;
     post(&gw.url("/v1/chat/completions"), &h, r#"{"stream":false}"#).await;
     post(&off.url("/v1/chat/completions"), &h, plain).await;
+    // A chunked upload that does not stream: passed on whole, with its length.
+    let unasked = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+    let raw = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: {auth}\r\ntransfer-encoding: chunked\r\n\
+         connection: close\r\n\r\n{:x}\r\n{}\r\n{:x}\r\n{}\r\n0\r\n\r\n",
+        7,
+        &unasked[..7],
+        unasked.len() - 7,
+        &unasked[7..]
+    );
+    let raw = common::recorder::raw_exchange(gw.port, raw.as_bytes(), Duration::from_secs(5)).await;
+    assert!(String::from_utf8_lossy(&raw).starts_with("HTTP/1.1 200"));
 
     let seen = rec.log.seen();
     let bodies: Vec<String> = seen
@@ -251,11 +263,16 @@ async fn only_completion_bodies_are_read_and_only_to_ask_for_usage() {
             asked,
             r#"{"stream":false}"#,
             plain,
+            unasked,
         ]
     );
-    let first = &seen[0].headers;
-    assert_eq!(first["content-length"], bodies[0].len().to_string().as_str());
-    assert!(first.get("transfer-encoding").is_none());
+    // Each with one length, its body's: rewritten, the client's own kept, or made for
+    // a chunked upload; never beside a `Transfer-Encoding`.
+    for (s, body) in seen.iter().zip(&bodies) {
+        let lengths: Vec<_> = s.headers.get_all("content-length").iter().collect();
+        assert_eq!(lengths, [body.len().to_string().as_str()], "{body}");
+        assert!(s.headers.get("transfer-encoding").is_none(), "{body}");
+    }
 }
 
 #[tokio::test]

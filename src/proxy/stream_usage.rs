@@ -179,8 +179,19 @@ pub async fn ask(
     })
 }
 
+/// `parts` with `Content-Length: len`. A client's own single value that already says
+/// `len` is kept: writing the number again allocated a header value, about 700
+/// instructions of a completion request (round 22). Any other (a chunked upload, a
+/// rewritten body, repeated values) is replaced.
 fn with_length(mut parts: http::request::Parts, len: usize) -> http::request::Parts {
-    parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    let mut values = parts.headers.get_all(header::CONTENT_LENGTH).iter();
+    let says_len = values.next().is_some_and(|v| {
+        let mut digits = itoa::Buffer::new();
+        v.as_bytes() == digits.format(len).as_bytes()
+    });
+    if !(says_len && values.next().is_none()) {
+        parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    }
     parts
 }
 
