@@ -227,9 +227,6 @@ impl JsonScan {
     /// cut by the chunk's end is copied.
     pub(crate) fn feed<F: FnMut(Field, &[u8])>(&mut self, chunk: &[u8], sink: &mut F) {
         let (mut depth, mut in_string, mut escaped) = (self.depth, self.in_string, self.escaped);
-        // Read at every token, so kept in registers too rather than in `self` (which the
-        // calls below take mutably, so the compiler reloaded them after each).
-        let (mut key_depth, mut expect_key, mut reading_key) = (self.key_depth, self.expect_key, self.reading_key);
         let mut i = 0;
         // Start of the bytes not yet handed to the capture (a no-op when none is open).
         let mut kept = 0;
@@ -237,6 +234,7 @@ impl JsonScan {
         let mut key_from = 0;
         while let Some(rest) = chunk.get(i..).filter(|r| !r.is_empty()) {
             if !in_string {
+                let key_depth = self.key_depth;
                 if depth > key_depth {
                     // Inside a nested value only quotes and brackets count.
                     i += rest
@@ -262,9 +260,9 @@ impl JsonScan {
                     match b {
                         b'"' => {
                             in_string = true;
-                            if depth == key_depth && expect_key && self.capture.is_none() {
-                                expect_key = false;
-                                reading_key = true;
+                            if depth == key_depth && self.expect_key && self.capture.is_none() {
+                                self.expect_key = false;
+                                self.reading_key = true;
                                 self.key_len = 0;
                                 self.pending = None;
                                 key_from = i;
@@ -274,12 +272,12 @@ impl JsonScan {
                             if depth == 0 {
                                 // A new document (NDJSON-like bodies, or the next SSE event after reset).
                                 self.top_object = b == b'{';
-                                expect_key = self.top_object;
-                                key_depth = 1;
+                                self.expect_key = self.top_object;
+                                self.key_depth = 1;
                             }
                             if std::mem::take(&mut self.descend) && b == b'{' {
-                                key_depth = 2;
-                                expect_key = true;
+                                self.key_depth = 2;
+                                self.expect_key = true;
                             }
                             depth = depth.saturating_add(1);
                         }
@@ -289,8 +287,8 @@ impl JsonScan {
                                 kept = i;
                                 self.finish(sink);
                                 // A descended-into object ends as a value at depth 1.
-                                key_depth = 1;
-                                expect_key = false;
+                                self.key_depth = 1;
+                                self.expect_key = false;
                             }
                             // Saturating: a stray closer in garbage must not wrap the depth.
                             depth = depth.saturating_sub(1);
@@ -299,7 +297,7 @@ impl JsonScan {
                             self.keep_all(chunk.get(kept..at).unwrap_or_default());
                             kept = i;
                             self.finish(sink);
-                            expect_key = self.top_object;
+                            self.expect_key = self.top_object;
                         }
                         b':' if depth == key_depth => {
                             self.keep_all(chunk.get(kept..at).unwrap_or_default());
@@ -335,17 +333,16 @@ impl JsonScan {
             }
             i += 1;
             in_string = false;
-            if std::mem::take(&mut reading_key) {
-                self.pending = self.key_read(chunk.get(key_from..i - 1).unwrap_or_default(), key_depth);
+            if std::mem::take(&mut self.reading_key) {
+                self.pending = self.key_read(chunk.get(key_from..i - 1).unwrap_or_default());
             }
         }
-        if reading_key {
+        if self.reading_key {
             // The chunk ended inside a key: keep what came of it for the next one.
             self.key_bytes(chunk.get(key_from..).unwrap_or_default());
         }
         self.keep_all(chunk.get(kept..).unwrap_or_default());
         (self.depth, self.in_string, self.escaped) = (depth, in_string, escaped);
-        (self.key_depth, self.expect_key, self.reading_key) = (key_depth, expect_key, reading_key);
     }
 
     /// A `:` at the key depth: the value of a wanted key starts after it.
@@ -393,7 +390,7 @@ impl JsonScan {
     /// The key ended with `tail`, its bytes in the chunk where it ended: the wanted field
     /// it names here, if any. Names are compared as written, escapes and all (no wanted
     /// one has a backslash), so a key with an escape in it is never wanted.
-    fn key_read(&mut self, tail: &[u8], key_depth: u32) -> Option<Field> {
+    fn key_read(&mut self, tail: &[u8]) -> Option<Field> {
         let name = if self.key_len == 0 {
             tail
         } else {
@@ -402,7 +399,7 @@ impl JsonScan {
             self.key.get(..self.key_len)?
         };
         let field = Field::named(name)?;
-        (self.wanted & field.bit() != 0 && (key_depth == 1 || field.leaf())).then_some(field)
+        (self.wanted & field.bit() != 0 && (self.key_depth == 1 || field.leaf())).then_some(field)
     }
 
     /// The value at depth 1 ended (`,` or `}`): report it when it was wanted and fitted.
