@@ -93,7 +93,7 @@ const CAPTURE_START: usize = 256;
 
 /// Longest wanted key ("prompt_eval_count"); longer keys are recognised as "not wanted"
 /// by length.
-const KEY_MAX: usize = 17;
+pub(super) const KEY_MAX: usize = 17;
 
 /// Byte classes for [`JsonScan::feed`]'s runs outside strings: which bytes end a run in
 /// a nested value, and at the top level. (Runs inside strings are [`string_run`]'s.)

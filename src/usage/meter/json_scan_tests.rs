@@ -5,7 +5,7 @@
 
 use serde_json::Value;
 
-use super::json_scan::{Field, JsonScan};
+use super::json_scan::{Field, JsonScan, KEY_MAX};
 use super::tests::Rng;
 
 const WANTED: &[Field] = &[Field::Usage, Field::Model, Field::Message, Field::Response];
@@ -197,20 +197,12 @@ fn string_runs_stop_at_the_first_quote_or_backslash() {
 
 #[test]
 fn every_field_is_named_by_its_key_and_nothing_else_is() {
-    const ALL: [Field; 8] = [
-        Field::Usage,
-        Field::Model,
-        Field::Message,
-        Field::Response,
-        Field::UsageMetadata,
-        Field::ModelVersion,
-        Field::PromptEvalCount,
-        Field::EvalCount,
-    ];
-    for f in ALL {
+    // Every field the meter can want, in JSON bodies or in SSE events.
+    let wanted = super::JSON_FIELDS.iter().chain(super::SSE_FIELDS);
+    for &f in wanted {
         assert_eq!(Field::named(f.key()), Some(f), "{f:?}");
-        // Every longest key fits the buffer a key cut by a chunk's end is kept in.
-        assert!(f.key().len() <= 17, "{f:?}");
+        // Every key fits the buffer a key cut by a chunk's end is kept in.
+        assert!(f.key().len() <= KEY_MAX, "{f:?}");
         let mut longer = f.key().to_vec();
         longer.push(b's');
         assert_eq!(Field::named(&longer), None);
