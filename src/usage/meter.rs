@@ -15,6 +15,9 @@
 mod flat;
 #[cfg(test)]
 mod flat_tests;
+mod json_blocks;
+#[cfg(test)]
+mod json_blocks_tests;
 mod json_scan;
 #[cfg(test)]
 mod json_scan_tests;

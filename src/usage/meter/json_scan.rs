@@ -1,7 +1,7 @@
 //! A streaming, allocation-free finder for chosen top-level keys of a JSON object.
 //!
-//! Owns the byte-level structure of JSON as it streams past: nesting depth, strings and
-//! their escapes, which string at depth 1 is a key, and a bounded copy of the raw value of
+//! Owns what JSON's structure means as it streams past: nesting depth, which string at
+//! depth 1 is a key, and a bounded copy of the raw value of
 //! each wanted key (`"usage"`, `"model"`, …), handed to a sink once the value is complete.
 //! One wanted key, `"response"`, is looked into instead: its object's own `usage` and
 //! `model` are found the same way one level down (OpenAI's Responses API puts them there
@@ -10,7 +10,10 @@
 //! (a message that talks about usage) or inside a nested object is never mistaken for the
 //! real one, key order does not matter, and memory stays at one capture buffer whatever the
 //! body size. It does not validate JSON (garbage is skipped, never rejected), does not
-//! decode values (the sink does), and knows nothing of SSE framing (see `sse`).
+//! decode values (the sink does), and knows nothing of SSE framing (see `sse`). Where
+//! the quotes, brackets and strings are is `json_blocks`' part.
+
+use super::json_blocks::{above, Carry, Marks, BLOCK};
 
 /// Top-level keys the meter cares about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,49 +98,6 @@ const CAPTURE_START: usize = 256;
 /// by length.
 pub(super) const KEY_MAX: usize = 17;
 
-/// Byte classes for [`JsonScan::feed`]'s runs outside strings: which bytes end a run in
-/// a nested value, and at the top level. (Runs inside strings are [`string_run`]'s.)
-const NESTED: u8 = 1;
-const TOP: u8 = 2;
-const CLASS: [u8; 256] = {
-    let mut t = [0u8; 256];
-    t[b'"' as usize] = NESTED | TOP;
-    let mut i = 0;
-    let brackets = *b"{}[]";
-    while i < brackets.len() {
-        t[brackets[i] as usize] = NESTED | TOP;
-        i += 1;
-    }
-    t[b',' as usize] = TOP;
-    t[b':' as usize] = TOP;
-    t
-};
-
-/// Length of the run of ordinary string bytes at the start of `bytes`: up to the first
-/// quote or backslash. Eight bytes at a time (the zero-byte test of Hacker's Delight,
-/// 6-1), as message content is most of a chat body; the first match it reports is exact,
-/// because a false positive can only sit above a true one.
-pub(super) fn string_run(bytes: &[u8]) -> usize {
-    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
-    const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
-    const QUOTES: u64 = u64::from_ne_bytes([b'"'; 8]);
-    const SLASHES: u64 = u64::from_ne_bytes([b'\\'; 8]);
-    let zero_in = |v: u64| v.wrapping_sub(ONES) & !v & HIGHS;
-    let mut at = 0;
-    while let Some(word) = bytes.get(at..at + 8) {
-        let mut w = [0u8; 8];
-        w.copy_from_slice(word);
-        let v = u64::from_le_bytes(w);
-        let hits = zero_in(v ^ QUOTES) | zero_in(v ^ SLASHES);
-        if hits != 0 {
-            return at + (hits.trailing_zeros() / 8) as usize;
-        }
-        at += 8;
-    }
-    let tail = bytes.get(at..).unwrap_or_default();
-    at + tail.iter().position(|&c| c == b'"' || c == b'\\').unwrap_or(tail.len())
-}
-
 #[derive(Debug)]
 pub(crate) struct JsonScan {
     /// The wanted fields, a bit each ([`Field::bit`]).
@@ -147,9 +107,8 @@ pub(crate) struct JsonScan {
     key_depth: u32,
     /// A `"response"` key's `:` was read: if its value is an object, descend into it.
     descend: bool,
-    in_string: bool,
-    /// The previous byte was a backslash inside a string, so this one cannot end it.
-    escaped: bool,
+    /// Whether the next byte is in a string, or escaped ([`json_blocks`](super::json_blocks)).
+    carry: Carry,
     /// The current document's outermost value is an object; only then are depth-1 strings keys.
     top_object: bool,
     /// At depth 1 the next string starts a key (after `{` or `,`), not a value.
@@ -179,8 +138,7 @@ impl JsonScan {
             depth: 0,
             key_depth: 1,
             descend: false,
-            in_string: false,
-            escaped: false,
+            carry: Carry::default(),
             top_object: false,
             expect_key: false,
             reading_key: false,
@@ -212,137 +170,134 @@ impl JsonScan {
     /// Scans `chunk`; calls `sink(field, raw_value)` for each wanted top-level key whose
     /// value completed in it. Chunk boundaries may fall anywhere, even inside an escape.
     ///
-    /// The hot state (depth, string, escape) lives in locals for the whole chunk. Runs of
-    /// bytes that cannot change it go at once: strings a word at a time
-    /// ([`string_run`]), the rest through a class table (not memchr: strings and numbers in
-    /// chat bodies are short, where its set-up cost more than it saved). A value being
-    /// captured is not copied byte by byte: the capture takes each span of the chunk
-    /// between the bytes it must not keep (the key depth's `,` `:` and closers), so a
-    /// captured value costs one copy per chunk it spans.
-    ///
-    /// Fewer turns of the loop per token, since a chat stream's events are mostly short
-    /// tokens (a fifth less time per event than the loop before, `benches/meter.rs`): a
-    /// string is read to its end in the turn that opens it, escapes stepped over in
-    /// place; a key is named from the chunk where it lies, by one `match`, and only one
-    /// cut by the chunk's end is copied.
+    /// 64 bytes at a time: [`json_blocks`](super::json_blocks) marks the block's quotes,
+    /// and its brackets, commas and colons outside strings, as bits, and only the bytes
+    /// that can matter are visited, in order: at the key depth its separators and
+    /// brackets, and quotes only while a key is expected or read; inside a nested value
+    /// its brackets alone. A chat completion's `choices`, most of a streamed event, is
+    /// crossed without looking at its strings, keys or separators one by one. A value being captured is not copied byte by byte: the capture takes
+    /// each span of the chunk between the bytes it must not keep (the key depth's `,`
+    /// `:` and closers), so a captured value costs one copy per chunk it spans.
     pub(crate) fn feed<F: FnMut(Field, &[u8])>(&mut self, chunk: &[u8], sink: &mut F) {
-        let (mut depth, mut in_string, mut escaped) = (self.depth, self.in_string, self.escaped);
-        let mut i = 0;
+        let mut depth = self.depth;
+        let mut carry = self.carry;
         // Start of the bytes not yet handed to the capture (a no-op when none is open).
         let mut kept = 0;
         // Where the key being read starts in this chunk (0 when it began in an earlier one).
         let mut key_from = 0;
-        while let Some(rest) = chunk.get(i..).filter(|r| !r.is_empty()) {
-            if !in_string {
-                let key_depth = self.key_depth;
-                if depth > key_depth {
-                    // Inside a nested value only quotes and brackets count.
-                    i += rest
-                        .iter()
-                        .position(|&c| CLASS[usize::from(c)] & NESTED != 0)
-                        .unwrap_or(rest.len());
-                    let Some(&b) = chunk.get(i) else { break };
-                    i += 1;
-                    match b {
-                        b'"' => in_string = true,
-                        b'{' | b'[' => depth = depth.saturating_add(1),
-                        _ => depth = depth.saturating_sub(1),
+        let mut base = 0;
+        while let Some(rest) = chunk.get(base..).filter(|r| !r.is_empty()) {
+            let mut padded = [0u8; BLOCK];
+            let (block, len) = match rest.get(..BLOCK).and_then(|b| <&[u8; BLOCK]>::try_from(b).ok()) {
+                Some(block) => (block, BLOCK),
+                None => {
+                    // The chunk's last bytes: the zeros after them are none of the classes.
+                    if let Some(dst) = padded.get_mut(..rest.len()) {
+                        dst.copy_from_slice(rest);
                     }
-                } else {
-                    // At the key depth (or above it): the separators count too.
-                    i += rest
-                        .iter()
-                        .position(|&c| CLASS[usize::from(c)] & TOP != 0)
-                        .unwrap_or(rest.len());
-                    let Some(&b) = chunk.get(i) else { break };
-                    let at = i;
-                    i += 1;
-                    match b {
-                        b'"' => {
-                            in_string = true;
-                            if depth == key_depth && self.expect_key && self.capture.is_none() {
-                                self.expect_key = false;
+                    (&padded, rest.len())
+                }
+            };
+            let marks = Marks::of(block, len, &mut carry);
+            let mut events = if depth > self.key_depth {
+                marks.brackets
+            } else {
+                marks.at_keys(self.expect_key || self.reading_key)
+            };
+            while events != 0 {
+                let p = events.trailing_zeros();
+                // Cleared here, not recomputed from the state: the next byte's position
+                // then never waits on this one's work (a recompute per byte cost a
+                // fifth more time per streamed event, benches/meter.rs).
+                events &= events - 1;
+                let at = base + p as usize;
+                let Some(&b) = block.get(p as usize) else { break };
+                match b {
+                    // A quote that opens a key.
+                    b'"' if (marks.inside >> p) & 1 != 0
+                        && depth == self.key_depth
+                        && self.expect_key
+                        && self.capture.is_none() =>
+                    {
+                        self.expect_key = false;
+                        self.key_len = 0;
+                        key_from = at + 1;
+                        // A key ends at the next quote: in this block, it is read now.
+                        match marks.quotes & above(p) {
+                            0 => {
                                 self.reading_key = true;
-                                self.key_len = 0;
                                 self.pending = None;
-                                key_from = i;
+                            }
+                            end => {
+                                let end = base + end.trailing_zeros() as usize;
+                                self.pending = self.key_read(chunk.get(key_from..end).unwrap_or_default());
+                                events &= !marks.quotes;
                             }
                         }
-                        b'{' | b'[' => {
-                            if depth == 0 {
-                                // A new document (NDJSON-like bodies, or the next SSE event after reset).
-                                self.top_object = b == b'{';
-                                self.expect_key = self.top_object;
-                                self.key_depth = 1;
-                            }
-                            if std::mem::take(&mut self.descend) && b == b'{' {
-                                self.key_depth = 2;
-                                self.expect_key = true;
-                            }
-                            depth = depth.saturating_add(1);
-                        }
-                        b'}' | b']' => {
-                            if depth == key_depth {
-                                self.keep_all(chunk.get(kept..at).unwrap_or_default());
-                                kept = i;
-                                self.finish(sink);
-                                // A descended-into object ends as a value at depth 1.
-                                self.key_depth = 1;
-                                self.expect_key = false;
-                            }
-                            // Saturating: a stray closer in garbage must not wrap the depth.
-                            depth = depth.saturating_sub(1);
-                        }
-                        b',' if depth == key_depth => {
-                            self.keep_all(chunk.get(kept..at).unwrap_or_default());
-                            kept = i;
-                            self.finish(sink);
-                            self.expect_key = self.top_object;
-                        }
-                        b':' if depth == key_depth => {
-                            self.keep_all(chunk.get(kept..at).unwrap_or_default());
-                            kept = i;
-                            self.colon();
-                        }
-                        _ => {}
                     }
+                    // The end of a key that began in an earlier block or chunk.
+                    b'"' if (marks.inside >> p) & 1 == 0 && self.reading_key => {
+                        self.reading_key = false;
+                        self.pending = self.key_read(chunk.get(key_from..at).unwrap_or_default());
+                        events &= !marks.quotes;
+                    }
+                    b'{' | b'[' => {
+                        if depth == 0 {
+                            // A new document (NDJSON-like bodies, or the next SSE event after reset).
+                            self.top_object = b == b'{';
+                            self.expect_key = self.top_object;
+                            self.key_depth = 1;
+                        }
+                        if std::mem::take(&mut self.descend) && b == b'{' {
+                            self.key_depth = 2;
+                            self.expect_key = true;
+                        }
+                        depth = depth.saturating_add(1);
+                    }
+                    b'}' | b']' => {
+                        if depth == self.key_depth {
+                            self.keep_all(chunk.get(kept..at).unwrap_or_default());
+                            kept = at + 1;
+                            self.finish(sink);
+                            // A descended-into object ends as a value at depth 1.
+                            self.key_depth = 1;
+                            self.expect_key = false;
+                        }
+                        // Saturating: a stray closer in garbage must not wrap the depth.
+                        depth = depth.saturating_sub(1);
+                    }
+                    b',' if depth == self.key_depth => {
+                        self.keep_all(chunk.get(kept..at).unwrap_or_default());
+                        kept = at + 1;
+                        self.finish(sink);
+                        self.expect_key = self.top_object;
+                        events = marks.at_keys(self.expect_key || self.reading_key) & above(p);
+                    }
+                    b':' if depth == self.key_depth => {
+                        self.keep_all(chunk.get(kept..at).unwrap_or_default());
+                        kept = at + 1;
+                        self.colon();
+                    }
+                    _ => {}
                 }
-                if !in_string {
-                    continue;
-                }
-                // A string just opened: its run is read in this same turn of the loop.
-            } else if escaped {
-                // The byte after a backslash that ended the last chunk: it never ends the string.
-                escaped = false;
-                i += 1;
-            }
-            // To the string's end, escapes stepped over in place.
-            loop {
-                i += string_run(chunk.get(i..).unwrap_or_default());
-                match chunk.get(i) {
-                    Some(b'"') => break,
-                    // A backslash: the byte after it is part of the string, whatever it is.
-                    Some(_) => i += 2,
-                    None => break,
+                if marks.brackets & (1 << p) != 0 {
+                    // The depth changed: a nested value hides all but its brackets, and
+                    // leaving one shows the rest of the block again.
+                    events = if depth > self.key_depth {
+                        events & marks.brackets
+                    } else {
+                        marks.at_keys(self.expect_key || self.reading_key) & above(p)
+                    };
                 }
             }
-            if i >= chunk.len() {
-                // The chunk ended in the string, maybe right after a backslash.
-                escaped = i > chunk.len();
-                break;
-            }
-            i += 1;
-            in_string = false;
-            if std::mem::take(&mut self.reading_key) {
-                self.pending = self.key_read(chunk.get(key_from..i - 1).unwrap_or_default());
-            }
+            base += len;
         }
         if self.reading_key {
             // The chunk ended inside a key: keep what came of it for the next one.
             self.key_bytes(chunk.get(key_from..).unwrap_or_default());
         }
         self.keep_all(chunk.get(kept..).unwrap_or_default());
-        (self.depth, self.in_string, self.escaped) = (depth, in_string, escaped);
+        (self.depth, self.carry) = (depth, carry);
     }
 
     /// A `:` at the key depth: the value of a wanted key starts after it.

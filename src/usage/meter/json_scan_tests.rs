@@ -175,27 +175,6 @@ fn random_documents_yield_what_was_put_there_however_they_are_cut() {
 }
 
 #[test]
-fn string_runs_stop_at_the_first_quote_or_backslash() {
-    let naive = |b: &[u8]| b.iter().position(|&c| c == b'"' || c == b'\\').unwrap_or(b.len());
-    // Bytes next to the two stops and the ones the word trick borrows across.
-    const ALPHABET: [u8; 12] = [b'"', b'\\', b'a', 0x00, 0x01, 0x21, 0x23, 0x5b, 0x5d, 0x7f, 0x80, 0xff];
-    let mut rng = Rng::new(77);
-    for _ in 0..20_000 {
-        let len = rng.below(40);
-        let bytes: Vec<u8> = (0..len)
-            .map(|_| {
-                if rng.below(6) == 0 {
-                    ALPHABET[rng.below(2)]
-                } else {
-                    ALPHABET[2 + rng.below(ALPHABET.len() - 2)]
-                }
-            })
-            .collect();
-        assert_eq!(super::json_scan::string_run(&bytes), naive(&bytes), "{bytes:?}");
-    }
-}
-
-#[test]
 fn every_field_is_named_by_its_key_and_nothing_else_is() {
     // Every field the meter can want, in JSON bodies or in SSE events.
     let wanted = super::JSON_FIELDS.iter().chain(super::SSE_FIELDS);
