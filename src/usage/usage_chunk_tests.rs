@@ -92,6 +92,11 @@ data: {"type":"response.completed","response":{"usage":{"total_tokens":48}}}"#,
         r#"data: {"choices":{},"usage":{"total_tokens":3}}"#,
         r#"data: {"choices":[],"usage":null}"#,
         r#"data: not json "usage""#,
+        // Past the text check (a line end after the colon), the parse decides: usage
+        // that is no object, or an object that is no JSON.
+        "data: {\"choices\":[],\"usage\":\ndata: [1]}",
+        "data: {\"choices\":[],\"usage\":\ndata: 7}",
+        r#"data: {"choices":[],"usage":{"total_tokens":}}"#,
     ];
     for event in kept {
         let stream = format!("{event}\n\ndata: [DONE]\n\n");
