@@ -26,7 +26,6 @@ use super::bounded::DeadlineExceeded;
 use crate::config::Pricing;
 use crate::model::AuthRecord;
 use crate::usage::meter::{cost_micros, TokenMeter};
-use crate::usage::usage_chunk::UsageSeen;
 use crate::usage::writer::UsageSink;
 use crate::usage::{self, UsageRecord};
 
@@ -182,9 +181,6 @@ where
     pricing: Arc<Pricing>,
     /// The client has gone and this is the drain: the row says so however it ends.
     gone: bool,
-    /// Where the meter's count of usage values goes for the usage-chunk filter, when
-    /// one reads this body after it (`stream_usage::without_usage_chunk`).
-    seen: Option<UsageSeen>,
 }
 
 impl<B> Metered<B>
@@ -193,7 +189,6 @@ where
 {
     /// `from_upstream`: the body is the upstream's (tokens are read from it, and its
     /// status classifies the row); otherwise keygate answered and `pending` holds why.
-    /// `seen`: where to publish the meter's count of usage values after each frame.
     pub fn wrap(
         resp: http::Response<B>,
         mut pending: PendingUsage,
@@ -201,7 +196,6 @@ where
         tokens_header: Option<&http::HeaderName>,
         sink: UsageSink,
         pricing: Arc<Pricing>,
-        seen: Option<&UsageSeen>,
     ) -> http::Response<ProxyBody> {
         let status = resp.status();
         pending.record.status_code = i32::from(status.as_u16());
@@ -225,11 +219,6 @@ where
                 pending.set_error(code, message);
             }
         }
-        // Published only by a meter that reads the body: otherwise the filter tests
-        // every event itself.
-        let seen = seen
-            .filter(|_| meter.as_ref().is_some_and(TokenMeter::reads_body))
-            .cloned();
         resp.map(|inner| {
             http_body_util::BodyExt::boxed_unsync(Metered {
                 inner: Some(inner),
@@ -238,7 +227,6 @@ where
                 sink,
                 pricing,
                 gone: false,
-                seen,
             })
         })
     }
@@ -268,8 +256,6 @@ where
             sink: self.sink.clone(),
             pricing: self.pricing.clone(),
             gone: true,
-            // No filter reads the drain: the client has gone.
-            seen: None,
         };
         rt.spawn(async move {
             let read = async { while let Some(Ok(_)) = http_body_util::BodyExt::frame(&mut rest).await {} };
@@ -327,9 +313,6 @@ where
             Poll::Ready(Some(Ok(frame))) => {
                 if let (Some(meter), Some(data)) = (this.meter.as_mut(), frame.data_ref()) {
                     meter.feed(data);
-                    if let Some(seen) = &this.seen {
-                        seen.publish(meter.usage_values());
-                    }
                 }
                 if inner.is_end_stream() {
                     this.finish(end);
@@ -412,7 +395,7 @@ mod tests {
                 .header(header::CONTENT_TYPE, content_type)
                 .body(body)
                 .expect("response");
-            let resp = Metered::wrap(resp, pending, true, None, sink, Arc::new(Pricing::default()), None);
+            let resp = Metered::wrap(resp, pending, true, None, sink, Arc::new(Pricing::default()));
             let mut body = resp.into_body();
             assert!(http_body_util::BodyExt::frame(&mut body).await.is_some());
             drop(body);

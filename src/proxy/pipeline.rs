@@ -31,7 +31,6 @@ use crate::config::ServerConfig;
 use crate::keys::PresentedKey;
 use crate::limits::{Concurrency, Decision, KeyLimits, LimitKind, Limiter, Slot};
 use crate::model::AuthRecord;
-use crate::usage::usage_chunk::UsageSeen;
 use crate::usage::writer::UsageSink;
 
 pub struct Proxy {
@@ -96,19 +95,15 @@ impl Proxy {
         Ok(match self.proxy(req, peer, &live, &mut trace, &mut pending.0).await {
             // keygate asked for the usage chunk, so it is not the client's to see; the
             // meter inside has read it by then.
-            Ok((resp, true)) => {
-                let seen = UsageSeen::new();
-                let resp = self.finish(resp, None, trace, pending, &live, Some(&seen));
-                stream_usage::without_usage_chunk(resp, seen)
-            }
-            Ok((resp, false)) => self.finish(resp, None, trace, pending, &live, None),
+            Ok((resp, true)) => stream_usage::without_usage_chunk(self.finish(resp, None, trace, pending, &live)),
+            Ok((resp, false)) => self.finish(resp, None, trace, pending, &live),
             Err(f) => {
                 if let Some(p) = pending.0.as_mut() {
                     p.set_error(f.reject.code(), f.reject.message());
                 }
                 let code = Some(f.reject.code());
                 let resp = f.reject.into_response(f.rate.as_ref());
-                self.finish(resp, code, trace, pending, &live, None)
+                self.finish(resp, code, trace, pending, &live)
             }
         })
     }
@@ -123,7 +118,6 @@ impl Proxy {
         mut trace: Trace,
         mut pending: Unanswered<'_>,
         live: &Reloadable,
-        seen: Option<&UsageSeen>,
     ) -> Response<ProxyBody>
     where
         B: http_body::Body<Data = bytes::Bytes, Error = super::body::BoxError> + Send + Unpin + 'static,
@@ -145,7 +139,6 @@ impl Proxy {
                 live.tokens_header.as_ref(),
                 sink.clone(),
                 live.pricing.clone(),
-                seen,
             ),
             _ => resp.map(BodyExt::boxed_unsync),
         }

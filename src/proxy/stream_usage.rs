@@ -31,7 +31,7 @@ use hyper::body::Incoming;
 use super::body::{BodyVerdict, BoxError, LimitedBody, ProxyBody, UpstreamBody};
 use super::error::Reject;
 use crate::usage::include_usage::{self, Asked};
-use crate::usage::usage_chunk::{UsageChunkFilter, UsageSeen};
+use crate::usage::usage_chunk::UsageChunkFilter;
 
 /// Whether a request may be a streamed completion: its path, or the lenient reading a
 /// router might route it by, ends in `/completions`, in any case, trailing slashes
@@ -198,9 +198,7 @@ fn with_length(mut parts: http::request::Parts, len: usize) -> http::request::Pa
 /// The answer to a request keygate asked usage for: a successful event stream loses its
 /// usage-only chunk, and with it any `Content-Length` (the client gets fewer bytes).
 /// Anything else (an error, JSON) goes as it is.
-/// `seen` is the count the meter inside publishes, so only events where it moved are
-/// parsed.
-pub fn without_usage_chunk(resp: Response<ProxyBody>, seen: UsageSeen) -> Response<ProxyBody> {
+pub fn without_usage_chunk(resp: Response<ProxyBody>) -> Response<ProxyBody> {
     let streaming = resp.status().is_success()
         && resp
             .headers()
@@ -213,7 +211,7 @@ pub fn without_usage_chunk(resp: Response<ProxyBody>, seen: UsageSeen) -> Respon
     parts.headers.remove(header::CONTENT_LENGTH);
     let body = WithoutUsageChunk {
         inner: body,
-        filter: UsageChunkFilter::with_seen(seen),
+        filter: UsageChunkFilter::new(),
         trailers: None,
         ended: false,
     };
@@ -312,17 +310,14 @@ mod tests {
     #[tokio::test]
     async fn only_a_successful_event_stream_is_filtered() {
         let usage = "data: {\"choices\":[],\"usage\":{\"total_tokens\":3}}\n\n";
-        let resp = without_usage_chunk(
-            sse(
-                vec!["data: {\"choices\":[{}]}\n\nda", "ta: [DONE]\n\n", usage],
-                "Text/Event-Stream; charset=utf-8",
-            ),
-            UsageSeen::new(),
-        );
+        let resp = without_usage_chunk(sse(
+            vec!["data: {\"choices\":[{}]}\n\nda", "ta: [DONE]\n\n", usage],
+            "Text/Event-Stream; charset=utf-8",
+        ));
         assert!(resp.headers().get(header::CONTENT_LENGTH).is_none());
         let body = resp.into_body().collect().await.expect("body").to_bytes();
         assert_eq!(&body[..], b"data: {\"choices\":[{}]}\n\ndata: [DONE]\n\n");
-        let resp = without_usage_chunk(sse(vec![usage], "application/json"), UsageSeen::new());
+        let resp = without_usage_chunk(sse(vec![usage], "application/json"));
         assert_eq!(resp.headers()[header::CONTENT_LENGTH], "999");
         let body = resp.into_body().collect().await.expect("body").to_bytes();
         assert_eq!(&body[..], usage.as_bytes());

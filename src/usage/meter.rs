@@ -142,13 +142,6 @@ impl TokenMeter {
         }
     }
 
-    /// How many `usage` values other than `null` the body has had so far, whether or not
-    /// they were read as counts: what the usage-chunk filter reading the same stream
-    /// after this meter needs to know ([`UsageSeen`](super::usage_chunk::UsageSeen)).
-    pub fn usage_values(&self) -> u64 {
-        self.seen.usage_values
-    }
-
     /// Whether the body is read at all: not for a content type that carries no usage,
     /// nor for an encoded body.
     pub fn reads_body(&self) -> bool {
@@ -223,8 +216,6 @@ struct Seen {
     model_raw: Vec<u8>,
     /// A model value arrived before, usable or not: the next one is a stream's repeat.
     model_sighted: bool,
-    /// `usage` values seen that were not `null`, read or not ([`TokenMeter::usage_values`]).
-    usage_values: u64,
 }
 
 impl Seen {
@@ -235,7 +226,6 @@ impl Seen {
         }
         match field {
             Field::Usage => {
-                self.usage_values += 1;
                 let usage = flat::usage(raw).or_else(|| serde_json::from_slice::<WireUsage>(raw).ok());
                 if let Some(usage) = usage {
                     self.merge(&usage);

@@ -10,8 +10,6 @@
 //! does (`proxy::stream_usage` orders them), so the row still gets the tokens.
 
 use std::borrow::Cow;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use serde::de::IgnoredAny;
@@ -20,39 +18,6 @@ use serde::Deserialize;
 /// The longest unfinished event held back. A usage chunk is a few hundred bytes; an
 /// event longer than this is not one, and holding it would delay what the client reads.
 pub const MAX_HELD: usize = 64 * 1024;
-
-/// How many `usage` values the meter reading the same stream has seen, published by the
-/// meter's body after each frame it feeds, before this filter gets the frame. An event
-/// that is the usage chunk cannot have ended while the count stood still, so the filter
-/// parses events only where it moved: the first event of a stream and the one with the
-/// usage object, not every chunk's `"usage": null`. Never published (no meter reads
-/// the body), every event is tested as without it.
-#[derive(Debug, Clone)]
-pub struct UsageSeen(Arc<AtomicU64>);
-
-/// Not published yet.
-const UNKNOWN: u64 = u64::MAX;
-
-impl UsageSeen {
-    pub fn new() -> Self {
-        Self(Arc::new(AtomicU64::new(UNKNOWN)))
-    }
-
-    pub fn publish(&self, count: u64) {
-        // One task polls both bodies, in order: nothing else to order against.
-        self.0.store(count.min(UNKNOWN - 1), Ordering::Relaxed);
-    }
-
-    fn get(&self) -> Option<u64> {
-        Some(self.0.load(Ordering::Relaxed)).filter(|&n| n != UNKNOWN)
-    }
-}
-
-impl Default for UsageSeen {
-    fn default() -> Self {
-        Self::new()
-    }
-}
 
 #[derive(Debug, Default)]
 pub struct UsageChunkFilter {
@@ -64,10 +29,6 @@ pub struct UsageChunkFilter {
     dropped: bool,
     /// Event ends found in the current piece; kept to reuse its allocation.
     ends: Vec<usize>,
-    /// The meter's count of usage values, if it shares it.
-    seen: Option<UsageSeen>,
-    /// The count when no event was last held: events that end later began after it.
-    mark: Option<u64>,
 }
 
 /// Where the scan is within a line; starts at the start of an event.
@@ -85,14 +46,6 @@ struct LineState {
 impl UsageChunkFilter {
     pub fn new() -> Self {
         Self::default()
-    }
-
-    /// A filter that tests events only where `seen`, the meter's count, moved.
-    pub fn with_seen(seen: UsageSeen) -> Self {
-        Self {
-            seen: Some(seen),
-            ..Self::default()
-        }
     }
 
     /// Whether the usage chunk has been taken out.
@@ -120,16 +73,7 @@ impl UsageChunkFilter {
             let last = ends.last().copied().unwrap_or(0);
             self.held.split_to(last).freeze()
         };
-        // No usage value since before the oldest event that ended here: none is the chunk.
-        let count = self.seen.as_ref().and_then(UsageSeen::get);
-        let mut out = if count.is_some() && count == self.mark {
-            buf
-        } else {
-            self.without_usage_chunk(buf, &ends)
-        };
-        if self.held.is_empty() {
-            self.mark = count;
-        }
+        let mut out = self.without_usage_chunk(buf, &ends);
         self.ends = ends;
         if self.held.len() > MAX_HELD {
             self.passing = true;

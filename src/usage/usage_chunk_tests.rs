@@ -5,7 +5,7 @@
 
 use bytes::Bytes;
 
-use super::{UsageChunkFilter, UsageSeen, MAX_HELD};
+use super::{UsageChunkFilter, MAX_HELD};
 use crate::usage::meter::tests::Rng;
 
 const USAGE: &str = r#"data: {"id":"c1","object":"chat.completion.chunk","model":"gpt-4o-mini","choices":[],"usage":{"prompt_tokens":9,"completion_tokens":2,"total_tokens":11}}"#;
@@ -152,43 +152,4 @@ fn an_endless_event_is_passed_through_not_held() {
         "and from then on it passes"
     );
     assert!(f.finish().is_empty() && !f.dropped());
-}
-
-#[test]
-fn with_the_meters_count_only_events_where_it_moved_are_parsed() {
-    let (with, _) = openai("\n");
-    let (head, rest) = with.split_at(with.find(USAGE).expect("the usage chunk"));
-    let push = |f: &mut UsageChunkFilter, seen: &UsageSeen, count: u64, piece: &str| {
-        seen.publish(count);
-        f.push(Bytes::copy_from_slice(piece.as_bytes()))
-    };
-    // The meter saw no usage value in the usage chunk (it cannot, for a real one): the
-    // filter trusts the count and parses nothing, so the chunk stays. This shows that
-    // the count, not a parse, decides.
-    let seen = UsageSeen::new();
-    let mut f = UsageChunkFilter::with_seen(seen.clone());
-    let mut out = push(&mut f, &seen, 0, head).to_vec();
-    out.extend_from_slice(&push(&mut f, &seen, 0, rest));
-    out.extend_from_slice(&f.finish());
-    assert!(!f.dropped());
-    assert_eq!(String::from_utf8_lossy(&out), with);
-    // The count moved with the chunk: it goes, in one piece or cut anywhere, also where
-    // the count moved in the piece before the one the chunk ends in.
-    let (_, without) = openai("\n");
-    for cut in 1..USAGE.len() {
-        let seen = UsageSeen::new();
-        let mut f = UsageChunkFilter::with_seen(seen.clone());
-        let mut out = push(&mut f, &seen, 0, head).to_vec();
-        out.extend_from_slice(&push(&mut f, &seen, 1, &rest[..cut]));
-        out.extend_from_slice(&push(&mut f, &seen, 1, &rest[cut..]));
-        out.extend_from_slice(&f.finish());
-        assert!(f.dropped(), "cut at {cut}");
-        assert_eq!(String::from_utf8_lossy(&out), without, "cut at {cut}");
-    }
-    // Never published (no meter reads the body): every event is tested, as without it.
-    let mut f = UsageChunkFilter::with_seen(UsageSeen::new());
-    let mut out = f.push(Bytes::copy_from_slice(with.as_bytes())).to_vec();
-    out.extend_from_slice(&f.finish());
-    assert!(f.dropped());
-    assert_eq!(String::from_utf8_lossy(&out), without);
 }

@@ -83,23 +83,6 @@ fn cumulative_usage_last_one_wins_and_null_does_not_erase() {
 }
 
 #[test]
-fn usage_values_other_than_null_are_counted_read_or_not() {
-    // What the usage-chunk filter is told: `null`s no, objects yes, and a value that is
-    // no usage object (`5`, `{}`) too, so that the count never stands still past one.
-    let body = concat!(
-        "data: {\"usage\":null}\n\n",
-        "data: {\"usage\":{\"total_tokens\":5}}\n\n",
-        "data: {\"usage\": null }\n\n",
-        "data: {\"usage\":5}\n\n",
-        "data: {\"choices\":[{\"usage\":{}}],\"usage\":{}}\n\n",
-    );
-    let mut m = meter(SSE, None);
-    assert_eq!(m.usage_values(), 0);
-    m.feed(body.as_bytes());
-    assert_eq!(m.usage_values(), 3);
-}
-
-#[test]
 fn repeated_unusable_models_neither_win_nor_hide_a_later_name() {
     // Repeats are compared as raw bytes, usable names or not: an unusable repeat must
     // still be skipped without erasing a name, and a name after it must still count.
