@@ -1,8 +1,8 @@
 //! A streaming, allocation-free finder for chosen top-level keys of a JSON object.
 //!
 //! Owns what JSON's structure means as it streams past: nesting depth, which string at
-//! depth 1 is a key, and a bounded copy of the raw value of
-//! each wanted key (`"usage"`, `"model"`, …), handed to a sink once the value is complete.
+//! depth 1 is a key, and a bounded copy of the raw value of each wanted key (`"usage"`,
+//! `"model"`, …), handed to a sink once the value is complete.
 //! One wanted key, `"response"`, is looked into instead: its object's own `usage` and
 //! `model` are found the same way one level down (OpenAI's Responses API puts them there
 //! in `response.completed`, beside the whole output, which is too big to keep).
@@ -175,9 +175,11 @@ impl JsonScan {
     /// that can matter are visited, in order: at the key depth its separators and
     /// brackets, and quotes only while a key is expected or read; inside a nested value
     /// its brackets alone. A chat completion's `choices`, most of a streamed event, is
-    /// crossed without looking at its strings, keys or separators one by one. A value being captured is not copied byte by byte: the capture takes
-    /// each span of the chunk between the bytes it must not keep (the key depth's `,`
-    /// `:` and closers), so a captured value costs one copy per chunk it spans.
+    /// crossed without looking at its strings, keys or separators one by one.
+    ///
+    /// A value being captured is not copied byte by byte: the capture takes each span
+    /// of the chunk between the bytes it must not keep (the key depth's `,` `:` and
+    /// closers), so a captured value costs one copy per chunk it spans.
     pub(crate) fn feed<F: FnMut(Field, &[u8])>(&mut self, chunk: &[u8], sink: &mut F) {
         let mut depth = self.depth;
         let mut carry = self.carry;
