@@ -140,44 +140,50 @@ impl Gateway {
     /// appended (a leading `[server]` section is merged; other sections must not repeat
     /// `[upstream]`), and waits until it is ready.
     pub async fn start(db: &TestDb, upstream_port: u16, extra: &str) -> Gateway {
-        let dir = tempfile::tempdir().expect("tmp");
-        let config = dir.path().join("keygate.toml");
-        let (port, admin_port) = (free_port(), free_port());
-        // A leading [server] section in `extra` is merged into the one written here.
-        let (server_extra, extra) = match extra.strip_prefix("[server]\n") {
-            Some(rest) => match rest.find("\n[") {
-                Some(i) => (&rest[..=i], &rest[i + 1..]),
-                None => (rest, ""),
-            },
-            None => ("", extra),
-        };
-        let mut text = format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\nshutdown_grace = \"10s\"\n\
-             {server_extra}\n[upstream]\nurl = \"http://127.0.0.1:{upstream_port}\"\n{extra}\n"
-        );
-        private_spool(&mut text, dir.path());
-        std::fs::write(&config, text).expect("write config");
-        Self::start_with(db, config, port, admin_port, dir).await
+        Self::start_raw(db, |port, admin_port| {
+            // A leading [server] section in `extra` is merged into the one written here.
+            let (server_extra, extra) = match extra.strip_prefix("[server]\n") {
+                Some(rest) => match rest.find("\n[") {
+                    Some(i) => (&rest[..=i], &rest[i + 1..]),
+                    None => (rest, ""),
+                },
+                None => ("", extra),
+            };
+            format!(
+                "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\nshutdown_grace = \"10s\"\n\
+                 {server_extra}\n[upstream]\nurl = \"http://127.0.0.1:{upstream_port}\"\n{extra}\n"
+            )
+        })
+        .await
     }
 
-    /// Starts a gateway from a complete config file text (ports are filled in).
+    /// Starts a gateway from a complete config file text (ports are filled in). The ports
+    /// come from `free_port`, which another process can take before keygate binds them
+    /// (an outgoing connection's ephemeral port, say): keygate then exits saying it cannot
+    /// listen, and it is started again on new ports, up to three times in all.
     pub async fn start_raw(db: &TestDb, toml: impl Fn(u16, u16) -> String) -> Gateway {
-        let dir = tempfile::tempdir().expect("tmp");
-        let config = dir.path().join("keygate.toml");
-        let (port, admin_port) = (free_port(), free_port());
-        let mut text = toml(port, admin_port);
-        private_spool(&mut text, dir.path());
-        std::fs::write(&config, text).expect("write config");
-        Self::start_with(db, config, port, admin_port, dir).await
+        for _ in 0..3 {
+            let dir = tempfile::tempdir().expect("tmp");
+            let config = dir.path().join("keygate.toml");
+            let (port, admin_port) = (free_port(), free_port());
+            let mut text = toml(port, admin_port);
+            private_spool(&mut text, dir.path());
+            std::fs::write(&config, text).expect("write config");
+            if let Some(gw) = Self::start_with(db, config, port, admin_port, dir).await {
+                return gw;
+            }
+        }
+        panic!("keygate could not listen on free ports three times running");
     }
 
+    /// `None` when keygate exited because a port was taken.
     async fn start_with(
         db: &TestDb,
         config: std::path::PathBuf,
         port: u16,
         admin_port: u16,
         dir: tempfile::TempDir,
-    ) -> Gateway {
+    ) -> Option<Gateway> {
         // Logs go to a file the test can read (and to the terminal with KEYGATE_TEST_LOGS).
         let log = dir.path().join("keygate.log");
         let stderr = if std::env::var_os("KEYGATE_TEST_LOGS").is_some() {
@@ -197,7 +203,7 @@ impl Gateway {
             .stderr(stderr)
             .spawn()
             .expect("spawn keygate serve");
-        let gw = Gateway {
+        let mut gw = Gateway {
             proc: Proc { child, name: "keygate" },
             port,
             admin_port,
@@ -206,7 +212,18 @@ impl Gateway {
             spool,
             _dir: dir,
         };
-        wait_for_port(port, Duration::from_secs(20)).await;
+        let start = Instant::now();
+        while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+            if gw.port_taken() {
+                return None;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "nothing listening on port {port} after 20s; keygate's log:\n{}",
+                gw.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         // Ready means the change listener has connected and done its first resync, which
         // invalidates the cache: traffic before that would race it.
         let start = Instant::now();
@@ -217,6 +234,10 @@ impl Gateway {
                     break;
                 }
             }
+            // The main port bound, the admin port taken: keygate has gone again.
+            if gw.port_taken() {
+                return None;
+            }
             // Fail here, not 20 s later in a confusing assertion.
             assert!(
                 start.elapsed() < Duration::from_secs(20),
@@ -225,7 +246,21 @@ impl Gateway {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        gw
+        Some(gw)
+    }
+
+    /// Whether keygate has exited because it could not listen on a port; any other exit
+    /// this early fails the test with its log.
+    fn port_taken(&mut self) -> bool {
+        let Ok(Some(status)) = self.proc.child.try_wait() else {
+            return false;
+        };
+        let log = self.logs();
+        assert!(
+            log.contains("cannot listen on"),
+            "keygate exited ({status}) before it was ready; its log:\n{log}"
+        );
+        true
     }
 
     pub fn logs(&self) -> String {
