@@ -188,8 +188,9 @@ impl JsonScan {
         // Where the key being read starts in this chunk (0 when it began in an earlier one).
         let mut key_from = 0;
         let mut base = 0;
+        // Only a chunk's last block, if short, is copied here: once per chunk.
+        let mut padded = [0u8; BLOCK];
         while let Some(rest) = chunk.get(base..).filter(|r| !r.is_empty()) {
-            let mut padded = [0u8; BLOCK];
             let (block, len) = match rest.get(..BLOCK).and_then(|b| <&[u8; BLOCK]>::try_from(b).ok()) {
                 Some(block) => (block, BLOCK),
                 None => {
